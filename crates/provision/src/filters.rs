@@ -529,7 +529,7 @@ mod tests {
             render(
                 "{{ 'yes' | bool }} {{ 'On' | bool }} {{ '0' | bool }} {{ 1 | bool }} {{ 'x' | bool }}"
             ),
-            "true true false true false"
+            "True True False True False"
         );
     }
 

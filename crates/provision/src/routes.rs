@@ -145,7 +145,7 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub(crate) fn from_vars(r: &mut Reader<'_>) -> RouteTable {
+    pub(crate) fn from_vars(r: &mut Reader<'_>, config: &config::Config) -> RouteTable {
         let mut table = RouteTable {
             enabled: r.bool(&format!("{LABELS}enabled")).unwrap_or(false),
             docker_network: r
@@ -157,19 +157,17 @@ impl RouteTable {
             metrics_path: "/metrics".to_owned(),
             ..RouteTable::default()
         };
-        let port = r.int("matrix_media_repo_port").unwrap_or(8000);
-        let metrics_port = r.int("matrix_media_repo_metrics_port").unwrap_or(9000);
         table.services = vec![
             Service {
                 name: SERVICE.to_owned(),
-                port: u16::try_from(port).unwrap_or_default(),
+                port: config.repo.port,
                 url: r
                     .string("matrix_media_repo_traefik_service_url")
                     .unwrap_or_default(),
             },
             Service {
                 name: METRICS_SERVICE.to_owned(),
-                port: u16::try_from(metrics_port).unwrap_or_default(),
+                port: config.metrics.port,
                 url: r
                     .string("matrix_media_repo_traefik_metrics_service_url")
                     .unwrap_or_default(),

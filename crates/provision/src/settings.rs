@@ -323,6 +323,22 @@ impl Reader<'_> {
     }
 }
 
+/// Serde's Rust type names, in the operator's words.
+fn plain_types(message: &str) -> String {
+    [
+        ("expected u16", "expected a number from 0 to 65535"),
+        ("expected u32", "expected a whole number of at least 0"),
+        ("expected u64", "expected a whole number of at least 0"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ]
+    .iter()
+    .fold(message.to_owned(), |m, (rust, plain)| {
+        m.replace(rust, plain)
+    })
+}
+
 pub(crate) fn describe(v: &Json) -> String {
     match v {
         Json::Null => "nothing (null)".to_owned(),
@@ -388,9 +404,11 @@ impl Settings {
             generate_signing_key: r.bool(&var("generate_signing_key")).unwrap_or_default(),
             signing_key_path: r.string(&var("signing_key_path")).unwrap_or_default(),
             homeserver_signing_key: r.string(&var("homeserver_signing_key")).unwrap_or_default(),
-            routes: RouteTable::from_vars(&mut r),
+            routes: RouteTable::default(),
             config: config?,
         };
+        let routes = RouteTable::from_vars(&mut r, &settings.config);
+        let settings = Settings { routes, ..settings };
         r.diagnostics.errors.is_empty().then_some(settings)
     }
 }
@@ -498,7 +516,10 @@ fn build_config(r: &mut Reader<'_>) -> Option<config::Config> {
         Err(e) => {
             let path = e.path().to_string();
             let name = source_of(&path);
-            let message = format!("invalid value for `{path}`: {}", e.into_inner());
+            let message = format!(
+                "invalid value for `{path}`: {}",
+                plain_types(&e.into_inner().to_string())
+            );
             r.diagnostics.errors.push(r.eval.invalid(&name, &message));
             None
         }
