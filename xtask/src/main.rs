@@ -1,1 +1,59 @@
-fn main() {}
+//! Project tasks: `cargo xtask <command>` (see [`HELP`]).
+#![allow(clippy::print_stdout, clippy::print_stderr)] // Printing is what xtask is for.
+
+mod bench;
+mod postgres;
+mod test;
+mod tools;
+mod util;
+
+use std::process::ExitCode;
+
+const HELP: &str = "\
+Usage: cargo xtask <command>
+
+Commands:
+  test [-- ARGS]  Run the whole test suite (cargo nextest, else cargo test; plus doctests) with
+                  what it needs: PostgreSQL (MMRCTL_TEST_DATABASE_URL, else 127.0.0.1:5432, else a
+                  throwaway cluster), the Python tools venv (<target>/tools-venv, pinned in
+                  xtask/requirements-tools.txt) and systemd-analyze. ARGS go to the test runner.
+  ci              cargo fmt --check, cargo clippy -D warnings, then `test` (what .ci/run runs).
+  bench           Run the benchmarks and rewrite their sections of docs/benchmarks.md.
+  help            Show this message.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.split_first() {
+        Some((command, rest)) => (command.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match command {
+        "test" => {
+            // `cargo xtask test -- ARGS` and `cargo xtask test ARGS` both pass ARGS on.
+            let extra = rest.strip_prefix(&["--".to_owned()]).unwrap_or(rest);
+            test::test(extra)
+        }
+        "ci" | "bench" if !rest.is_empty() => {
+            eprintln!("xtask: `{command}` takes no arguments (got {rest:?})\n\n{HELP}");
+            return ExitCode::from(2);
+        }
+        "ci" => test::ci(),
+        "bench" => bench::bench(),
+        "help" | "-h" | "--help" => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("xtask: unknown command `{other}`\n\n{HELP}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -86,6 +86,14 @@ pub(crate) fn display_command(cmd: &Command) -> String {
         .join(" ")
 }
 
+/// A cargo command line for messages, as the user would type it (`$CARGO` is a long path).
+pub(crate) fn display_cargo(cmd: &Command) -> String {
+    std::iter::once("cargo".to_owned())
+        .chain(cmd.get_args().map(shell_quote))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Quotes a word for `/bin/sh` when it holds anything but plainly safe characters.
 pub(crate) fn shell_quote(word: impl AsRef<OsStr>) -> String {
     let word = word.as_ref().to_string_lossy();

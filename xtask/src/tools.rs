@@ -1,0 +1,183 @@
+//! Outside programs the tests drive: the Python tools venv (everything pinned in
+//! `xtask/requirements-tools.txt`) and `systemd-analyze`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{self, note};
+
+pub(crate) const TOOLS_BIN_VAR: &str = "MMRCTL_TOOLS_BIN";
+
+/// The pinned requirements; adding a tool is adding a line there.
+fn requirements_file() -> PathBuf {
+    util::workspace_root()
+        .join("xtask")
+        .join("requirements-tools.txt")
+}
+
+/// Records which requirements the venv was last installed from (their content hash).
+const STAMP: &str = ".xtask-requirements-hash";
+
+/// Makes sure `<target>/tools-venv` exists and holds what the requirements file pins, running
+/// pip only when that file changed since the last install. Returns the venv's `bin` directory.
+pub(crate) fn ensure_venv(target: &Path) -> Result<PathBuf> {
+    let requirements_path = requirements_file();
+    let requirements = std::fs::read(&requirements_path).with_context(|| {
+        format!(
+            "cannot read {} (the pinned Python tools the tests use)",
+            requirements_path.display()
+        )
+    })?;
+    let want = util::content_hash(&requirements);
+    let venv = target.join("tools-venv");
+    let bin = venv.join("bin");
+    let python = bin.join("python");
+    let stamp = venv.join(STAMP);
+
+    if !util::is_executable(&python) {
+        create_venv(&venv)?;
+    }
+    let have = std::fs::read_to_string(&stamp).unwrap_or_default();
+    if have.trim() != want {
+        note!(
+            "installing Python tools into {} (pip, from {})",
+            venv.display(),
+            requirements_path.display()
+        );
+        // A failed install must not leave a stamp that claims success.
+        let _ = std::fs::remove_file(&stamp);
+        let mut pip = Command::new(&python);
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "-r",
+        ])
+        .arg(&requirements_path);
+        let status = util::run_status(&mut pip)?;
+        if !status.success() {
+            bail!(
+                "`{}` failed ({status}). PyPI must be reachable and the pins in {} must \
+                 install together on this Python; fix the pins, or delete {} to start over.",
+                util::display_command(&pip),
+                requirements_path.display(),
+                venv.display()
+            );
+        }
+        std::fs::write(&stamp, format!("{want}\n"))
+            .with_context(|| format!("cannot write {}", stamp.display()))?;
+    }
+    note!(
+        "tools venv ready ({}: {})",
+        venv.display(),
+        pins(&String::from_utf8_lossy(&requirements)).join(", ")
+    );
+    Ok(bin)
+}
+
+fn create_venv(venv: &Path) -> Result<()> {
+    let Some(python3) = util::find_on_path("python3") else {
+        bail!(
+            "python3 is not on PATH; the tests need it for their Python tools. Install it \
+             (Debian/Ubuntu: `apt-get install python3 python3-venv`)."
+        );
+    };
+    if venv.exists() {
+        // Left half-made, or its Python is gone: start over.
+        std::fs::remove_dir_all(venv)
+            .with_context(|| format!("cannot remove the broken venv {}", venv.display()))?;
+    }
+    note!("creating the tools venv {}", venv.display());
+    let mut cmd = Command::new(python3);
+    cmd.args(["-m", "venv"]).arg(venv);
+    let result = util::run_captured(
+        &mut cmd,
+        "python3 could not create a venv. Debian/Ubuntu ship that part separately: \
+         `apt-get install python3-venv`.",
+    );
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(venv);
+    }
+    result.map(drop)
+}
+
+/// The requirement lines of a requirements file, without comments and blanks.
+fn pins(requirements: &str) -> Vec<&str> {
+    requirements
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter(|line| !line.is_empty())
+        .collect()
+}
+
+/// Makes sure `systemd-analyze` is on PATH, installing Debian's `systemd` package when running as
+/// root.
+pub(crate) fn ensure_systemd_analyze() -> Result<()> {
+    if let Some(path) = util::find_on_path("systemd-analyze") {
+        note!("systemd-analyze at {}", path.display());
+        return Ok(());
+    }
+    let how = "install the `systemd` package (Debian/Ubuntu: \
+               `apt-get install --no-install-recommends systemd`, as root)";
+    if !util::is_root() {
+        bail!("systemd-analyze is not on PATH; the tests check the rendered unit with it: {how}");
+    }
+    if util::find_on_path("apt-get").is_none() {
+        bail!(
+            "systemd-analyze is not on PATH and there is no apt-get to install it with; {how}, \
+             or whatever package provides systemd-analyze on this system"
+        );
+    }
+    note!("systemd-analyze is not on PATH: installing Debian's `systemd` package");
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "--no-install-recommends", "systemd"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        util::run_status(&mut cmd).is_ok_and(|s| s.success())
+    };
+    if !install() {
+        note!("apt-get install failed: running apt-get update and trying again");
+        let mut update = Command::new("apt-get");
+        update.arg("update");
+        let updated = util::run_status(&mut update).is_ok_and(|s| s.success());
+        if !updated || !install() {
+            bail!("could not install systemd with apt-get (see its output above); {how}");
+        }
+    }
+    match util::find_on_path("systemd-analyze") {
+        Some(path) => {
+            note!("systemd-analyze at {}", path.display());
+            Ok(())
+        }
+        None => bail!(
+            "installed `systemd` but systemd-analyze is still not on PATH ({}); add its \
+             directory to PATH",
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_skip_comments_and_blanks() {
+        let text = "# tools\nansible-core==2.19.14  # core\n\n  ansible-lint==26.10.1\n";
+        assert_eq!(pins(text), ["ansible-core==2.19.14", "ansible-lint==26.10.1"]);
+    }
+
+    #[test]
+    fn requirements_file_pins_every_line() {
+        let text = std::fs::read_to_string(requirements_file()).expect("requirements file");
+        for pin in pins(&text) {
+            assert!(pin.contains("=="), "{pin}: pin an exact version (name==x.y.z)");
+        }
+    }
+}
