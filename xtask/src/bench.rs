@@ -71,7 +71,15 @@ fn render(run: &Run) -> Result<Section> {
     /// The p99 render time must stay under this.
     const TARGET_MS: f64 = 20.0;
 
-    let line = cargo_bench_json(&["bench", "-p", "provision", "--bench", "render", "--", "--json"])?;
+    let line = cargo_bench_json(&[
+        "bench",
+        "-p",
+        "provision",
+        "--bench",
+        "render",
+        "--",
+        "--json",
+    ])?;
     let number = |key: &str| {
         json_number(&line, key)
             .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
@@ -153,8 +161,7 @@ fn update_doc(path: &Path, name: &str, markdown: &str) -> Result<()> {
     };
     let updated = update_section(&doc, name, markdown);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -264,9 +271,9 @@ mod tests {
     fn appends_a_missing_section_then_replaces_it() {
         let doc = update_section(DOC_HEADER, "render", "| a |\n");
         assert!(doc.starts_with(DOC_HEADER));
-        assert!(doc.ends_with(
-            "\n\n<!-- bench:render:start -->\n| a |\n<!-- bench:render:end -->\n"
-        ));
+        assert!(
+            doc.ends_with("\n\n<!-- bench:render:start -->\n| a |\n<!-- bench:render:end -->\n")
+        );
 
         let doc = update_section(&doc, "server", "| s |");
         let doc = update_section(&doc, "render", "| b |");
@@ -289,7 +296,10 @@ mod tests {
     #[test]
     fn reads_the_bench_line() {
         let line = r#"{"name":"render_quickstart","iterations":200,"median_ms":1.23,"p99_ms": 2.5,"max_ms":3.1e0}"#;
-        assert_eq!(json_string(line, "name").as_deref(), Some("render_quickstart"));
+        assert_eq!(
+            json_string(line, "name").as_deref(),
+            Some("render_quickstart")
+        );
         assert_eq!(json_number(line, "iterations"), Some(200.0));
         assert_eq!(json_number(line, "median_ms"), Some(1.23));
         assert_eq!(json_number(line, "p99_ms"), Some(2.5));

@@ -95,7 +95,10 @@ fn find_bin_dir() -> Option<PathBuf> {
         .flatten()
         .filter_map(|entry| {
             let name = entry.file_name().into_string().ok()?;
-            let version = name.split('.').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+            let version = name
+                .split('.')
+                .map(|p| p.parse().ok())
+                .collect::<Option<_>>()?;
             let bin = entry.path().join("bin");
             has_both(&bin).then_some((version, bin))
         })
@@ -213,7 +216,11 @@ impl Cluster {
             let log_text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = log_text.lines().rev().take(20).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{err:#}\nserver log ({}):\n  {}", log.display(), tail.join("\n  "));
+            bail!(
+                "{err:#}\nserver log ({}):\n  {}",
+                log.display(),
+                tail.join("\n  ")
+            );
         }
         Ok(Cluster { dir, port })
     }
@@ -304,7 +311,10 @@ fn choose_base(target: &Path, run_as: Option<&RunAs>) -> Result<PathBuf> {
     for base in [preferred, fallback] {
         // `<base>/sock/.s.PGSQL.65535.lock` must fit in sun_path (108 bytes).
         if base.as_os_str().len() + 30 > 107 {
-            problems.push(format!("{}: path too long for a Unix socket", base.display()));
+            problems.push(format!(
+                "{}: path too long for a Unix socket",
+                base.display()
+            ));
             continue;
         }
         match prepare_base(&base, run_as) {
@@ -312,7 +322,10 @@ fn choose_base(target: &Path, run_as: Option<&RunAs>) -> Result<PathBuf> {
             Err(err) => problems.push(format!("{}: {err:#}", base.display())),
         }
     }
-    bail!("no usable directory for the cluster:\n  {}", problems.join("\n  "))
+    bail!(
+        "no usable directory for the cluster:\n  {}",
+        problems.join("\n  ")
+    )
 }
 
 fn prepare_base(base: &Path, run_as: Option<&RunAs>) -> Result<()> {
@@ -332,7 +345,8 @@ fn prepare_base(base: &Path, run_as: Option<&RunAs>) -> Result<()> {
         }
     }
     if base.exists() {
-        std::fs::remove_dir_all(base).with_context(|| format!("cannot remove {}", base.display()))?;
+        std::fs::remove_dir_all(base)
+            .with_context(|| format!("cannot remove {}", base.display()))?;
     }
     std::fs::create_dir_all(base.join("sock"))
         .with_context(|| format!("cannot create {}", base.display()))?;

@@ -170,14 +170,20 @@ mod tests {
     #[test]
     fn pins_skip_comments_and_blanks() {
         let text = "# tools\nansible-core==2.19.14  # core\n\n  ansible-lint==26.10.1\n";
-        assert_eq!(pins(text), ["ansible-core==2.19.14", "ansible-lint==26.10.1"]);
+        assert_eq!(
+            pins(text),
+            ["ansible-core==2.19.14", "ansible-lint==26.10.1"]
+        );
     }
 
     #[test]
     fn requirements_file_pins_every_line() {
         let text = std::fs::read_to_string(requirements_file()).expect("requirements file");
         for pin in pins(&text) {
-            assert!(pin.contains("=="), "{pin}: pin an exact version (name==x.y.z)");
+            assert!(
+                pin.contains("=="),
+                "{pin}: pin an exact version (name==x.y.z)"
+            );
         }
     }
 }

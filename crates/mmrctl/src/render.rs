@@ -44,16 +44,16 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
             ));
         }
     };
-    if !args.check {
-        if let Err(e) = output::apply(&planned) {
-            return Ok(report_failure(
-                args,
-                &Diagnostics {
-                    errors: vec![e],
-                    warnings: rendered.warnings,
-                },
-            ));
-        }
+    if !args.check
+        && let Err(e) = output::apply(&planned)
+    {
+        return Ok(report_failure(
+            args,
+            &Diagnostics {
+                errors: vec![e],
+                warnings: rendered.warnings,
+            },
+        ));
     }
     let changed = planned.iter().any(|p| p.change != Change::Unchanged);
 
@@ -78,10 +78,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
             eprintln!("warning: {w}");
         }
         for p in &planned {
-            if args.diff {
-                if let Some(diff) = output::diff(p) {
-                    out.push_str(&diff);
-                }
+            if args.diff
+                && let Some(diff) = output::diff(p)
+            {
+                out.push_str(&diff);
             }
             let verb = match (p.change, args.check) {
                 (Change::Created, false) => "created",

@@ -15,7 +15,7 @@ fn main() {
     let vars = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart/vars.yml");
     let out = std::env::temp_dir().join("mmrctl-bench-render");
     let inputs = [VarsInput::File(vars)];
-    let mut once = || {
+    let once = || {
         let start = Instant::now();
         let result = provision::render(&inputs, Some(&out));
         let elapsed = start.elapsed();
@@ -38,6 +38,8 @@ fn main() {
             "{{\"name\":\"render_quickstart\",\"iterations\":{ITERATIONS},\"median_ms\":{median:.3},\"p99_ms\":{p99:.3},\"max_ms\":{max:.3}}}"
         );
     } else {
-        println!("render quickstart: median {median:.3} ms, p99 {p99:.3} ms, max {max:.3} ms ({ITERATIONS} runs)");
+        println!(
+            "render quickstart: median {median:.3} ms, p99 {p99:.3} ms, max {max:.3} ms ({ITERATIONS} runs)"
+        );
     }
 }

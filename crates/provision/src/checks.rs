@@ -54,12 +54,12 @@ fn renamed(name: &str) -> Option<String> {
             "was split into separate `{name}_*` variables; set those instead"
         ));
     }
-    if let Some(setting) = short.strip_prefix("downloads_cache_") {
-        if REMOVED_CACHE.contains(&setting) {
-            return Some(
-                "was removed (matrix-media-repo 1.3 has no download cache); delete it".to_owned(),
-            );
-        }
+    if let Some(setting) = short.strip_prefix("downloads_cache_")
+        && REMOVED_CACHE.contains(&setting)
+    {
+        return Some(
+            "was removed (matrix-media-repo 1.3 has no download cache); delete it".to_owned(),
+        );
     }
     if short == "feature_support" {
         return Some(
@@ -75,10 +75,10 @@ fn renamed(name: &str) -> Option<String> {
             ));
         }
     }
-    if let Some(rest) = short.strip_prefix("docker_") {
-        if !is_obsolete(name) {
-            return Some(format!("was renamed to `{PREFIX}container_{rest}`"));
-        }
+    if let Some(rest) = short.strip_prefix("docker_")
+        && !is_obsolete(name)
+    {
+        return Some(format!("was renamed to `{PREFIX}container_{rest}`"));
     }
     None
 }

@@ -157,10 +157,10 @@ impl Settings {
             paths.push(log_dir.clone());
         }
         for ds in &self.config.datastores {
-            if let config::DatastoreOpts::S3(opts) = &ds.opts {
-                if opts.temp_path.starts_with('/') {
-                    paths.push(opts.temp_path.clone());
-                }
+            if let config::DatastoreOpts::S3(opts) = &ds.opts
+                && opts.temp_path.starts_with('/')
+            {
+                paths.push(opts.temp_path.clone());
             }
         }
         paths

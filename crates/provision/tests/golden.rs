@@ -1,6 +1,8 @@
 //! Every example inventory renders to reviewed snapshots (`cargo insta review` after a change), and the
 //! rendered config reads back into the same typed model the server uses.
 
+#![allow(clippy::unwrap_used)] // Test helpers may panic: that is how a test fails.
+
 use std::path::PathBuf;
 
 use provision::VarsInput;

@@ -1,5 +1,7 @@
 //! Each bad input gives an error (or a warning) that names the variable and where it was set.
 
+#![allow(clippy::unwrap_used)] // Test helpers may panic: that is how a test fails.
+
 use provision::{Diagnostics, Rendered, VarsInput};
 
 const QUICKSTART: &str = "\
@@ -59,8 +61,7 @@ fn missing_matrix_domain_is_named() {
     };
     let errors: Vec<String> =
         provision::render(&[input], Some(tempfile::tempdir().unwrap().path()))
-            .err()
-            .expect("must fail")
+            .expect_err("must fail")
             .errors
             .iter()
             .map(ToString::to_string)
@@ -186,8 +187,7 @@ fn a_changed_datastore_id_is_refused() {
         dir.path(),
         "matrix_media_repo_datastore_file_id: another-id\n",
     )
-    .err()
-    .expect("must fail");
+    .expect_err("must fail");
     let errors: Vec<String> = d.errors.iter().map(ToString::to_string).collect();
     assert_one(
         &errors,
@@ -200,8 +200,7 @@ fn a_changed_datastore_id_is_refused() {
     );
 
     let d = render_in(dir.path(), "matrix_media_repo_datastore_file_for_kinds: []\nmatrix_media_repo_datastore_s3_for_kinds: [thumbnails, local_media, remote_media, archives]\nmatrix_media_repo_datastore_s3_id: s3\nmatrix_media_repo_datastore_s3_opts_access_key_id: a\nmatrix_media_repo_datastore_s3_opts_access_secret: b\nmatrix_media_repo_datastore_s3_opts_bucket_name: c\n")
-        .err()
-        .expect("dropping the file store must fail");
+        .expect_err("dropping the file store must fail");
     let errors: Vec<String> = d.errors.iter().map(ToString::to_string).collect();
     assert_one(
         &errors,
