@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod render;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -20,6 +21,8 @@ enum Command {
     /// Turn inventory variables (vars.yml) into the media repo's config, proxy routes, systemd unit and
     /// homeserver settings.
     Render(render::Args),
+    /// Run the media server (what the generated systemd unit starts).
+    Serve(serve::Args),
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Render(args) => render::run(&args),
+        Command::Serve(args) => serve::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,359 @@
+//! Who is asking: access tokens checked against the homeserver (`/account/whoami`), appservice tokens
+//! from the config, the shared secret; a bounded cache of valid tokens; a per-homeserver backoff.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode, header};
+use config::{Config, Homeserver};
+use moka::sync::Cache;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// At most this many cached tokens, whatever the traffic.
+const CACHE_CAPACITY: u64 = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct User {
+    pub(crate) user_id: String,
+    pub(crate) is_guest: bool,
+    /// A repo admin: listed in `admins`, or the shared secret.
+    pub(crate) is_admin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    homeserver: String,
+    token: String,
+    as_user: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+pub(crate) struct Auth {
+    http: reqwest::Client,
+    cache: RwLock<Option<Cache<CacheKey, User>>>,
+    backoff: Mutex<HashMap<String, Backoff>>,
+}
+
+/// The token of a request: `Authorization: Bearer`, else the deprecated `access_token` parameter.
+pub(crate) fn token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned())
+            .filter(|t| !t.is_empty());
+    }
+    query_param(query, "access_token")
+}
+
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+impl Auth {
+    pub(crate) fn new(http: reqwest::Client, config: &Config) -> Auth {
+        let auth = Auth {
+            http,
+            cache: RwLock::new(None),
+            backoff: Mutex::new(HashMap::new()),
+        };
+        auth.reconfigure(config);
+        auth
+    }
+
+    /// Applies a (re)loaded config: the cache is rebuilt, which also flushes it.
+    pub(crate) fn reconfigure(&self, config: &Config) {
+        let ttl = config.access_tokens.max_cache_time_seconds;
+        let cache = (ttl > 0).then(|| {
+            Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(Duration::from_secs(ttl))
+                .support_invalidation_closures()
+                .build()
+        });
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = cache;
+    }
+
+    fn cache(&self) -> Option<Cache<CacheKey, User>> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Authenticates a request for `hs`. Guests pass only where `allow_guests`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn authenticate(
+        &self,
+        config: &Config,
+        hs: &Homeserver,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        client_ip: &str,
+        allow_guests: bool,
+        metrics: &Metrics,
+    ) -> Result<User, ApiError> {
+        let Some(token) = token(headers, query) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "M_MISSING_TOKEN",
+                "Missing access token",
+            ));
+        };
+        let as_user = query_param(query, "user_id");
+        let user = self
+            .resolve(config, hs, &token, as_user, client_ip, metrics)
+            .await?;
+        if user.is_guest && !allow_guests {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "M_GUEST_ACCESS_FORBIDDEN",
+                "Guests cannot use this endpoint",
+            ));
+        }
+        Ok(user)
+    }
+
+    async fn resolve(
+        &self,
+        config: &Config,
+        hs: &Homeserver,
+        token: &str,
+        as_user: Option<String>,
+        client_ip: &str,
+        metrics: &Metrics,
+    ) -> Result<User, ApiError> {
+        let is_admin = |user_id: &str| config.admins.iter().any(|a| a == user_id);
+        if config.shared_secret_auth.enabled && token == config.shared_secret_auth.token {
+            return Ok(User {
+                user_id: "@sharedsecret".to_owned(),
+                is_guest: false,
+                is_admin: true,
+            });
+        }
+        if config.access_tokens.use_local_appservice_config {
+            if let Some(user) = appservice_user(config, token, as_user.as_deref())? {
+                let is_admin = is_admin(&user);
+                return Ok(User {
+                    user_id: user,
+                    is_guest: false,
+                    is_admin,
+                });
+            }
+        }
+        let key = CacheKey {
+            homeserver: hs.name.clone(),
+            token: token.to_owned(),
+            as_user,
+        };
+        let cache = self.cache();
+        if let Some(user) = cache.as_ref().and_then(|c| c.get(&key)) {
+            metrics.token_cache(true);
+            return Ok(user);
+        }
+        metrics.token_cache(false);
+        let (user_id, is_guest) = self
+            .whoami(config, hs, token, key.as_user.as_deref(), client_ip)
+            .await?;
+        let user = User {
+            is_admin: is_admin(&user_id),
+            user_id,
+            is_guest,
+        };
+        // Only answers the homeserver gave are cached; failures to reach it are not.
+        if let Some(cache) = cache {
+            cache.insert(key, user.clone());
+        }
+        Ok(user)
+    }
+
+    async fn whoami(
+        &self,
+        config: &Config,
+        hs: &Homeserver,
+        token: &str,
+        as_user: Option<&str>,
+        client_ip: &str,
+    ) -> Result<(String, bool), ApiError> {
+        if let Some(wait) = self.backoff_remaining(&hs.name) {
+            return Err(ApiError::unavailable(
+                format!(
+                    "The homeserver {} is not answering; the media repository retries in {} s",
+                    hs.name,
+                    wait.as_secs().max(1)
+                ),
+                wait.as_secs().max(1),
+            ));
+        }
+        let mut url = format!(
+            "{}/_matrix/client/v3/account/whoami",
+            hs.cs_api.trim_end_matches('/')
+        );
+        if let Some(user) = as_user {
+            url.push_str("?user_id=");
+            url.push_str(
+                &percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string(),
+            );
+        }
+        let timeout = Duration::from_secs(u64::from(
+            config.timeouts.client_server_timeout_seconds.max(1),
+        ));
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(token)
+            .header("X-Forwarded-For", client_ip)
+            .header("X-Real-IP", client_ip)
+            .timeout(timeout)
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                self.record(&hs.name, hs.backoff_at, false);
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "M_UNKNOWN",
+                    format!(
+                        "Cannot reach the homeserver {} to check the access token: {e}",
+                        hs.name
+                    ),
+                ));
+            }
+        };
+        let status = response.status();
+        if status.is_server_error() {
+            self.record(&hs.name, hs.backoff_at, false);
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "M_UNKNOWN",
+                format!(
+                    "The homeserver {} failed to check the access token (HTTP {status})",
+                    hs.name
+                ),
+            ));
+        }
+        self.record(&hs.name, hs.backoff_at, true);
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if status == reqwest::StatusCode::OK {
+            let user_id = body["user_id"].as_str().unwrap_or_default().to_owned();
+            if user_id.is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "M_UNKNOWN",
+                    "The homeserver's whoami had no user_id",
+                ));
+            }
+            return Ok((user_id, body["is_guest"].as_bool().unwrap_or(false)));
+        }
+        let errcode = match body["errcode"].as_str() {
+            Some("M_MISSING_TOKEN") => "M_MISSING_TOKEN",
+            Some("M_FORBIDDEN") if status == reqwest::StatusCode::FORBIDDEN => "M_FORBIDDEN",
+            _ => "M_UNKNOWN_TOKEN",
+        };
+        let status = if errcode == "M_FORBIDDEN" {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        let message = body["error"]
+            .as_str()
+            .unwrap_or("Unrecognised access token")
+            .to_owned();
+        Err(ApiError::new(status, errcode, message))
+    }
+
+    fn backoff_remaining(&self, hs: &str) -> Option<Duration> {
+        let map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let until = map.get(hs)?.open_until?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Consecutive failures open the circuit after `backoff_at` of them, for a window that doubles
+    /// with every further failure (at most a minute); one success closes it.
+    fn record(&self, hs: &str, backoff_at: u32, ok: bool) {
+        let mut map = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let b = map.entry(hs.to_owned()).or_default();
+        if ok {
+            *b = Backoff::default();
+            return;
+        }
+        b.failures += 1;
+        let threshold = if backoff_at == 0 { 10 } else { backoff_at };
+        if b.failures >= threshold {
+            let exponent = (b.failures - threshold).min(6);
+            let window = Duration::from_secs(1 << exponent).min(Duration::from_secs(60));
+            b.open_until = Some(Instant::now() + window);
+        }
+    }
+
+    /// Drops one token from the cache (after `/logout`).
+    pub(crate) fn forget_token(&self, token: &str) {
+        if let Some(cache) = self.cache() {
+            let token = token.to_owned();
+            let _ = cache.invalidate_entries_if(move |k, _| k.token == token);
+        }
+    }
+
+    /// Drops every token of a user (after `/logout/all`).
+    pub(crate) fn forget_user(&self, homeserver: &str, user_id: &str) {
+        if let Some(cache) = self.cache() {
+            let (hs, user) = (homeserver.to_owned(), user_id.to_owned());
+            let _ =
+                cache.invalidate_entries_if(move |k, v| k.homeserver == hs && v.user_id == user);
+        }
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+}
+
+/// An appservice token from the config: its sender, or `user_id` when inside its namespaces.
+fn appservice_user(
+    config: &Config,
+    token: &str,
+    as_user: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let Some(service) = config
+        .access_tokens
+        .appservices
+        .iter()
+        .find(|a| a.as_token == token)
+    else {
+        return Ok(None);
+    };
+    match as_user {
+        None => Ok(Some(service.sender_user_id.clone())),
+        Some(user) if user == service.sender_user_id => Ok(Some(user.to_owned())),
+        Some(user) => {
+            let allowed = service.user_namespaces.iter().any(|ns| {
+                regex::Regex::new(&format!("^(?:{})$", ns.regex)).is_ok_and(|re| re.is_match(user))
+            });
+            if allowed {
+                Ok(Some(user.to_owned()))
+            } else {
+                Err(ApiError::forbidden(format!(
+                    "The appservice `{}` may not masquerade as {user}",
+                    service.id
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Every error a client sees is the spec's `{"errcode", "error"}` JSON, mapped here and only here.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub errcode: &'static str,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            errcode,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", message)
+    }
+
+    pub fn unrecognized() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "M_UNRECOGNIZED",
+            "Unrecognized request",
+        )
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", message)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>, retry_after_secs: u64) -> ApiError {
+        ApiError {
+            retry_after_secs: Some(retry_after_secs),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", message)
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "errcode": self.errcode, "error": self.message });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(e: store::Error) -> ApiError {
+        use store::Error as E;
+        match e {
+            E::TooLarge { max } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                format!("Cannot upload files larger than {max} bytes"),
+            ),
+            E::TooSmall { min } => {
+                ApiError::bad_request(format!("Cannot upload files smaller than {min} bytes"))
+            }
+            E::Aborted(why) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "M_UNKNOWN",
+                format!("The upload was interrupted: {why}"),
+            ),
+            E::MediaIdTaken | E::CannotOverwrite => ApiError::new(
+                StatusCode::CONFLICT,
+                "M_CANNOT_OVERWRITE_MEDIA",
+                "This media id already has content",
+            ),
+            E::PendingNotFound => ApiError::not_found("This media id was not created with /create"),
+            E::PendingExpired => ApiError::not_found("This media id has expired"),
+            E::PendingOtherUser => ApiError::forbidden("This media id was created by another user"),
+            E::TooManyPending(n) => ApiError {
+                retry_after_secs: Some(60),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "M_LIMIT_EXCEEDED",
+                    format!(
+                        "Too many pending uploads (at most {n}); finish or let some expire first"
+                    ),
+                )
+            },
+            e if e.is_unavailable() => {
+                tracing::error!(error = %e, "database unavailable");
+                ApiError::unavailable(
+                    "The media repository's database is unavailable; try again shortly",
+                    5,
+                )
+            }
+            e => {
+                tracing::error!(error = %e, "request failed");
+                ApiError::internal("Internal error; the media repository's log has the details")
+            }
+        }
+    }
+}
+
+pub(crate) type ApiResult<T> = Result<T, ApiError>;

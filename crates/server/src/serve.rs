@@ -1,0 +1,219 @@
+//! Running the server: config, logging, database (with retries), listeners, reload and shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use config::Config;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::reload;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::{AppState, SharedState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] config::Error),
+    #[error("{path}: {problems}")]
+    Invalid { path: String, problems: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Startup(String),
+    #[error("store: {0}")]
+    Store(#[from] store::Error),
+}
+
+type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+fn load(path: &Path) -> Result<Config, Error> {
+    let loaded = Config::load(path)?;
+    if !loaded.unknown_keys.is_empty() {
+        tracing::warn!(
+            file = %path.display(),
+            keys = %loaded.unknown_keys.join(", "),
+            "unknown config keys are ignored"
+        );
+    }
+    let problems = loaded.config.validate();
+    if !problems.is_empty() {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Err(Error::Invalid {
+            path: path.display().to_string(),
+            problems: problems.join("; "),
+        });
+    }
+    let unsupported = unsupported_settings(&loaded.config);
+    if !unsupported.is_empty() {
+        tracing::warn!(settings = %unsupported.join(", "), "these settings are not supported yet and have no effect");
+    }
+    Ok(loaded.config)
+}
+
+/// Settings that upstream honours and mmrctl does not (yet): said once, at start-up.
+fn unsupported_settings(c: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut note = |on: bool, what: &'static str| {
+        if on {
+            out.push(what);
+        }
+    };
+    note(
+        c.redis.enabled,
+        "redis (instances coordinate through Postgres)",
+    );
+    note(!c.plugins.is_empty(), "plugins");
+    note(c.sentry.enabled, "sentry");
+    note(c.pgo.enabled, "pgo");
+    note(c.rate_limit.enabled, "rateLimit");
+    note(
+        c.repo.log_directory != "-" && !c.repo.log_directory.is_empty(),
+        "repo.logDirectory (logs go to stderr/journald)",
+    );
+    note(c.url_previews.enabled, "urlPreviews");
+    note(
+        c.archiving.enabled && c.archiving.self_service,
+        "archiving.selfService",
+    );
+    out
+}
+
+fn log_filter(level: &str) -> EnvFilter {
+    let level = match level.to_ascii_lowercase().as_str() {
+        "panic" | "fatal" => "error".to_owned(),
+        other => other.to_owned(),
+    };
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},tokio_postgres=warn,hyper=warn")))
+}
+
+fn init_logging(config: &Config) -> LogHandle {
+    let (filter, handle) = reload::Layer::new(log_filter(&config.repo.log_level));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = if config.repo.json_logs {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(config.repo.log_colors)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+    };
+    // Already set (tests running several servers in one process): keep the first.
+    let _ = result;
+    handle
+}
+
+/// Opens the store, retrying with backoff while the database is unreachable.
+async fn open_store(config: &Config) -> Result<store::Store, Error> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match store::Store::open(config).await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_unavailable() => {
+                tracing::error!(error = %e, retry_in_s = delay.as_secs(), "the database is unreachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then drains in-flight requests. SIGHUP reloads the config.
+pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
+    let config = load(&config_path)?;
+    let log = init_logging(&config);
+    let store = open_store(&config).await?;
+    let state: SharedState = Arc::new(AppState::new(config.clone(), store)?);
+
+    let addr = format!("{}:{}", config.repo.bind_address, config.repo.port);
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    tracing::info!(%addr, "media repository listening");
+    if config.metrics.enabled {
+        let maddr = format!("{}:{}", config.metrics.bind_address, config.metrics.port);
+        let mlistener = TcpListener::bind(&maddr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: maddr.clone(),
+                source,
+            })?;
+        tracing::info!(addr = %maddr, "metrics listening");
+        let app = crate::metrics_router(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(mlistener, app).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
+
+    tokio::spawn(reload_on_hangup(config_path, state.clone(), log));
+    let app = crate::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| Error::Startup(format!("server: {e}")))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+async fn reload_on_hangup(path: PathBuf, state: SharedState, log: LogHandle) {
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match load(&path) {
+            Ok(config) => {
+                let old = state.config();
+                if old.datastores != config.datastores || old.database != config.database {
+                    tracing::warn!("datastore and database changes take effect after a restart");
+                }
+                if let Err(e) = log.reload(log_filter(&config.repo.log_level)) {
+                    tracing::warn!(error = %e, "cannot change the log level");
+                }
+                state.reload(config);
+                tracing::info!(file = %path.display(), "configuration reloaded; token cache flushed");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded: the file has errors")
+            }
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! The media store: media rows in Postgres, content-addressed objects in datastores, and the one
+//! upload pipeline every writer uses.
+//!
+//! Invariants (see ARCHITECTURE.md):
+//! - a row never points at a missing object: objects are placed before the row that references them
+//!   commits, and re-checked under the per-hash lock when the object row is new;
+//! - an object is deleted only when no row references it, decided inside the database under the same
+//!   per-hash advisory lock;
+//! - no upload is held in memory: bodies stream to a temp file in the target datastore.
+
+mod datastore;
+pub mod ids;
+mod pipeline;
+mod schema;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use config::MediaKind;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::broadcast;
+use tokio_postgres::NoTls;
+
+pub use datastore::{Datastore, Datastores, Reader};
+pub use pipeline::{Limits, NewMedia, Target, Uploaded};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "the database schema is version {found}, newer than this mmrctl knows ({known}); upgrade mmrctl"
+    )]
+    SchemaTooNew { found: i32, known: i32 },
+    #[error("no datastore accepts {0:?} media")]
+    NoDatastore(MediaKind),
+    #[error("object {location} is missing from datastore `{datastore}`")]
+    ObjectMissing { datastore: String, location: String },
+    #[error("datastore `{0}` is referenced by media but not configured")]
+    UnknownDatastore(String),
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    #[error("the upload is larger than {max} bytes")]
+    TooLarge { max: u64 },
+    #[error("the upload is smaller than {min} bytes")]
+    TooSmall { min: u64 },
+    #[error("the upload was interrupted: {0}")]
+    Aborted(String),
+    #[error("media id already in use")]
+    MediaIdTaken,
+    #[error("no pending media with that id")]
+    PendingNotFound,
+    #[error("the pending media id has expired")]
+    PendingExpired,
+    #[error("another user reserved this media id")]
+    PendingOtherUser,
+    #[error("this media id already has content")]
+    CannotOverwrite,
+    #[error("too many pending uploads ({0})")]
+    TooManyPending(u32),
+}
+
+impl Error {
+    /// Failures of the database or a datastore that may pass (worth a 503 and a retry).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Database(_) | Error::Pool(_))
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Content, as one object row describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub sha256: String,
+    pub size: u64,
+    pub datastore_id: String,
+    pub location: String,
+}
+
+/// What an mxc:// URI names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Media {
+    pub origin: String,
+    pub media_id: String,
+    pub kind: MediaKind,
+    pub content_type: String,
+    pub upload_name: Option<String>,
+    pub user_id: String,
+    pub created_ts: i64,
+    pub quarantined: bool,
+    pub requires_auth: bool,
+    /// Set while an MSC2246 upload is pending.
+    pub expires_ts: Option<i64>,
+    /// `None` while pending.
+    pub object: Option<ObjectRef>,
+}
+
+impl Media {
+    pub fn mxc(&self) -> String {
+        format!("mxc://{}/{}", self.origin, self.media_id)
+    }
+}
+
+/// A user's uploads, for quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub bytes: u64,
+    pub files: u64,
+    pub pending: u64,
+}
+
+/// The pool's state, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    datastores: Arc<Datastores>,
+    uploads: broadcast::Sender<String>,
+    max_idle: usize,
+}
+
+pub(crate) const NOTIFY_CHANNEL: &str = "mmrctl_media_uploaded";
+
+impl Store {
+    /// Connects with a bounded pool, applies migrations, opens the datastores and starts listening for
+    /// completed uploads (from any instance).
+    pub async fn open(config: &config::Config) -> Result<Store, Error> {
+        let pg: tokio_postgres::Config = config.database.postgres.parse().map_err(|e| {
+            Error::Config(format!(
+                "database.postgres is not a valid connection URL: {e}"
+            ))
+        })?;
+        let manager = Manager::from_config(
+            pg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let max_size = config.database.pool.max_connections.max(1) as usize;
+        let pool = Pool::builder(manager)
+            .max_size(max_size)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Config(format!("database pool: {e}")))?;
+        let datastores = Arc::new(Datastores::from_config(config)?);
+        {
+            let mut client = pool.get().await?;
+            schema::migrate(&mut client).await?;
+            let in_use = client
+                .query("SELECT DISTINCT datastore_id FROM objects", &[])
+                .await?;
+            for row in in_use {
+                let id: String = row.get(0);
+                if datastores.get(&id).is_none() {
+                    return Err(Error::UnknownDatastore(id));
+                }
+            }
+        }
+        let (uploads, _) = broadcast::channel(1024);
+        tokio::spawn(listen(pg, uploads.clone()));
+        let store = Store {
+            pool,
+            datastores,
+            uploads,
+            max_idle: config.database.pool.max_idle_connections as usize,
+        };
+        tokio::spawn(trim_idle(store.pool.clone(), store.max_idle));
+        Ok(store)
+    }
+
+    pub fn datastores(&self) -> &Datastores {
+        &self.datastores
+    }
+
+    pub fn pool_status(&self) -> PoolStatus {
+        let s = self.pool.status();
+        PoolStatus {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        }
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Subscribes to completed uploads (`origin/media_id`), to wake requests waiting for them.
+    pub fn subscribe_uploads(&self) -> broadcast::Receiver<String> {
+        self.uploads.subscribe()
+    }
+
+    pub async fn media(&self, origin: &str, media_id: &str) -> Result<Option<Media>, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT m.origin, m.media_id, m.kind, m.content_type, m.upload_name, m.user_id, m.created_ts,
+                        m.quarantined, m.requires_auth, m.expires_ts,
+                        o.sha256, o.size_bytes, o.datastore_id, o.location
+                 FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
+                 WHERE m.origin = $1 AND m.media_id = $2",
+                &[&origin, &media_id],
+            )
+            .await?;
+        row.map(|r| media_from_row(&r)).transpose()
+    }
+
+    /// Opens an object's bytes, `len` bytes from `start`.
+    pub async fn read(
+        &self,
+        object: &ObjectRef,
+        start: u64,
+        len: Option<u64>,
+    ) -> Result<Reader, Error> {
+        let ds = self
+            .datastores
+            .get(&object.datastore_id)
+            .ok_or_else(|| Error::UnknownDatastore(object.datastore_id.clone()))?;
+        ds.open(&object.location, start, len).await
+    }
+
+    /// Reserves a media id for an MSC2246 upload by `user_id`, refusing past `max_pending`.
+    pub async fn create_pending(
+        &self,
+        origin: &str,
+        user_id: &str,
+        expires_ts: i64,
+        requires_auth: bool,
+        max_pending: u32,
+    ) -> Result<String, Error> {
+        let mut client = self.client().await?;
+        for _ in 0..3 {
+            let tx = client.transaction().await?;
+            // One user's creates are serialized, so the count below cannot be raced past.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 1))",
+                &[&user_id],
+            )
+            .await?;
+            if max_pending > 0 {
+                let pending: i64 = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM media WHERE user_id = $1 AND sha256 IS NULL AND expires_ts > $2",
+                        &[&user_id, &now_ms()],
+                    )
+                    .await?
+                    .get(0);
+                if pending >= i64::from(max_pending) {
+                    return Err(Error::TooManyPending(max_pending));
+                }
+            }
+            let media_id = ids::new_media_id().map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO media (origin, media_id, kind, user_id, created_ts, requires_auth, expires_ts)
+                     VALUES ($1, $2, 'local_media', $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    &[&origin, &media_id, &user_id, &now_ms(), &requires_auth, &expires_ts],
+                )
+                .await?;
+            if inserted == 1 {
+                tx.commit().await?;
+                return Ok(media_id);
+            }
+        }
+        Err(Error::MediaIdTaken)
+    }
+
+    /// Checks that `user_id` may upload into the pending id now (before reading the body).
+    pub async fn check_pending(
+        &self,
+        origin: &str,
+        media_id: &str,
+        user_id: &str,
+    ) -> Result<(), Error> {
+        match self.media(origin, media_id).await? {
+            None => Err(Error::PendingNotFound),
+            Some(m) => pending_state(&m, user_id),
+        }
+    }
+
+    pub async fn usage(&self, user_id: &str) -> Result<Usage, Error> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COALESCE(SUM(o.size_bytes), 0)::BIGINT,
+                        COUNT(m.sha256),
+                        COUNT(*) FILTER (WHERE m.sha256 IS NULL AND m.expires_ts > $2)
+                 FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
+                 WHERE m.user_id = $1",
+                &[&user_id, &now_ms()],
+            )
+            .await?;
+        let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+        Ok(Usage {
+            bytes: n(0),
+            files: n(1),
+            pending: n(2),
+        })
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.client().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+}
+
+fn pending_state(m: &Media, user_id: &str) -> Result<(), Error> {
+    if m.object.is_some() {
+        Err(Error::CannotOverwrite)
+    } else if m.user_id != user_id {
+        Err(Error::PendingOtherUser)
+    } else if m.expires_ts.is_some_and(|t| t <= now_ms()) {
+        Err(Error::PendingExpired)
+    } else {
+        Ok(())
+    }
+}
+
+fn kind_from_str(s: &str) -> Result<MediaKind, Error> {
+    Ok(match s {
+        "local_media" => MediaKind::LocalMedia,
+        "remote_media" => MediaKind::RemoteMedia,
+        "thumbnails" => MediaKind::Thumbnails,
+        "archives" => MediaKind::Archives,
+        other => return Err(Error::Corrupt(format!("unknown media kind `{other}`"))),
+    })
+}
+
+pub(crate) fn kind_str(kind: MediaKind) -> &'static str {
+    match kind {
+        MediaKind::LocalMedia | MediaKind::All => "local_media",
+        MediaKind::RemoteMedia => "remote_media",
+        MediaKind::Thumbnails => "thumbnails",
+        MediaKind::Archives => "archives",
+    }
+}
+
+fn media_from_row(r: &tokio_postgres::Row) -> Result<Media, Error> {
+    let sha256: Option<String> = r.get(10);
+    let object = match sha256 {
+        Some(sha256) => Some(ObjectRef {
+            sha256,
+            size: u64::try_from(r.get::<_, i64>(11)).unwrap_or(0),
+            datastore_id: r.get(12),
+            location: r.get(13),
+        }),
+        None => None,
+    };
+    Ok(Media {
+        origin: r.get(0),
+        media_id: r.get(1),
+        kind: kind_from_str(r.get(2))?,
+        content_type: r.get(3),
+        upload_name: r.get(4),
+        user_id: r.get(5),
+        created_ts: r.get(6),
+        quarantined: r.get(7),
+        requires_auth: r.get(8),
+        expires_ts: r.get(9),
+        object,
+    })
+}
+
+/// Relays `NOTIFY` of completed uploads to in-process waiters; reconnects with backoff.
+async fn listen(pg: tokio_postgres::Config, tx: broadcast::Sender<String>) {
+    use futures_util::StreamExt as _;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match pg.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                backoff = Duration::from_millis(500);
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let statement = format!("LISTEN {NOTIFY_CHANNEL}");
+                let listen = client.batch_execute(&statement);
+                // The connection must be polled for the LISTEN to complete.
+                tokio::pin!(listen);
+                let mut listening = false;
+                loop {
+                    tokio::select! {
+                        r = &mut listen, if !listening => {
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "cannot listen for upload notifications");
+                                break;
+                            }
+                            listening = true;
+                        }
+                        msg = messages.next() => match msg {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                let _ = tx.send(n.payload().to_owned());
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "upload notification connection failed");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to listen for upload notifications")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Closes idle connections beyond `database.pool.maxIdleConnections`.
+async fn trim_idle(pool: Pool, max_idle: usize) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let mut kept = 0;
+        pool.retain(|_, metrics| {
+            kept += 1;
+            kept <= max_idle || metrics.last_used() < Duration::from_secs(60)
+        });
+    }
+}

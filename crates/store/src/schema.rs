@@ -1,0 +1,108 @@
+//! The schema, as numbered migrations compiled into the binary. They run at start-up under an
+//! advisory lock, so any number of instances may start at once.
+
+use tokio_postgres::Client;
+
+use crate::Error;
+
+/// Any fixed number: the lock every instance takes while migrating.
+const MIGRATION_LOCK: i64 = 0x6d6d_7263_746c; // "mmrctl"
+
+/// Append only: a released migration never changes.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+    -- Content: one row per SHA-256, in exactly one datastore at a location derived from the hash.
+    CREATE TABLE objects (
+        sha256       TEXT PRIMARY KEY,
+        size_bytes   BIGINT NOT NULL,
+        datastore_id TEXT NOT NULL,
+        location     TEXT NOT NULL,
+        created_ts   BIGINT NOT NULL
+    );
+    CREATE INDEX objects_datastore ON objects (datastore_id);
+
+    -- Media: what an mxc:// URI names. `sha256` is NULL while an MSC2246 upload is pending.
+    CREATE TABLE media (
+        origin        TEXT NOT NULL,
+        media_id      TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        sha256        TEXT REFERENCES objects (sha256),
+        content_type  TEXT NOT NULL DEFAULT 'application/octet-stream',
+        upload_name   TEXT,
+        user_id       TEXT NOT NULL DEFAULT '',
+        created_ts    BIGINT NOT NULL,
+        quarantined   BOOLEAN NOT NULL DEFAULT FALSE,
+        -- Uploaded after unauthenticated media was frozen: served only on authenticated endpoints.
+        requires_auth BOOLEAN NOT NULL DEFAULT FALSE,
+        -- Pending uploads only: when the reserved id expires.
+        expires_ts    BIGINT,
+        PRIMARY KEY (origin, media_id)
+    );
+    CREATE INDEX media_sha256 ON media (sha256);
+    CREATE INDEX media_user ON media (user_id) WHERE user_id <> '';
+    CREATE INDEX media_pending ON media (user_id, expires_ts) WHERE sha256 IS NULL;
+
+    -- Thumbnails point at objects too; they never create media rows of their own.
+    CREATE TABLE thumbnails (
+        origin       TEXT NOT NULL,
+        media_id     TEXT NOT NULL,
+        width        INTEGER NOT NULL,
+        height       INTEGER NOT NULL,
+        method       TEXT NOT NULL,
+        animated     BOOLEAN NOT NULL,
+        content_type TEXT NOT NULL,
+        sha256       TEXT NOT NULL REFERENCES objects (sha256),
+        created_ts   BIGINT NOT NULL,
+        PRIMARY KEY (origin, media_id, width, height, method, animated)
+    );
+    CREATE INDEX thumbnails_sha256 ON thumbnails (sha256);
+    "#,
+)];
+
+/// Brings the schema up to date.
+pub(crate) async fn migrate(client: &mut Client) -> Result<(), Error> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    let result = apply(client).await;
+    // Released even when a migration failed; the session ending would release it too.
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    result
+}
+
+async fn apply(client: &mut Client) -> Result<(), Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS mmrctl_migrations (version INTEGER PRIMARY KEY, applied_ts BIGINT NOT NULL)",
+        )
+        .await?;
+    let current: i32 = client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM mmrctl_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    let newest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > newest {
+        return Err(Error::SchemaTooNew {
+            found: current,
+            known: newest,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO mmrctl_migrations (version, applied_ts) VALUES ($1, $2)",
+            &[version, &crate::now_ms()],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, "applied database migration");
+    }
+    Ok(())
+}
