@@ -60,11 +60,8 @@ pub(crate) fn token(headers: &HeaderMap, query: Option<&str>) -> Option<String> 
 pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| {
-            percent_encoding::percent_decode_str(v)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+        // Form encoding: `+` is a space (Go's and Python's clients encode spaces so).
+        (k == name).then(|| percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned())
     })
 }
 

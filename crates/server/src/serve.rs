@@ -34,28 +34,23 @@ pub enum Error {
 
 type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
-fn load(path: &Path) -> Result<Config, Error> {
+/// Loads and validates the config; what deserves a warning is returned for logging.
+fn load(path: &Path) -> Result<(Config, Vec<String>), Error> {
     let loaded = Config::load(path)?;
-    if !loaded.unknown_keys.is_empty() {
-        tracing::warn!(
-            file = %path.display(),
-            keys = %loaded.unknown_keys.join(", "),
-            "unknown config keys are ignored"
-        );
-    }
     let problems = loaded.config.validate();
     if !problems.is_empty() {
         let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        return Err(Error::Invalid {
-            path: path.display().to_string(),
-            problems: problems.join("; "),
-        });
+        return Err(Error::Invalid { path: path.display().to_string(), problems: problems.join("; ") });
+    }
+    let mut warnings = Vec::new();
+    if !loaded.unknown_keys.is_empty() {
+        warnings.push(format!("{}: unknown keys are ignored: {}", path.display(), loaded.unknown_keys.join(", ")));
     }
     let unsupported = unsupported_settings(&loaded.config);
     if !unsupported.is_empty() {
-        tracing::warn!(settings = %unsupported.join(", "), "these settings are not supported yet and have no effect");
+        warnings.push(format!("not supported yet, so without effect: {}", unsupported.join(", ")));
     }
-    Ok(loaded.config)
+    Ok((loaded.config, warnings))
 }
 
 /// Settings that upstream honours and mmrctl does not (yet): said once, at start-up.
@@ -138,8 +133,11 @@ async fn open_store(config: &Config) -> Result<store::Store, Error> {
 
 /// Runs until SIGTERM or SIGINT, then drains in-flight requests. SIGHUP reloads the config.
 pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
-    let config = load(&config_path)?;
+    let (config, warnings) = load(&config_path)?;
     let log = init_logging(&config);
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     let store = open_store(&config).await?;
     let state: SharedState = Arc::new(AppState::new(config.clone(), store)?);
 
@@ -200,7 +198,10 @@ async fn reload_on_hangup(path: PathBuf, state: SharedState, log: LogHandle) {
     };
     while hangups.recv().await.is_some() {
         match load(&path) {
-            Ok(config) => {
+            Ok((config, warnings)) => {
+                for warning in warnings {
+                    tracing::warn!("{warning}");
+                }
                 let old = state.config();
                 if old.datastores != config.datastores || old.database != config.database {
                     tracing::warn!("datastore and database changes take effect after a restart");
