@@ -1,0 +1,263 @@
+//! A real `mmrctl serve` on a fresh database, for end-to-end tests.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // Each test file uses a part; helpers panic to fail tests.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use testkit::TestDb;
+use testkit::http::{self, Response};
+
+pub const SHARED_SECRET: &str = "test-shared-secret";
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct MediaRepo {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub dir: tempfile::TempDir,
+    pub db: TestDb,
+    pub config: Value,
+}
+
+impl MediaRepo {
+    /// Starts `mmrctl serve` for `homeservers` (`name`, `csApi`), after `tweak` edits the config.
+    pub fn start(homeservers: &[(&str, &str)], tweak: impl FnOnce(&mut Value)) -> MediaRepo {
+        let db = TestDb::new();
+        let dir = tempfile::tempdir().unwrap();
+        let (port, metrics_port) = (free_port(), free_port());
+        let mut config = json!({
+            "repo": { "bindAddress": "127.0.0.1", "port": port, "logDirectory": "-", "logLevel": "debug",
+                      "freezeUnauthenticatedMedia": true },
+            "database": { "postgres": db.url(), "pool": { "maxConnections": 10, "maxIdleConnections": 2 } },
+            "homeservers": homeservers.iter().map(|(name, cs_api)| json!({
+                "name": name, "csApi": cs_api, "backoffAt": 3, "adminApiKind": "synapse"
+            })).collect::<Vec<_>>(),
+            "accessTokens": { "maxCacheTimeSeconds": 600 },
+            "sharedSecretAuth": { "enabled": true, "token": SHARED_SECRET },
+            "datastores": [{ "type": "file", "id": "test-file-store", "forKinds": ["all"],
+                             "opts": { "path": dir.path().join("media") } }],
+            "metrics": { "enabled": true, "bindAddress": "127.0.0.1", "port": metrics_port },
+            "urlPreviews": { "enabled": false },
+            "rateLimit": { "enabled": false },
+        });
+        tweak(&mut config);
+        let config_path = dir.path().join("media-repo.yaml");
+        fs::write(&config_path, serde_norway::to_string(&config).unwrap()).unwrap();
+        let log = fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let repo = MediaRepo {
+            child,
+            port,
+            metrics_port,
+            dir,
+            db,
+            config,
+        };
+        repo.wait_healthy();
+        repo
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && self.get("/healthz", &[]).status == 200
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("mmrctl serve did not become healthy:\n{}", self.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        http::get(&self.url(path), headers)
+    }
+
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Response {
+        http::send(method, &self.url(path), headers, content_type, body)
+    }
+
+    /// `POST /_matrix/media/v3/upload` as `token` on `host`; returns the media id.
+    pub fn upload(
+        &self,
+        host: &str,
+        token: &str,
+        content_type: &str,
+        filename: Option<&str>,
+        body: &[u8],
+    ) -> String {
+        let r = self.upload_response(host, token, content_type, filename, body);
+        assert_eq!(r.status, 200, "upload: {}", r.text());
+        let uri = r.json()["content_uri"].as_str().unwrap().to_owned();
+        let prefix = format!("mxc://{host}/");
+        assert!(uri.starts_with(&prefix), "{uri}");
+        uri[prefix.len()..].to_owned()
+    }
+
+    pub fn upload_response(
+        &self,
+        host: &str,
+        token: &str,
+        content_type: &str,
+        filename: Option<&str>,
+        body: &[u8],
+    ) -> Response {
+        let path = match filename {
+            Some(name) => format!("/_matrix/media/v3/upload?filename={}", encode(name)),
+            None => "/_matrix/media/v3/upload".to_owned(),
+        };
+        let auth = format!("Bearer {token}");
+        self.send(
+            "POST",
+            &path,
+            &[("Host", host), ("Authorization", &auth)],
+            Some(content_type),
+            body,
+        )
+    }
+
+    /// Files in the datastore (objects), temp files excluded.
+    pub fn objects(&self) -> usize {
+        count_files(&self.dir.path().join("media"), true)
+    }
+
+    pub fn temp_files(&self) -> usize {
+        count_files(&self.dir.path().join("media/.tmp"), false)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Rewrites the config file (for SIGHUP tests).
+    pub fn rewrite_config(&mut self, edit: impl FnOnce(&mut Value)) {
+        edit(&mut self.config);
+        fs::write(
+            self.dir.path().join("media-repo.yaml"),
+            serde_norway::to_string(&self.config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    pub fn metrics(&self) -> String {
+        http::get(
+            &format!("http://127.0.0.1:{}/metrics", self.metrics_port),
+            &[],
+        )
+        .text()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("mmrctl serve did not stop on SIGTERM:\n{}", self.log());
+    }
+}
+
+impl Drop for MediaRepo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "mmrctl serve log (last lines):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+fn count_files(dir: &Path, skip_tmp: bool) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.unwrap())
+        .map(|e| {
+            let path: PathBuf = e.path();
+            if path.is_dir() {
+                if skip_tmp && path.file_name().is_some_and(|n| n == ".tmp") {
+                    0
+                } else {
+                    count_files(&path, skip_tmp)
+                }
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// Percent-encodes a query value (UTF-8), spaces as `%20`.
+pub fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// 5 MiB of deterministic, incompressible-looking bytes.
+pub fn sample(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
