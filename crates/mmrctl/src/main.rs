@@ -2,6 +2,7 @@
 // A command-line program: printing is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod keys;
 mod render;
 mod serve;
 
@@ -23,6 +24,9 @@ enum Command {
     Render(render::Args),
     /// Run the media server (what the generated systemd unit starts).
     Serve(serve::Args),
+    /// Manage the media repo's signing key: generate, merge into the homeserver's key file, list,
+    /// revoke, convert.
+    Keys(keys::Args),
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Render(args) => render::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Keys(args) => keys::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,6 @@
 //! `mmrctl render` as an operator and the Ansible role run it.
 
-#![allow(clippy::unwrap_used)] // Test helpers may panic: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;

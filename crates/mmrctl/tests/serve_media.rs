@@ -2,7 +2,7 @@
 //! Checks named `complement_N_*` follow the Complement-derived checklist (peers-and-style.md D.3).
 //! These use the shared secret as the token; `serve_synapse.rs` uses real Synapse tokens.
 
-#![allow(clippy::unwrap_used)] // Test helpers may panic: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! Every example inventory renders to reviewed snapshots (`cargo insta review` after a change), and the
 //! rendered config reads back into the same typed model the server uses.
 
-#![allow(clippy::unwrap_used)] // Test helpers may panic: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
 use std::path::PathBuf;
 

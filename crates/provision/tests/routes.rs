@@ -1,7 +1,7 @@
 //! The rendered Traefik routers send exactly the media repo's paths to it: checked by evaluating each
 //! router's rule (a small interpreter of Traefik v3's rule language) against request paths.
 
-#![allow(clippy::unwrap_used)] // Test helpers may panic: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
 use provision::{Route, VarsInput};
 

@@ -1,6 +1,6 @@
 //! Each bad input gives an error (or a warning) that names the variable and where it was set.
 
-#![allow(clippy::unwrap_used)] // Test helpers may panic: that is how a test fails.
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
 use provision::{Diagnostics, Rendered, VarsInput};
 

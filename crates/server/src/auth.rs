@@ -61,7 +61,11 @@ pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         // Form encoding: `+` is a space (Go's and Python's clients encode spaces so).
-        (k == name).then(|| percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8_lossy().into_owned())
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
     })
 }
 
@@ -143,15 +147,15 @@ impl Auth {
                 is_admin: true,
             });
         }
-        if config.access_tokens.use_local_appservice_config {
-            if let Some(user) = appservice_user(config, token, as_user.as_deref())? {
-                let is_admin = is_admin(&user);
-                return Ok(User {
-                    user_id: user,
-                    is_guest: false,
-                    is_admin,
-                });
-            }
+        if config.access_tokens.use_local_appservice_config
+            && let Some(user) = appservice_user(config, token, as_user.as_deref())?
+        {
+            let is_admin = is_admin(&user);
+            return Ok(User {
+                user_id: user,
+                is_guest: false,
+                is_admin,
+            });
         }
         let key = CacheKey {
             homeserver: hs.name.clone(),

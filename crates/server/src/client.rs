@@ -149,10 +149,10 @@ pub(crate) async fn versions(
         .json()
         .await
         .map_err(|e| homeserver_unreachable(&hs.name, &e))?;
-    if let Some(versions) = body.get_mut("versions").and_then(|v| v.as_array_mut()) {
-        if !versions.iter().any(|v| v == AUTHENTICATED_MEDIA_VERSION) {
-            versions.push(AUTHENTICATED_MEDIA_VERSION.into());
-        }
+    if let Some(versions) = body.get_mut("versions").and_then(|v| v.as_array_mut())
+        && !versions.iter().any(|v| v == AUTHENTICATED_MEDIA_VERSION)
+    {
+        versions.push(AUTHENTICATED_MEDIA_VERSION.into());
     }
     Ok(Json(body))
 }

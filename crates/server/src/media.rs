@@ -100,10 +100,11 @@ async fn upload_limits(
     declared: Option<u64>,
 ) -> ApiResult<UploadLimits> {
     let max = config.uploads.max_bytes;
-    if let Some(len) = declared {
-        if max > 0 && len > max {
-            return Err(store::Error::TooLarge { max }.into());
-        }
+    if let Some(len) = declared
+        && max > 0
+        && len > max
+    {
+        return Err(store::Error::TooLarge { max }.into());
     }
     let mut limits = UploadLimits {
         store: Limits {

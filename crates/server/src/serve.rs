@@ -40,15 +40,25 @@ fn load(path: &Path) -> Result<(Config, Vec<String>), Error> {
     let problems = loaded.config.validate();
     if !problems.is_empty() {
         let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        return Err(Error::Invalid { path: path.display().to_string(), problems: problems.join("; ") });
+        return Err(Error::Invalid {
+            path: path.display().to_string(),
+            problems: problems.join("; "),
+        });
     }
     let mut warnings = Vec::new();
     if !loaded.unknown_keys.is_empty() {
-        warnings.push(format!("{}: unknown keys are ignored: {}", path.display(), loaded.unknown_keys.join(", ")));
+        warnings.push(format!(
+            "{}: unknown keys are ignored: {}",
+            path.display(),
+            loaded.unknown_keys.join(", ")
+        ));
     }
     let unsupported = unsupported_settings(&loaded.config);
     if !unsupported.is_empty() {
-        warnings.push(format!("not supported yet, so without effect: {}", unsupported.join(", ")));
+        warnings.push(format!(
+            "not supported yet, so without effect: {}",
+            unsupported.join(", ")
+        ));
     }
     Ok((loaded.config, warnings))
 }

@@ -361,15 +361,12 @@ pub(crate) fn kind_str(kind: MediaKind) -> &'static str {
 
 fn media_from_row(r: &tokio_postgres::Row) -> Result<Media, Error> {
     let sha256: Option<String> = r.get(10);
-    let object = match sha256 {
-        Some(sha256) => Some(ObjectRef {
-            sha256,
-            size: u64::try_from(r.get::<_, i64>(11)).unwrap_or(0),
-            datastore_id: r.get(12),
-            location: r.get(13),
-        }),
-        None => None,
-    };
+    let object = sha256.map(|sha256| ObjectRef {
+        sha256,
+        size: u64::try_from(r.get::<_, i64>(11)).unwrap_or(0),
+        datastore_id: r.get(12),
+        location: r.get(13),
+    });
     Ok(Media {
         origin: r.get(0),
         media_id: r.get(1),

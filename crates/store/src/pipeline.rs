@@ -291,11 +291,10 @@ impl Store {
                 )
                 .await?
                 .is_some();
-            if !referenced {
-                if let Some(ds) = self.datastores.get(ds_id) {
+            if !referenced
+                && let Some(ds) = self.datastores.get(ds_id) {
                     ds.delete(location).await?;
                 }
-            }
             tx.commit().await?;
             Ok(())
         }

@@ -1,6 +1,6 @@
 //! A real `mmrctl serve` on a fresh database, for end-to-end tests.
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // Each test file uses a part; helpers panic to fail tests.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::print_stderr)] // Each test file uses a part; helpers panic to fail tests.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,107 @@
+//! A small blocking HTTP client for tests (no TLS: test servers listen on 127.0.0.1).
+
+use std::time::Duration;
+
+/// A response: status, headers (lower-case names) and the whole body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; panics with the body when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}), status {}: {}", self.status, self.text()))
+    }
+
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn finish(url: &str, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Response {
+    let mut response = result.unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .unwrap_or_else(|e| panic!("reading the response of {url} failed: {e}"));
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `GET url` with `headers`; panics only when no response came (any status is returned).
+pub fn get(url: &str, headers: &[(&str, &str)]) -> Response {
+    let mut request = agent().get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    finish(url, request.call())
+}
+
+/// `method url` with `headers` and `body` (with a `Content-Type` header when given).
+pub fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Response {
+    let request = ureq::http::Request::builder().method(method).uri(url);
+    let mut request = headers
+        .iter()
+        .fold(request, |r, (name, value)| r.header(*name, *value));
+    if let Some(content_type) = content_type {
+        request = request.header("Content-Type", content_type);
+    }
+    let request = request
+        .body(body.to_vec())
+        .unwrap_or_else(|e| panic!("bad request {method} {url}: {e}"));
+    finish(url, agent().run(request))
+}
+
+/// `POST url` with a JSON body.
+pub fn post_json(url: &str, headers: &[(&str, &str)], body: &serde_json::Value) -> Response {
+    send(
+        "POST",
+        url,
+        headers,
+        Some("application/json"),
+        body.to_string().as_bytes(),
+    )
+}

@@ -1,0 +1,19 @@
+//! Test support shared by the crates' integration tests: the Python tools venv that
+//! `cargo xtask test` prepares, a real Synapse started in a temp dir ([`Synapse`]), a throwaway
+//! PostgreSQL database per test ([`TestDb`]) and a small blocking HTTP client ([`http`]).
+//!
+//! Everything here panics on failure, with instructions when a tool or service is missing: a test
+//! that cannot run fails, it is never skipped.
+#![allow(clippy::print_stderr)] // Tests report progress on stderr (the harness captures it).
+
+mod db;
+mod hmac;
+pub mod http;
+mod synapse;
+mod tools;
+
+pub use db::{TestDb, database_url};
+/// The PostgreSQL client [`TestDb::client`] returns.
+pub use postgres;
+pub use synapse::{Database, Synapse, SynapseBuilder};
+pub use tools::{python, tool, tools_bin};
