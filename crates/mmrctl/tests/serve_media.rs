@@ -546,6 +546,8 @@ fn a_too_large_body_without_content_length_is_cut_off_and_leaves_nothing() {
     assert_eq!(repo.temp_files(), 0);
     let rows: i64 = repo
         .db
+        .as_ref()
+        .unwrap()
         .client()
         .query_one("SELECT COUNT(*) FROM media", &[])
         .unwrap()
@@ -655,4 +657,89 @@ fn unknown_config_keys_are_reported_at_start() {
         log.contains("unknown keys are ignored") && log.contains("repo.colour"),
         "{log}"
     );
+}
+
+#[test]
+fn appservice_tokens_from_the_config_masquerade_within_their_namespaces() {
+    let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
+        c["accessTokens"] = serde_json::json!({
+            "maxCacheTimeSeconds": 600, "useLocalAppserviceConfig": true,
+            "appservices": [{ "id": "bridge", "asToken": "as-secret", "senderUserId": "@bridge:example.test",
+                              "userNamespaces": [{ "regex": "@bridge_.*:example.test" }] }]
+        })
+    });
+    let upload = |query: &str| {
+        repo.send(
+            "POST",
+            &format!("/_matrix/media/v3/upload{query}"),
+            &[("Host", HS), ("Authorization", "Bearer as-secret")],
+            Some("image/png"),
+            &sample(500, 30),
+        )
+    };
+    assert_eq!(upload("").status, 200);
+    assert_eq!(
+        upload("?user_id=%40bridge_alice%3Aexample.test").status,
+        200
+    );
+    let r = upload("?user_id=%40alice%3Aexample.test");
+    assert_eq!(
+        (r.status, r.json()["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN"))
+    );
+    let users: Vec<String> = repo
+        .db
+        .as_ref()
+        .unwrap()
+        .client()
+        .query("SELECT user_id FROM media ORDER BY user_id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        users,
+        ["@bridge:example.test", "@bridge_alice:example.test"]
+    );
+}
+
+#[test]
+fn instances_starting_together_migrate_once() {
+    let repos = MediaRepo::start_many(3, &[(HS, "http://127.0.0.1:9")]);
+    let db = repos[0].db.as_ref().unwrap();
+    let applied: i64 = db
+        .client()
+        .query_one("SELECT COUNT(*) FROM mmrctl_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
+    // Media uploaded through one instance is served by the others.
+    let id = repos[1].upload(HS, SHARED_SECRET, "image/png", None, &sample(300, 31));
+    assert_eq!(download(&repos[2], &id, "").status, 200);
+}
+
+#[test]
+fn the_server_waits_for_its_database_and_starts_when_it_appears() {
+    let server = testkit::TestDb::new();
+    let name = format!("{}_later", server.name());
+    let url = server.url().replace(server.name(), &name);
+    let repo = MediaRepo::spawn(None, &url, &[(HS, "http://127.0.0.1:9")], |_| {});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !repo.log().contains("the database is unreachable; retrying") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retry logged:\n{}",
+            repo.log()
+        );
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut admin = server.client();
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .unwrap();
+    repo.wait_healthy();
+    drop(repo);
+    admin
+        .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .unwrap();
 }

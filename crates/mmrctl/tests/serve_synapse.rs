@@ -48,6 +48,8 @@ fn synapse_tokens_upload_download_logout_and_outage() {
     }
     let rows: Vec<(String, String)> = repo
         .db
+        .as_ref()
+        .unwrap()
         .client()
         .query("SELECT origin, user_id FROM media ORDER BY origin", &[])
         .unwrap()

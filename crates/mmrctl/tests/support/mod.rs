@@ -26,7 +26,8 @@ pub struct MediaRepo {
     pub port: u16,
     pub metrics_port: u16,
     pub dir: tempfile::TempDir,
-    pub db: TestDb,
+    /// The database, for the instance that owns it.
+    pub db: Option<TestDb>,
     pub config: Value,
 }
 
@@ -34,12 +35,44 @@ impl MediaRepo {
     /// Starts `mmrctl serve` for `homeservers` (`name`, `csApi`), after `tweak` edits the config.
     pub fn start(homeservers: &[(&str, &str)], tweak: impl FnOnce(&mut Value)) -> MediaRepo {
         let db = TestDb::new();
+        let url = db.url().to_owned();
+        let repo = MediaRepo::spawn(Some(db), &url, homeservers, tweak);
+        repo.wait_healthy();
+        repo
+    }
+
+    /// Starts `n` instances at the same moment on one database and one datastore (the first owns both).
+    pub fn start_many(n: usize, homeservers: &[(&str, &str)]) -> Vec<MediaRepo> {
+        let db = TestDb::new();
+        let url = db.url().to_owned();
+        let first = MediaRepo::spawn(Some(db), &url, homeservers, |_| {});
+        let media = first.dir.path().join("media");
+        let mut repos = vec![first];
+        for _ in 1..n {
+            let media = media.clone();
+            repos.push(MediaRepo::spawn(None, &url, homeservers, move |c| {
+                c["datastores"][0]["opts"]["path"] = json!(media)
+            }));
+        }
+        for repo in &repos {
+            repo.wait_healthy();
+        }
+        repos
+    }
+
+    /// Starts without waiting for it to become healthy.
+    pub fn spawn(
+        db: Option<TestDb>,
+        db_url: &str,
+        homeservers: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Value),
+    ) -> MediaRepo {
         let dir = tempfile::tempdir().unwrap();
         let (port, metrics_port) = (free_port(), free_port());
         let mut config = json!({
             "repo": { "bindAddress": "127.0.0.1", "port": port, "logDirectory": "-", "logLevel": "debug",
                       "freezeUnauthenticatedMedia": true },
-            "database": { "postgres": db.url(), "pool": { "maxConnections": 10, "maxIdleConnections": 2 } },
+            "database": { "postgres": db_url, "pool": { "maxConnections": 10, "maxIdleConnections": 2 } },
             "homeservers": homeservers.iter().map(|(name, cs_api)| json!({
                 "name": name, "csApi": cs_api, "backoffAt": 3, "adminApiKind": "synapse"
             })).collect::<Vec<_>>(),
@@ -62,19 +95,17 @@ impl MediaRepo {
             .stderr(log)
             .spawn()
             .unwrap();
-        let repo = MediaRepo {
+        MediaRepo {
             child,
             port,
             metrics_port,
             dir,
             db,
             config,
-        };
-        repo.wait_healthy();
-        repo
+        }
     }
 
-    fn wait_healthy(&self) {
+    pub fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
