@@ -141,3 +141,264 @@ fn the_role_validates_through_mmrctl() {
         "{output}"
     );
 }
+
+/// The role installing into a temporary root: everything under one directory through its variables.
+struct RoleRun {
+    dir: tempfile::TempDir,
+    db: testkit::TestDb,
+    port: u16,
+}
+
+impl RoleRun {
+    fn new() -> RoleRun {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["systemd", "traefik-dynamic", "synapse"] {
+            fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        // The homeserver's key file, as Synapse would have it.
+        let hs_key = dir.path().join("synapse/example.com.signing.key");
+        let out = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+            .args(["keys", "generate", "--format", "synapse", "--out"])
+            .arg(&hs_key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RoleRun {
+            dir,
+            db: testkit::TestDb::new(),
+            port,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn base(&self) -> PathBuf {
+        self.path("matrix/matrix-media-repo")
+    }
+
+    /// Runs the role with the quickstart, the temp-root variables and `extra`; returns (ok, output).
+    fn play(&self, extra: &str) -> (bool, String) {
+        let inv = self.path("inventory");
+        fs::create_dir_all(inv.join("group_vars/all")).unwrap();
+        fs::create_dir_all(inv.join("group_vars/matrix_servers")).unwrap();
+        fs::create_dir_all(inv.join("host_vars/localhost")).unwrap();
+        let python = tool("python").canonicalize().unwrap();
+        fs::write(
+            inv.join("hosts"),
+            format!("[matrix_servers]\nlocalhost ansible_connection=local ansible_python_interpreter={}\n", python.display()),
+        )
+        .unwrap();
+        fs::copy(
+            root().join("crates/provision/data/playbook-defaults.yml"),
+            inv.join("group_vars/all/playbook.yml"),
+        )
+        .unwrap();
+        fs::copy(
+            root().join("group_vars/matrix_servers/matrix-media-repo.yml"),
+            inv.join("group_vars/matrix_servers/matrix-media-repo.yml"),
+        )
+        .unwrap();
+        let id = |flag: &str| {
+            String::from_utf8(Command::new("id").arg(flag).output().unwrap().stdout)
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let (host, port, user) = server_of(&testkit::database_url());
+        let quickstart = fs::read_to_string(root().join("examples/quickstart/vars.yml")).unwrap();
+        let vars = format!(
+            "{quickstart}\
+             ansible_become: false\n\
+             matrix_base_data_path: {root}/matrix\n\
+             matrix_media_repo_binary_src: {bin}\n\
+             matrix_media_repo_binary_path: {root}/bin/mmrctl\n\
+             matrix_media_repo_systemd_path: {root}/systemd\n\
+             matrix_media_repo_traefik_config_dir: {root}/traefik-dynamic\n\
+             matrix_media_repo_user: {user_name}\n\
+             matrix_media_repo_group: {group_name}\n\
+             matrix_media_repo_bind_address: 127.0.0.1\n\
+             matrix_media_repo_port: {port_http}\n\
+             matrix_media_repo_database_hostname: {host}\n\
+             matrix_media_repo_database_port: {port}\n\
+             matrix_media_repo_database_username: {user}\n\
+             matrix_media_repo_database_password: ''\n\
+             matrix_media_repo_database_name: {db}\n\
+             matrix_media_repo_homeserver_signing_key: {root}/synapse/example.com.signing.key\n\
+             matrix_media_repo_shared_secret_auth_enabled: true\n\
+             matrix_media_repo_shared_secret_auth_token: role-test-secret\n\
+             matrix_media_repo_container_image_tag: v1.3.8\n\
+             {extra}",
+            root = self.dir.path().display(),
+            bin = env!("CARGO_BIN_EXE_mmrctl"),
+            user_name = id("-un"),
+            group_name = id("-gn"),
+            port_http = self.port,
+            db = self.db.name(),
+        );
+        fs::write(inv.join("host_vars/localhost/vars.yml"), vars).unwrap();
+        let playbook = self.path("play.yml");
+        fs::write(
+            &playbook,
+            "- name: Media repo\n  hosts: matrix_servers\n  roles:\n    - role: custom/matrix-media-repo\n  post_tasks:\n    \
+             - name: Show the restart flag\n      ansible.builtin.debug:\n        \
+             msg: \"restart_necessary={{ matrix_media_repo_restart_necessary }}\"\n",
+        )
+        .unwrap();
+        let out = Command::new(tool("ansible-playbook"))
+            .args([
+                "-i",
+                inv.join("hosts").to_str().unwrap(),
+                playbook.to_str().unwrap(),
+            ])
+            .env("ANSIBLE_ROLES_PATH", root().join("roles"))
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("TMPDIR", self.path(""))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+/// Host, port and user of a postgres:// URL.
+fn server_of(url: &str) -> (String, u16, String) {
+    let rest = url.split_once("://").unwrap().1;
+    let (auth, rest) = rest.split_once('@').unwrap_or(("postgres", rest));
+    let user = auth.split(':').next().unwrap().to_owned();
+    let hostport = rest.split('/').next().unwrap();
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+    (host.to_owned(), port.parse().unwrap(), user)
+}
+
+fn changed_count(output: &str) -> u32 {
+    let recap = output
+        .lines()
+        .find(|l| l.contains("localhost") && l.contains("changed="))
+        .unwrap_or_else(|| panic!("{output}"));
+    recap
+        .split("changed=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_role_installs_runs_is_idempotent_and_uninstalls() {
+    let run = RoleRun::new();
+    let (ok, out) = run.play("");
+    assert!(ok, "{out}");
+    assert!(out.contains("restart_necessary=True"), "{out}");
+    assert!(
+        out.contains("matrix_media_repo_container_image_tag"),
+        "an old container variable warns: {out}"
+    );
+    let base = run.base();
+    assert!(base.join("config/media-repo.yaml").is_file());
+    assert!(run.path("systemd/matrix-media-repo.service").is_file());
+    assert!(run.path("traefik-dynamic/matrix-media-repo.yml").is_file());
+    assert!(run.path("bin/import_synapse").is_symlink());
+    // The media repo's key, merged behind the homeserver's own, with a backup of the original.
+    let hs_key = run.path("synapse/example.com.signing.key");
+    assert!(run.path("synapse/example.com.signing.key.backup").is_file());
+    assert_eq!(fs::read_to_string(&hs_key).unwrap().lines().count(), 2);
+    assert!(base.join("config/matrix-media-repo.signing.key").is_file());
+
+    // The service, started the way the unit starts it, serves media.
+    let unit = fs::read_to_string(run.path("systemd/matrix-media-repo.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    let mut server = Command::new(argv[0])
+        .args(&argv[1..])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base_url = format!("http://127.0.0.1:{}", run.port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", run.port)).is_err()
+        || testkit::http::get(&format!("{base_url}/healthz"), &[]).status != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the installed service did not become healthy"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let auth = [
+        ("Host", "example.com"),
+        ("Authorization", "Bearer role-test-secret"),
+    ];
+    let body = vec![7u8; 4096];
+    let r = testkit::http::send(
+        "POST",
+        &format!("{base_url}/_matrix/media/v3/upload"),
+        &auth,
+        Some("image/png"),
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mxc = r.json()["content_uri"].as_str().unwrap().to_owned();
+    let r = testkit::http::get(
+        &format!(
+            "{base_url}/_matrix/client/v1/media/download/{}",
+            &mxc["mxc://".len()..]
+        ),
+        &auth,
+    );
+    assert_eq!((r.status, r.body.clone()), (200, body));
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // A second run changes nothing.
+    let (ok, out) = run.play("");
+    assert!(ok, "{out}");
+    assert_eq!(changed_count(&out), 0, "{out}");
+    assert!(out.contains("restart_necessary=False"), "{out}");
+
+    // One variable changes one file, and asks for a restart.
+    let unit_before = fs::read_to_string(run.path("systemd/matrix-media-repo.service")).unwrap();
+    let (ok, out) = run.play("matrix_media_repo_max_bytes: 12345678\n");
+    assert!(ok, "{out}");
+    let changed: Vec<&str> = out.lines().filter(|l| l.contains("\"msg\": \"changed: ")).collect();
+    assert_eq!(changed.len(), 1, "only the config changes: {out}");
+    assert!(changed[0].contains("config/media-repo.yaml"), "{out}");
+    assert_eq!(
+        fs::read_to_string(run.path("systemd/matrix-media-repo.service")).unwrap(),
+        unit_before
+    );
+    assert!(out.contains("restart_necessary=True"), "{out}");
+    assert!(
+        fs::read_to_string(base.join("config/media-repo.yaml"))
+            .unwrap()
+            .contains("maxBytes: 12345678")
+    );
+
+    // Uninstalling removes the unit and keeps the data, and says what to do about the key.
+    let (ok, out) = run.play("matrix_media_repo_enabled: false\n");
+    assert!(ok, "{out}");
+    assert!(!run.path("systemd/matrix-media-repo.service").exists());
+    assert!(base.join("config/media-repo.yaml").is_file());
+    assert!(base.join("data").is_dir());
+    assert!(out.contains("mmrctl keys revoke"), "{out}");
+}
