@@ -201,27 +201,19 @@ impl Auth {
                 wait.as_secs().max(1),
             ));
         }
-        let mut url = format!(
-            "{}/_matrix/client/v3/account/whoami",
-            hs.cs_api.trim_end_matches('/')
-        );
+        let mut path = "/_matrix/client/v3/account/whoami".to_owned();
         if let Some(user) = as_user {
-            url.push_str("?user_id=");
-            url.push_str(
-                &percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string(),
-            );
+            path.push_str("?user_id=");
+            path.extend(percent_encoding::utf8_percent_encode(
+                user,
+                percent_encoding::NON_ALPHANUMERIC,
+            ));
         }
-        let timeout = Duration::from_secs(u64::from(
-            config.timeouts.client_server_timeout_seconds.max(1),
-        ));
         let response = self
-            .http
-            .get(&url)
+            .homeserver_request(config, hs, reqwest::Method::GET, &path)
             .bearer_auth(token)
             .header("X-Forwarded-For", client_ip)
             .header("X-Real-IP", client_ip)
-            .timeout(timeout)
             .send()
             .await;
         let response = match response {
@@ -321,8 +313,19 @@ impl Auth {
         }
     }
 
-    pub(crate) fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// A request to the homeserver's client-server API at `path`, with the configured timeout.
+    pub(crate) fn homeserver_request(
+        &self,
+        config: &Config,
+        hs: &Homeserver,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let url = format!("{}{path}", hs.cs_api.trim_end_matches('/'));
+        let timeout = Duration::from_secs(u64::from(
+            config.timeouts.client_server_timeout_seconds.max(1),
+        ));
+        self.http.request(method, url).timeout(timeout)
     }
 }
 

@@ -1,8 +1,6 @@
 //! Client endpoints the media repo answers for the homeserver: logout (to drop cached tokens) and
 //! `/versions` (to announce authenticated media).
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -76,22 +74,17 @@ async fn proxy_logout(
     } else {
         None
     };
-    let path = if all { "logout/all" } else { "logout" };
-    let url = format!(
-        "{}/_matrix/client/v3/{path}",
-        hs.cs_api.trim_end_matches('/')
-    );
-    let timeout = Duration::from_secs(u64::from(
-        config.timeouts.client_server_timeout_seconds.max(1),
-    ));
+    let path = if all {
+        "/_matrix/client/v3/logout/all"
+    } else {
+        "/_matrix/client/v3/logout"
+    };
     let response = state
         .auth
-        .http()
-        .post(&url)
+        .homeserver_request(&config, &hs, reqwest::Method::POST, path)
         .bearer_auth(&token)
         .header(header::CONTENT_TYPE, "application/json")
         .body("{}")
-        .timeout(timeout)
         .send()
         .await
         .map_err(|e| homeserver_unreachable(&hs.name, &e))?;
@@ -130,18 +123,14 @@ pub(crate) async fn versions(
     Hs(hs): Hs,
 ) -> ApiResult<Json<serde_json::Value>> {
     let config = state.config();
-    let url = format!(
-        "{}/_matrix/client/versions",
-        hs.cs_api.trim_end_matches('/')
-    );
-    let timeout = Duration::from_secs(u64::from(
-        config.timeouts.client_server_timeout_seconds.max(1),
-    ));
     let response = state
         .auth
-        .http()
-        .get(&url)
-        .timeout(timeout)
+        .homeserver_request(
+            &config,
+            &hs,
+            reqwest::Method::GET,
+            "/_matrix/client/versions",
+        )
         .send()
         .await
         .map_err(|e| homeserver_unreachable(&hs.name, &e))?;
