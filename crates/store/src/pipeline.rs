@@ -18,8 +18,31 @@ use tokio::sync::mpsc;
 
 use crate::{Error, Media, ObjectRef, Store, ids, now_ms};
 
+const LOCK_HASH: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+const SELECT_OBJECT: &str =
+    "SELECT size_bytes, datastore_id, location FROM objects WHERE sha256 = $1";
+const INSERT_OBJECT: &str =
+    "INSERT INTO objects (sha256, size_bytes, datastore_id, location, created_ts)
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sha256) DO NOTHING RETURNING 1";
+const INSERT_MEDIA: &str =
+    "INSERT INTO media (origin, media_id, kind, sha256, content_type, upload_name, user_id,
+                        created_ts, quarantined, requires_auth)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING";
+const COMPLETE_PENDING: &str =
+    "UPDATE media SET sha256 = $3, content_type = $4, upload_name = $5, expires_ts = NULL
+     WHERE origin = $1 AND media_id = $2 AND sha256 IS NULL AND user_id = $6 AND expires_ts > $7";
+
+fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
+    ObjectRef {
+        sha256: sha256.to_owned(),
+        size: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+        datastore_id: r.get(1),
+        location: r.get(2),
+    }
+}
+
 /// Chunks buffered between the network and the writer thread: the upload's whole memory footprint.
-const CHANNEL_CHUNKS: usize = 8;
+const CHANNEL_CHUNKS: usize = 4;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
@@ -118,20 +141,13 @@ impl Store {
 
     async fn object(&self, sha256: &str) -> Result<Option<ObjectRef>, Error> {
         let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT size_bytes, datastore_id, location FROM objects WHERE sha256 = $1",
-                &[&sha256],
-            )
-            .await?;
-        Ok(row.map(|r| ObjectRef {
-            sha256: sha256.to_owned(),
-            size: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
-            datastore_id: r.get(1),
-            location: r.get(2),
-        }))
+        let select = client.prepare_cached(SELECT_OBJECT).await?;
+        let row = client.query_opt(&select, &[&sha256]).await?;
+        Ok(row.map(|r| object_from_row(sha256, &r)))
     }
 
+    /// Records the object and the media row in one transaction, under the per-hash lock. The
+    /// statements are pipelined: one round trip between `BEGIN` and `COMMIT`.
     async fn record(
         &self,
         new: &NewMedia,
@@ -149,97 +165,83 @@ impl Store {
         })?;
         let now = now_ms();
         let created = new.created_ts.unwrap_or(now);
+        let kind = crate::kind_str(new.kind);
+        let location = placed.map_or_else(|| ds.location_for(&written.sha256), ToOwned::to_owned);
+        let sha256 = written.sha256.as_str();
         let mut client = self.client().await?;
+        let (lock, insert_object, select_object, insert_media, complete_pending, notify) = tokio::try_join!(
+            client.prepare_cached(LOCK_HASH),
+            client.prepare_cached(INSERT_OBJECT),
+            client.prepare_cached(SELECT_OBJECT),
+            client.prepare_cached(INSERT_MEDIA),
+            client.prepare_cached(COMPLETE_PENDING),
+            client.prepare_cached("SELECT pg_notify($1, $2)"),
+        )?;
         for _attempt in 0..3 {
-            let tx = client.transaction().await?;
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                &[&written.sha256],
-            )
-            .await?;
-            let location =
-                placed.map_or_else(|| ds.location_for(&written.sha256), ToOwned::to_owned);
-            let inserted = tx
-                .execute(
-                    "INSERT INTO objects (sha256, size_bytes, datastore_id, location, created_ts)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sha256) DO NOTHING",
-                    &[&written.sha256, &size, &ds_id, &location, &now],
-                )
-                .await?;
-            let object = if inserted == 1 {
-                // A purge of the previous object with this hash may have removed the file we linked
-                // before it committed; under the lock, what is there now stays there.
-                if placed.is_none() || !ds.exists(&location).await? {
-                    ds.place(&written.temp, &written.sha256).await?;
-                }
-                ObjectRef {
-                    sha256: written.sha256.clone(),
-                    size: written.size,
-                    datastore_id: ds_id.to_owned(),
-                    location,
-                }
-            } else {
-                let row = tx
-                    .query_one(
-                        "SELECT size_bytes, datastore_id, location FROM objects WHERE sha256 = $1",
-                        &[&written.sha256],
-                    )
-                    .await?;
-                ObjectRef {
-                    sha256: written.sha256.clone(),
-                    size: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-                    datastore_id: row.get(1),
-                    location: row.get(2),
-                }
-            };
-
             let media_id = match target {
                 Target::NewId => {
                     ids::new_media_id().map_err(|e| Error::Io(std::io::Error::other(e)))?
                 }
                 Target::Id(id) | Target::Pending(id) => id.clone(),
             };
-            let kind = crate::kind_str(new.kind);
-            let rows = match target {
-                Target::NewId | Target::Id(_) => {
-                    tx.execute(
-                        "INSERT INTO media (origin, media_id, kind, sha256, content_type, upload_name, user_id,
-                                            created_ts, quarantined, requires_auth)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
-                        &[
-                            &new.origin,
-                            &media_id,
-                            &kind,
-                            &written.sha256,
-                            &new.content_type,
-                            &new.upload_name,
-                            &new.user_id,
-                            &created,
-                            &new.quarantined,
-                            &new.requires_auth,
-                        ],
-                    )
-                    .await?
-                }
-                Target::Pending(_) => {
-                    tx.execute(
-                        "UPDATE media SET sha256 = $3, content_type = $4, upload_name = $5, expires_ts = NULL
-                         WHERE origin = $1 AND media_id = $2 AND sha256 IS NULL AND user_id = $6
-                           AND expires_ts > $7",
-                        &[
-                            &new.origin,
-                            &media_id,
-                            &written.sha256,
-                            &new.content_type,
-                            &new.upload_name,
-                            &new.user_id,
-                            &now,
-                        ],
-                    )
-                    .await?
+            let tx = client.transaction().await?;
+            let media_rows = async {
+                match target {
+                    Target::NewId | Target::Id(_) => {
+                        tx.execute(
+                            &insert_media,
+                            &[
+                                &new.origin,
+                                &media_id,
+                                &kind,
+                                &sha256,
+                                &new.content_type,
+                                &new.upload_name,
+                                &new.user_id,
+                                &created,
+                                &new.quarantined,
+                                &new.requires_auth,
+                            ],
+                        )
+                        .await
+                    }
+                    Target::Pending(_) => {
+                        tx.execute(
+                            &complete_pending,
+                            &[
+                                &new.origin,
+                                &media_id,
+                                &sha256,
+                                &new.content_type,
+                                &new.upload_name,
+                                &new.user_id,
+                                &now,
+                            ],
+                        )
+                        .await
+                    }
                 }
             };
-            if rows == 0 {
+            // In order on the server: lock, object row (new or existing), then the media row that
+            // references it.
+            let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sha256];
+            let object_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&sha256, &size, &ds_id, &location, &now];
+            let (_, inserted, object_row, media_rows) = tokio::try_join!(
+                tx.query_one(&lock, &lock_params),
+                tx.query_opt(&insert_object, &object_params),
+                tx.query_one(&select_object, &lock_params),
+                media_rows,
+            )?;
+            let object = object_from_row(sha256, &object_row);
+            if inserted.is_some() {
+                // A purge of the previous object with this hash may have removed the file we linked
+                // before it committed; under the lock, what is there now stays there.
+                if placed.is_none() || !ds.exists(&location).await? {
+                    ds.place(&written.temp, sha256).await?;
+                }
+            }
+            if media_rows == 0 {
                 drop(tx);
                 match target {
                     // A generated id collided: draw another.
@@ -257,7 +259,7 @@ impl Store {
             }
             if matches!(target, Target::Pending(_)) {
                 let key = format!("{}/{}", new.origin, media_id);
-                tx.execute("SELECT pg_notify($1, $2)", &[&crate::NOTIFY_CHANNEL, &key])
+                tx.query_one(&notify, &[&crate::NOTIFY_CHANNEL, &key])
                     .await?;
             }
             tx.commit().await?;
@@ -305,36 +307,31 @@ impl Store {
     }
 }
 
-/// Streams the body to a temp file in `dir`: the network side stays on the async runtime, hashing and
-/// writing run on a blocking thread, and the channel between them bounds memory.
+/// Streams the body to a temp file in `dir`. Hashing runs on the async side as chunks arrive while a
+/// blocking thread writes them, so the two overlap; the bounded channel between them is the upload's
+/// whole memory footprint.
 async fn write_temp<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,
 {
     let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
-    let writer = tokio::task::spawn_blocking(move || -> Result<Written, Error> {
+    let writer = tokio::task::spawn_blocking(move || -> Result<tempfile::TempPath, Error> {
         let file = tempfile::Builder::new()
             .prefix("upload-")
             .tempfile_in(&dir)?;
         let (file, temp) = file.into_parts();
         let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
-            hasher.update(&chunk);
             out.write_all(&chunk)?;
-            size += chunk.len() as u64;
         }
         let file = out.into_inner().map_err(|e| Error::Io(e.into_error()))?;
-        file.sync_all()?;
-        Ok(Written {
-            temp,
-            sha256: hex::encode(hasher.finalize()),
-            size,
-        })
+        // Acknowledged only once durable.
+        file.sync_data()?;
+        Ok(temp)
     });
 
+    let mut hasher = Sha256::new();
     let mut received = 0u64;
     let mut body = std::pin::pin!(body);
     let streamed: Result<(), Error> = async {
@@ -346,6 +343,7 @@ where
                     max: limits.max_bytes,
                 });
             }
+            hasher.update(&chunk);
             if tx.send(chunk).await.is_err() {
                 // The writer failed; its error is reported below.
                 break;
@@ -355,10 +353,14 @@ where
     }
     .await;
     drop(tx);
-    let written = writer
+    let temp = writer
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
     // On a streaming error the temp file is dropped (deleted) here.
     streamed?;
-    written
+    Ok(Written {
+        temp: temp?,
+        sha256: hex::encode(hasher.finalize()),
+        size: received,
+    })
 }
