@@ -11,9 +11,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 
 use crate::util::{self, note};
+use crate::{postgres, tools};
+
+#[path = "bench_import.rs"]
+mod import;
 
 /// Every benchmark, in the order they run and first appear in the document.
-const BENCHES: &[Bench] = &[render];
+const BENCHES: &[Bench] = &[render, serve, s3, import::import];
 
 type Bench = fn(&Run) -> Result<Section>;
 
@@ -115,21 +119,229 @@ fn render(run: &Run) -> Result<Section> {
     })
 }
 
+/// The S3 datastore's throughput against moto (`bench_s3`).
+fn s3(run: &Run) -> Result<Section> {
+    let report = crate::bench_s3::run(&run.date, &run.machine)?;
+    Ok(Section {
+        name: "s3",
+        markdown: report.markdown,
+        missed: report.missed,
+    })
+}
+
+/// `mmrctl serve` side by side with Synapse's media repo: `crates/bench`'s `mmrctl-bench`, with
+/// the PostgreSQL server and tools venv (Synapse) that `cargo xtask test` provides. The bench
+/// decides what passes; this renders its figures.
+fn serve(run: &Run) -> Result<Section> {
+    let target = util::target_dir();
+    // Stopped when this goes out of scope, whatever the bench did.
+    let pg = postgres::provide(&target)?;
+    let tools_bin = tools::ensure_venv(&target)?;
+
+    // Both binaries are built before anything is measured, so that no build runs meanwhile.
+    let mut build = util::cargo();
+    build.args(["build", "--release", "-p", "mmrctl", "-p", "bench"]);
+    note!("running `{}`", util::display_cargo(&build));
+    let status = util::run_status(&mut build)?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", util::display_cargo(&build));
+    }
+    let release = target.join("release");
+    let mut cmd = Command::new(release.join("mmrctl-bench"));
+    cmd.arg("--mmrctl")
+        .arg(release.join("mmrctl"))
+        .env(postgres::URL_VAR, &pg.url)
+        .env(tools::TOOLS_BIN_VAR, &tools_bin);
+    let shown = util::display_command(&cmd);
+    let line = json_line(&mut cmd, &shown)?;
+
+    let n = |key: &str| {
+        json_number(&line, key)
+            .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
+    };
+    let pass = |key: &str| {
+        json_bool(&line, &format!("pass_{key}"))
+            .with_context(|| format!("no boolean `pass_{key}` in the bench's JSON line: {line}"))
+    };
+    let synapse = json_string(&line, "synapse_version").unwrap_or_else(|| "?".to_owned());
+    let (sha, fsync, limit) = (n("sha256_mb_s")?, n("fsync_mb_s")?, n("upload_limit_mb_s")?);
+    let upload_mib = n("upload_bytes")? / MIB;
+    let (clients, client_mib) = (n("clients")?, n("client_bytes")? / MIB);
+    let (small_kib, small_requests, small_in_flight) = (
+        n("small_bytes")? / 1024.0,
+        n("small_requests")?,
+        n("small_in_flight")?,
+    );
+    let [up, up_s] = [n("mmrctl_upload_mb_s")?, n("synapse_upload_mb_s")?];
+    let [down, down_s] = [n("mmrctl_download_mb_s")?, n("synapse_download_mb_s")?];
+    let [small, small_s] = [n("mmrctl_small_req_s")?, n("synapse_small_req_s")?];
+
+    let mut missed = Vec::new();
+    // One target: (pass key, value, threshold, what the threshold is, how far off when missed).
+    let mut check = |key: &str, value: f64, unit: &str, target: &str, shortfall: String| {
+        let ok = pass(key)?;
+        let threshold = n(&format!("target_{key}"))?;
+        if !ok {
+            missed.push(format!(
+                "serve: {key}: {value:.1} {unit}, target {target} ({threshold:.1} {unit}): {shortfall}"
+            ));
+        }
+        Ok::<_, anyhow::Error>((ok, shortfall))
+    };
+    let result = |checks: &[(bool, String)]| {
+        let failed: Vec<&str> = checks
+            .iter()
+            .filter(|(ok, _)| !ok)
+            .map(|(_, why)| why.as_str())
+            .collect();
+        if failed.is_empty() {
+            "pass".to_owned()
+        } else {
+            format!("**fail**: {}", failed.join("; "))
+        }
+    };
+    let upload_result = result(&[
+        check(
+            "upload_limit",
+            up,
+            "MB/s",
+            "≥ 80% of the limit",
+            format!("{:.0}% of the limit", 100.0 * up / limit),
+        )?,
+        check(
+            "upload_synapse",
+            up,
+            "MB/s",
+            "≥ 3× Synapse",
+            format!("{:.2}× Synapse", up / up_s),
+        )?,
+    ]);
+    let download_result = result(&[
+        check(
+            "download",
+            down,
+            "MB/s",
+            "≥ 1 GB/s",
+            format!("{down:.0} MB/s"),
+        )?,
+        check(
+            "download_synapse",
+            down,
+            "MB/s",
+            "≥ 3× Synapse",
+            format!("{:.2}× Synapse", down / down_s),
+        )?,
+    ]);
+    let small_result = result(&[check(
+        "small_synapse",
+        small,
+        "req/s",
+        "≥ 3× Synapse",
+        format!("{:.2}× Synapse", small / small_s),
+    )?]);
+    let peak = n("mmrctl_peak_rss_mib")?;
+    let peak_result = result(&[check(
+        "peak_rss",
+        peak,
+        "MiB",
+        "< 100 MiB",
+        format!("{peak:.1} MiB"),
+    )?]);
+    let idle = n("mmrctl_idle_rss_mib")?;
+    let idle_result = result(&[check(
+        "idle_rss",
+        idle,
+        "MiB",
+        "< 30 MiB",
+        format!("{idle:.1} MiB"),
+    )?]);
+
+    let markdown = format!(
+        "## Serve\n\n\
+         `mmrctl serve` (release build) and Synapse {synapse}'s built-in media repo, side by side \
+         in one run of `mmrctl-bench` (`crates/bench`): each on its own database of the same \
+         PostgreSQL server, media on the same disk (a file datastore; `media_store_path`), both \
+         logging warnings only. The client runs on the same machine and speaks HTTP/1.1 over \
+         loopback; it authenticates to mmrctl with `sharedSecretAuth` and to Synapse with a \
+         user's access token. Every body is distinct (no de-duplication).\n\n\
+         Run on {} (UTC), {}. The bench starts once the machine is quiet (CPU {:.0}% busy \
+         then); load average {:.2} at the start and {:.2} at the end (other work on the machine \
+         skews the figures).\n\n\
+         Limits of this machine, measured in the same run (best of 3): SHA-256 on one core \
+         **{sha:.0} MB/s**; writing 1 GiB in 1 MiB chunks then fsync, in the datastore's \
+         directory, **{fsync:.0} MB/s**. An upload is hashed and durable before it is \
+         acknowledged, so its limit is the slower of the two: **{limit:.0} MB/s**.\n\n\
+         | measure | mmrctl | Synapse | target | result |\n\
+         | --- | --- | --- | --- | --- |\n\
+         | upload {upload_mib:.0} MiB, one request (best of {:.0}) | {up:.0} MB/s | {up_s:.0} MB/s \
+         | ≥ 80% of the limit ({:.0} MB/s) and ≥ 3× Synapse ({:.0} MB/s) | {upload_result} |\n\
+         | download {upload_mib:.0} MiB (best of {:.0}) | {down:.0} MB/s | {down_s:.0} MB/s \
+         | ≥ 1000 MB/s and ≥ 3× Synapse ({:.0} MB/s) | {download_result} |\n\
+         | {small_requests:.0} uploads of {small_kib:.0} KiB, {small_in_flight:.0} in flight \
+         | {small:.0} req/s (p50 {:.1} ms, p99 {:.1} ms) | {small_s:.0} req/s (p50 {:.1} ms, \
+         p99 {:.1} ms) | ≥ 3× Synapse ({:.0} req/s) | {small_result} |\n\
+         | peak RSS, {clients:.0} clients uploading {client_mib:.0} MiB each at once \
+         | {peak:.1} MiB ({:.0} MB/s in all) | {:.1} MiB ({:.0} MB/s in all) | < 100 MiB \
+         | {peak_result} |\n\
+         | idle RSS after start-up | {idle:.1} MiB | {:.1} MiB | < 30 MiB | {idle_result} |\n\
+         | idle RSS after the above | {:.1} MiB | {:.1} MiB | | |",
+        run.date,
+        cell(&run.machine),
+        n("busy_start_pct")?,
+        n("loadavg_start")?,
+        n("loadavg_end")?,
+        n("upload_runs")?,
+        n("target_upload_limit")?,
+        n("target_upload_synapse")?,
+        n("download_runs")?,
+        n("target_download_synapse")?,
+        n("mmrctl_small_p50_ms")?,
+        n("mmrctl_small_p99_ms")?,
+        n("synapse_small_p50_ms")?,
+        n("synapse_small_p99_ms")?,
+        n("target_small_synapse")?,
+        n("mmrctl_clients_mb_s")?,
+        n("synapse_peak_rss_mib")?,
+        n("synapse_clients_mb_s")?,
+        n("synapse_idle_rss_mib")?,
+        n("mmrctl_idle_rss_after_mib")?,
+        n("synapse_idle_rss_after_mib")?,
+    );
+    note!(
+        "bench serve: upload {up:.0} MB/s (Synapse {up_s:.0}, limit {limit:.0}), download \
+         {down:.0} MB/s (Synapse {down_s:.0}), small {small:.0} req/s (Synapse {small_s:.0}), \
+         peak RSS {peak:.1} MiB, idle RSS {idle:.1} MiB"
+    );
+    Ok(Section {
+        name: "serve",
+        markdown,
+        missed,
+    })
+}
+
+/// Bytes in a MiB, for the sizes the bench reports in bytes.
+const MIB: f64 = 1_048_576.0;
+
 /// Runs `cargo <args>` and returns the JSON object line it printed on stdout (the bench's report;
 /// anything else on stdout is ignored, stderr is shown as it comes).
 fn cargo_bench_json(args: &[&str]) -> Result<String> {
     let mut cmd = util::cargo();
-    cmd.args(args)
-        .stdin(Stdio::null())
+    cmd.args(args);
+    let shown = util::display_cargo(&cmd);
+    json_line(&mut cmd, &shown)
+}
+
+/// Runs `cmd` (shown as `shown`) and returns the last JSON object line of its stdout.
+fn json_line(cmd: &mut Command, shown: &str) -> Result<String> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    note!("running `{}`", util::display_cargo(&cmd));
-    let output = run_output(&mut cmd)?;
+    note!("running `{shown}`");
+    let output = run_output(cmd)?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
-            "`{}` failed ({}); its stdout:\n{stdout}",
-            util::display_cargo(&cmd),
+            "`{shown}` failed ({}); its stdout:\n{stdout}",
             output.status
         );
     }
@@ -140,9 +352,8 @@ fn cargo_bench_json(args: &[&str]) -> Result<String> {
     {
         Some(line) => Ok(line.to_owned()),
         None => bail!(
-            "`{}` printed no JSON line on stdout (the bench must print one line like \
-             {{\"name\":…,\"median_ms\":…}} when given --json); its stdout:\n{stdout}",
-            util::display_cargo(&cmd)
+            "`{shown}` printed no JSON line on stdout (the bench must print one line like \
+             {{\"name\":…,\"median_ms\":…}}); its stdout:\n{stdout}"
         ),
     }
 }
@@ -193,6 +404,18 @@ fn json_number(json: &str, key: &str) -> Option<f64> {
         .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
         .unwrap_or(rest.len());
     rest[..len].parse().ok()
+}
+
+/// The boolean after `"key":` in a flat JSON object.
+fn json_bool(json: &str, key: &str) -> Option<bool> {
+    let rest = json_value(json, key)?;
+    if rest.starts_with("true") {
+        Some(true)
+    } else if rest.starts_with("false") {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// The string after `"key":` in a flat JSON object (escapes other than `\"` and `\\` kept as
@@ -305,6 +528,10 @@ mod tests {
         assert_eq!(json_number(line, "p99_ms"), Some(2.5));
         assert_eq!(json_number(line, "max_ms"), Some(3.1));
         assert_eq!(json_number(line, "min_ms"), None);
+        let line = r#"{"pass_a":true,"pass_b": false,"n":1}"#;
+        assert_eq!(json_bool(line, "pass_a"), Some(true));
+        assert_eq!(json_bool(line, "pass_b"), Some(false));
+        assert_eq!(json_bool(line, "n"), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)] // Printing is what xtask is for.
 
 mod bench;
+mod bench_s3;
 mod postgres;
 mod test;
 mod tools;
@@ -18,7 +19,8 @@ Commands:
                   throwaway cluster), the Python tools venv (<target>/tools-venv, pinned in
                   xtask/requirements-tools.txt) and systemd-analyze. ARGS go to the test runner.
   ci              cargo fmt --check, cargo clippy -D warnings, then `test` (what .ci/run runs).
-  bench           Run the benchmarks and rewrite their sections of docs/benchmarks.md.
+  bench           Run the benchmarks and rewrite their sections of docs/benchmarks.md (the serve
+                  bench uses PostgreSQL and the tools venv as `test` does, and a release build).
   help            Show this message.
 ";
 

@@ -2,6 +2,8 @@
 // A command-line program: printing is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod datastores;
+mod import;
 mod keys;
 mod render;
 mod serve;
@@ -27,6 +29,11 @@ enum Command {
     /// Manage the media repo's signing key: generate, merge into the homeserver's key file, list,
     /// revoke, convert.
     Keys(keys::Args),
+    /// Move media between datastores (file and S3), and check a datastore against the database.
+    Datastores(datastores::Args),
+    /// Import the media a Synapse or Dendrite already has into the media repo (as `import_synapse` or
+    /// `import_dendrite`, a link to mmrctl, it takes matrix-media-repo's flags).
+    Import(import::Args),
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
@@ -36,11 +43,21 @@ fn emit(text: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Run as `import_synapse`/`import_dendrite`: matrix-media-repo's command lines.
+    let args = match import::alias_args(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Render(args) => render::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Keys(args) => keys::run(&args),
+        Command::Import(args) => import::run(&args),
+        Command::Datastores(args) => datastores::run(&args),
     };
     match result {
         Ok(code) => code,

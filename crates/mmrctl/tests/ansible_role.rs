@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn root() -> PathBuf {
@@ -68,43 +68,21 @@ fn the_playbook_passes_syntax_check() {
     );
 }
 
-/// An inventory with this host in `matrix_servers`, the playbook's other roles' defaults, and `vars`.
-fn inventory(dir: &Path, vars: &str) -> PathBuf {
-    let inv = dir.join("inventory");
-    fs::create_dir_all(inv.join("group_vars/all")).unwrap();
-    fs::create_dir_all(inv.join("host_vars/localhost")).unwrap();
-    let python = tool("python").canonicalize().unwrap();
-    fs::write(
-        inv.join("hosts"),
-        format!(
-            "[matrix_servers]\nlocalhost ansible_connection=local ansible_python_interpreter={}\n",
-            python.display()
-        ),
-    )
-    .unwrap();
-    fs::copy(
-        root().join("crates/provision/data/playbook-defaults.yml"),
-        inv.join("group_vars/all/playbook.yml"),
-    )
-    .unwrap();
-    let quickstart = fs::read_to_string(root().join("examples/quickstart/vars.yml")).unwrap();
-    let host = format!(
-        "{quickstart}matrix_media_repo_binary_path: {}\nmatrix_base_data_path: {}\nansible_become: false\n{vars}",
-        env!("CARGO_BIN_EXE_mmrctl"),
-        dir.join("data").display()
+#[test]
+fn the_role_validates_through_mmrctl_and_leaves_no_secrets_behind() {
+    let run = RoleRun::new();
+    let (ok, output) = run.play("matrix_media_repo_max_byts: 5\n");
+    assert!(!ok, "a misspelled variable must fail the run");
+    assert!(
+        output.contains("Check the configuration with mmrctl render --check"),
+        "{output}"
     );
-    fs::write(inv.join("host_vars/localhost/vars.yml"), host).unwrap();
-    inv.join("hosts")
-}
-
-fn playbook(dir: &Path, vars: &str) -> (bool, String) {
-    let tmp = dir.join("tmp");
-    fs::create_dir_all(&tmp).unwrap();
-    let out = run(Command::new(tool("ansible-playbook"))
-        .args(["-i", inventory(dir, vars).to_str().unwrap(), "setup.yml"])
-        .env("TMPDIR", &tmp));
+    assert!(
+        output.contains("did you mean `matrix_media_repo_max_bytes`?"),
+        "{output}"
+    );
     // The variables file holds secrets: it must be gone, whatever happened.
-    let left: Vec<_> = fs::read_dir(&tmp)
+    let left: Vec<_> = fs::read_dir(run.dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -113,33 +91,8 @@ fn playbook(dir: &Path, vars: &str) -> (bool, String) {
             .all(|p| !p.to_string_lossy().ends_with(".mmrctl")),
         "left behind: {left:?}"
     );
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-#[test]
-fn the_role_validates_through_mmrctl() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ok, output) = playbook(dir.path(), "");
-    assert!(ok, "the quickstart must validate");
-    assert!(
-        output.contains("Check the configuration with mmrctl render --check"),
-        "{output}"
-    );
-
-    let dir = tempfile::tempdir().unwrap();
-    let (ok, output) = playbook(dir.path(), "matrix_media_repo_max_byts: 5\n");
-    assert!(!ok, "a misspelled variable must fail the run");
-    assert!(
-        output.contains("did you mean `matrix_media_repo_max_bytes`?"),
-        "{output}"
-    );
+    // Nothing was installed.
+    assert!(!run.path("systemd/matrix-media-repo.service").exists());
 }
 
 /// The role installing into a temporary root: everything under one directory through its variables.
@@ -380,7 +333,10 @@ fn the_role_installs_runs_is_idempotent_and_uninstalls() {
     let unit_before = fs::read_to_string(run.path("systemd/matrix-media-repo.service")).unwrap();
     let (ok, out) = run.play("matrix_media_repo_max_bytes: 12345678\n");
     assert!(ok, "{out}");
-    let changed: Vec<&str> = out.lines().filter(|l| l.contains("\"msg\": \"changed: ")).collect();
+    let changed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("\"msg\": \"changed: "))
+        .collect();
     assert_eq!(changed.len(), 1, "only the config changes: {out}");
     assert!(changed[0].contains("config/media-repo.yaml"), "{out}");
     assert_eq!(

@@ -102,6 +102,27 @@ impl From<store::Error> for ApiError {
                     ),
                 )
             },
+            E::Backend(b) if b.transient => {
+                tracing::error!(error = %b, "datastore unavailable");
+                ApiError::unavailable(
+                    format!(
+                        "The media repository's datastore `{}` is unavailable; try again shortly",
+                        b.datastore
+                    ),
+                    5,
+                )
+            }
+            E::Backend(b) => {
+                tracing::error!(error = %b, "datastore refused the request");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "M_UNKNOWN",
+                    format!(
+                        "The media repository's datastore `{}` refused the request; its log has the details",
+                        b.datastore
+                    ),
+                )
+            }
             e if e.is_unavailable() => {
                 tracing::error!(error = %e, "database unavailable");
                 ApiError::unavailable(

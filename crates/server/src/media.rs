@@ -375,7 +375,18 @@ async fn download(
         return Err(ApiError::not_found("Not found"));
     };
     let disposition_name = file_name.as_deref().or(media.upload_name.as_deref());
-    serve_object(&state, &parts, &media, &object, disposition_name).await
+    // MSC3916: clients of the authenticated endpoints follow redirects; legacy clients say so.
+    let allow_redirect = authenticated
+        || query_param(parts.uri.query(), "allow_redirect").is_some_and(|v| v == "true");
+    serve_object(
+        &state,
+        &parts,
+        &media,
+        &object,
+        disposition_name,
+        allow_redirect,
+    )
+    .await
 }
 
 /// The media row, waiting up to `timeout_ms` for a pending upload to complete (woken at once when it
@@ -481,6 +492,7 @@ async fn serve_object(
     media: &Media,
     object: &store::ObjectRef,
     file_name: Option<&str>,
+    allow_redirect: bool,
 ) -> ApiResult<Response> {
     let etag = format!("\"{}\"", object.sha256);
     let mut builder = Response::builder()
@@ -515,6 +527,26 @@ async fn serve_object(
     {
         return builder
             .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .map_err(|e| ApiError::internal(e.to_string()));
+    }
+    // S3 with `publicBaseUrl`: the client fetches the bytes from there (a CDN), not through us.
+    // There is no cache to prefer, so `redirectWhenCached` changes nothing: redirects whenever
+    // allowed.
+    if allow_redirect
+        && let Some(url) = state
+            .store
+            .datastores()
+            .get(&object.datastore_id)
+            .and_then(|ds| ds.redirect_url(&object.location))
+    {
+        return Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, header_value(&url, "/"))
+            .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
+            .header("Cross-Origin-Resource-Policy", "cross-origin")
+            // Not cached: the object may move to another datastore (`datastores transfer`).
+            .header(header::CACHE_CONTROL, "no-store")
             .body(Body::empty())
             .map_err(|e| ApiError::internal(e.to_string()));
     }

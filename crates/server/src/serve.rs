@@ -97,7 +97,7 @@ fn log_filter(level: &str) -> EnvFilter {
         other => other.to_owned(),
     };
     EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},tokio_postgres=warn,hyper=warn")))
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},tokio_postgres=warn,hyper=warn,aws_smithy_runtime=info,aws_sdk_s3=info,aws_smithy_http_client=info")))
 }
 
 fn init_logging(config: &Config) -> LogHandle {

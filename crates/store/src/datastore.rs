@@ -1,5 +1,8 @@
 //! Datastores hold objects (content) at locations derived from their SHA-256. The pipeline and the
-//! handlers only see this module's small interface, never a file path.
+//! handlers only see this module's small interface, never a file path or a bucket.
+//!
+//! Two backends: files under a directory (`ab/cd/<sha256>`) and S3 (`crate::s3`, key `<sha256>`
+//! or `<prefix>/<rest>` with `prefixLength`).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -9,6 +12,7 @@ use config::MediaKind;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _};
 
 use crate::Error;
+use crate::s3::S3Store;
 
 /// A readable object body.
 pub type Reader = Pin<Box<dyn AsyncRead + Send + Sync>>;
@@ -24,6 +28,38 @@ pub struct Datastore {
 #[derive(Debug)]
 enum Backend {
     File(FileStore),
+    S3(Box<S3Store>),
+}
+
+/// A datastore's service failed (S3 unreachable, timing out, refusing).
+#[derive(Debug, thiserror::Error)]
+#[error("datastore `{datastore}`: {operation} failed: {message}")]
+pub struct BackendError {
+    pub datastore: String,
+    pub operation: &'static str,
+    pub message: String,
+    /// Unreachable, timed out, 5xx or throttled: worth a 503 and a retry. Otherwise the service
+    /// refused (credentials, bucket, permissions) and the operator must act.
+    pub transient: bool,
+}
+
+/// Where a listing of a datastore's objects stands (see [`Datastore::list_page`]).
+#[derive(Debug)]
+pub(crate) struct ListCursor(CursorState);
+
+#[derive(Debug)]
+enum CursorState {
+    Start,
+    /// Directories still to read (file store).
+    Dirs(Vec<PathBuf>),
+    /// The continuation token of the next page (S3).
+    Token(String),
+}
+
+impl ListCursor {
+    pub(crate) fn start() -> ListCursor {
+        ListCursor(CursorState::Start)
+    }
 }
 
 impl Datastore {
@@ -32,12 +68,7 @@ impl Datastore {
             config::DatastoreOpts::File(opts) => {
                 Backend::File(FileStore::open(Path::new(&opts.path))?)
             }
-            config::DatastoreOpts::S3(_) => {
-                return Err(Error::Config(format!(
-                    "datastore `{}`: the S3 datastore is not available in this build yet",
-                    ds.id
-                )));
-            }
+            config::DatastoreOpts::S3(opts) => Backend::S3(Box::new(S3Store::new(&ds.id, opts)?)),
         };
         Ok(Datastore {
             id: ds.id.clone(),
@@ -57,10 +88,12 @@ impl Datastore {
     }
 
     /// Where uploads are buffered before they are placed: on the same filesystem as the objects for
-    /// the file store, so placing is a link, not a copy.
+    /// the file store, so placing is a link, not a copy; `tempPath` (else the system's temp
+    /// directory, never memory) for S3.
     pub(crate) fn temp_dir(&self) -> &Path {
         match &self.backend {
             Backend::File(f) => &f.tmp,
+            Backend::S3(s) => &s.tmp,
         }
     }
 
@@ -68,6 +101,16 @@ impl Datastore {
     pub(crate) fn location_for(&self, sha256: &str) -> String {
         match &self.backend {
             Backend::File(_) => FileStore::location(sha256),
+            Backend::S3(s) => s.location(sha256),
+        }
+    }
+
+    /// Where clients may fetch the object themselves instead of through us: S3's `publicBaseUrl`
+    /// (a CDN or a public bucket) followed by the key.
+    pub fn redirect_url(&self, location: &str) -> Option<String> {
+        match &self.backend {
+            Backend::File(_) => None,
+            Backend::S3(s) => s.redirect_url(location),
         }
     }
 
@@ -76,12 +119,14 @@ impl Datastore {
     pub(crate) async fn place(&self, temp: &Path, sha256: &str) -> Result<String, Error> {
         match &self.backend {
             Backend::File(f) => f.place(temp, sha256).await,
+            Backend::S3(s) => s.place(temp, sha256).await,
         }
     }
 
     pub(crate) async fn exists(&self, location: &str) -> Result<bool, Error> {
         match &self.backend {
             Backend::File(f) => Ok(tokio::fs::try_exists(f.path(location)?).await?),
+            Backend::S3(s) => s.exists(location).await,
         }
     }
 
@@ -114,6 +159,14 @@ impl Datastore {
                     None => Box::pin(reader),
                 })
             }
+            Backend::S3(s) => {
+                s.open(location, start, len)
+                    .await?
+                    .ok_or_else(|| Error::ObjectMissing {
+                        datastore: self.id.clone(),
+                        location: location.to_owned(),
+                    })
+            }
         }
     }
 
@@ -123,6 +176,31 @@ impl Datastore {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
                 _ => Ok(()),
             },
+            Backend::S3(s) => s.delete(location).await,
+        }
+    }
+
+    /// The next page of the locations of every object in the datastore (whatever wrote them),
+    /// and the cursor of the page after it (`None` at the end). Pages are small: a directory
+    /// of the file store, 1000 keys of S3.
+    pub(crate) async fn list_page(
+        &self,
+        cursor: ListCursor,
+    ) -> Result<(Vec<String>, Option<ListCursor>), Error> {
+        match (&self.backend, cursor.0) {
+            (Backend::File(f), CursorState::Start) => f.list_page(vec![f.root.clone()]).await,
+            (Backend::File(f), CursorState::Dirs(dirs)) => f.list_page(dirs).await,
+            (Backend::S3(s), state) => {
+                let token = match state {
+                    CursorState::Token(token) => Some(token),
+                    _ => None,
+                };
+                let (keys, next) = s.list_page(token).await?;
+                Ok((keys, next.map(|t| ListCursor(CursorState::Token(t)))))
+            }
+            (Backend::File(_), CursorState::Token(_)) => Err(Error::Corrupt(
+                "a listing cursor of another datastore".to_owned(),
+            )),
         }
     }
 }
@@ -168,6 +246,38 @@ impl FileStore {
         Ok(self.root.join(location))
     }
 
+    /// Reads directories from `dirs` until one has files (or none is left): the files' locations,
+    /// relative to the root, and the directories still to read. The temp directory is skipped.
+    async fn list_page(
+        &self,
+        mut dirs: Vec<PathBuf>,
+    ) -> Result<(Vec<String>, Option<ListCursor>), Error> {
+        let mut locations = Vec::new();
+        while locations.is_empty()
+            && let Some(dir) = dirs.pop()
+        {
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            while let Some(entry) = entries.next_entry().await? {
+                let path = entry.path();
+                if path == self.tmp {
+                    continue;
+                }
+                if entry.file_type().await?.is_dir() {
+                    dirs.push(path);
+                } else if let Ok(relative) = path.strip_prefix(&self.root) {
+                    locations.push(relative.to_string_lossy().into_owned());
+                }
+            }
+        }
+        locations.sort();
+        let next = (!dirs.is_empty()).then_some(ListCursor(CursorState::Dirs(dirs)));
+        Ok((locations, next))
+    }
+
     async fn place(&self, temp: &Path, sha256: &str) -> Result<String, Error> {
         let location = Self::location(sha256);
         let target = self.path(&location)?;
@@ -188,7 +298,7 @@ impl FileStore {
     }
 }
 
-fn create_dirs(dir: &Path) -> io::Result<()> {
+pub(crate) fn create_dirs(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -219,5 +329,92 @@ impl Datastores {
 
     pub fn get(&self, id: &str) -> Option<&Datastore> {
         self.stores.iter().find(|d| d.id == id)
+    }
+
+    /// Every configured datastore, in config order.
+    pub fn iter(&self) -> impl Iterator<Item = &Datastore> {
+        self.stores.iter()
+    }
+
+    /// The datastore `id`, or an error naming the configured ones (for ids an operator typed).
+    pub(crate) fn named(&self, id: &str) -> Result<&Datastore, Error> {
+        self.get(id).ok_or_else(|| {
+            let known: Vec<&str> = self.stores.iter().map(|d| d.id.as_str()).collect();
+            Error::Config(format!(
+                "no datastore `{id}` in the config (configured: {})",
+                known.join(", ")
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3_opts() -> config::S3Opts {
+        config::S3Opts {
+            temp_path: String::new(),
+            endpoint: "127.0.0.1:9".to_owned(),
+            access_key_id: "k".to_owned(),
+            access_secret: "s".to_owned(),
+            ssl: false,
+            bucket_name: "media".to_owned(),
+            region: None,
+            storage_class: None,
+            public_base_url: Some("https://cdn.example.org/media/".to_owned()),
+            redirect_when_cached: false,
+            prefix_length: 2,
+            multipart_uploads: true,
+        }
+    }
+
+    #[test]
+    fn kinds_pick_the_store_and_only_s3_redirects() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = config::Datastore {
+            kind: config::DatastoreKind::File,
+            id: "file".to_owned(),
+            for_kinds: vec![MediaKind::Thumbnails],
+            opts: config::DatastoreOpts::File(config::FileOpts {
+                path: dir.path().display().to_string(),
+            }),
+        };
+        let s3 = config::Datastore {
+            kind: config::DatastoreKind::S3,
+            id: "s3".to_owned(),
+            for_kinds: vec![MediaKind::LocalMedia, MediaKind::RemoteMedia],
+            opts: config::DatastoreOpts::S3(s3_opts()),
+        };
+        let read_only = config::Datastore {
+            id: "old".to_owned(),
+            for_kinds: Vec::new(),
+            ..s3.clone()
+        };
+        let stores = Datastores {
+            stores: [read_only, file, s3]
+                .iter()
+                .map(Datastore::from_config)
+                .collect::<Result<_, _>>()
+                .unwrap_or_else(|e| panic!("{e}")),
+        };
+        let pick = |kind| stores.for_kind(kind).map(Datastore::id);
+        assert_eq!(pick(MediaKind::Thumbnails), Some("file"));
+        assert_eq!(pick(MediaKind::LocalMedia), Some("s3"));
+        assert_eq!(pick(MediaKind::RemoteMedia), Some("s3"));
+        assert_eq!(pick(MediaKind::Archives), None);
+        // The read-only store is never picked, but stays reachable by id.
+        assert!(stores.get("old").is_some());
+
+        let hash = "0123456789abcdef".repeat(4);
+        let s3 = stores.get("s3").unwrap_or_else(|| panic!("no s3"));
+        let location = s3.location_for(&hash);
+        assert_eq!(location, format!("01/{}", &hash[2..]));
+        assert_eq!(
+            s3.redirect_url(&location),
+            Some(format!("https://cdn.example.org/media/01/{}", &hash[2..]))
+        );
+        let file = stores.get("file").unwrap_or_else(|| panic!("no file"));
+        assert_eq!(file.redirect_url(&file.location_for(&hash)), None);
     }
 }

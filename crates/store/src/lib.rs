@@ -8,10 +8,14 @@
 //!   per-hash advisory lock;
 //! - no upload is held in memory: bodies stream to a temp file in the target datastore.
 
+mod check;
 mod datastore;
 pub mod ids;
+pub mod import;
 mod pipeline;
+mod s3;
 mod schema;
+mod transfer;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,8 +25,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::broadcast;
 use tokio_postgres::NoTls;
 
-pub use datastore::{Datastore, Datastores, Reader};
+pub use check::CheckReport;
+pub use datastore::{BackendError, Datastore, Datastores, Reader};
 pub use pipeline::{Limits, NewMedia, Target, Uploaded};
+pub use transfer::TransferReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,6 +38,8 @@ pub enum Error {
     Database(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error(
@@ -69,7 +77,11 @@ pub enum Error {
 impl Error {
     /// Failures of the database or a datastore that may pass (worth a 503 and a retry).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::Database(_) | Error::Pool(_))
+        match self {
+            Error::Database(_) | Error::Pool(_) => true,
+            Error::Backend(e) => e.transient,
+            _ => false,
+        }
     }
 }
 

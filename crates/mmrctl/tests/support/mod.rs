@@ -105,6 +105,52 @@ impl MediaRepo {
         }
     }
 
+    /// Runs `mmrctl serve` on a config file written elsewhere (a rendered one), listening on `port`;
+    /// waits until it is healthy. Its log goes to `server.log` in a new temp dir.
+    pub fn start_with_config_file(config_path: &Path, port: u16, db: Option<TestDb>) -> MediaRepo {
+        let dir = tempfile::tempdir().unwrap();
+        let text = fs::read_to_string(config_path).unwrap();
+        let config: Value = serde_norway::from_str(&text).unwrap();
+        let log = fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let repo = MediaRepo {
+            child,
+            port,
+            metrics_port: 0,
+            dir,
+            db,
+            config,
+        };
+        repo.wait_healthy();
+        repo
+    }
+
+    /// The config file `mmrctl serve` runs with (for other subcommands that take `--config`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("media-repo.yaml")
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's peak resident set size so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmHWM in /proc/{}/status:\n{status}", self.pid()))
+    }
+
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

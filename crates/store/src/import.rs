@@ -1,0 +1,131 @@
+//! Queries the importers need beyond the upload pipeline: which of a batch of media ids exist, how an
+//! object in a datastore compares with its row, and raising quarantine on an imported row.
+
+use std::collections::HashSet;
+
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+use tokio_util::io::ReaderStream;
+
+use crate::{Error, ObjectRef, Store};
+
+/// How thoroughly [`Store::check_object`] looks at an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckDepth {
+    /// The object is there with the recorded size (a ranged read around its last byte).
+    Size,
+    /// Every byte is read: size and SHA-256 must match the row.
+    Content,
+}
+
+/// What [`Store::check_object`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectCheck {
+    Ok,
+    /// The datastore has nothing at the object's location.
+    Missing,
+    /// The stored bytes are not as long as the row says.
+    WrongSize {
+        expected: u64,
+        actual: u64,
+    },
+    /// The stored bytes do not hash to the object's name.
+    WrongHash {
+        actual: String,
+    },
+}
+
+impl Store {
+    /// The ids among `media_ids` that have a media row of `origin` (whether complete or pending).
+    pub async fn existing_media(
+        &self,
+        origin: &str,
+        media_ids: &[String],
+    ) -> Result<HashSet<String>, Error> {
+        if media_ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT media_id FROM media WHERE origin = $1 AND media_id = ANY($2)",
+                &[&origin, &media_ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Compares an object's bytes in its datastore with its row.
+    pub async fn check_object(
+        &self,
+        object: &ObjectRef,
+        depth: CheckDepth,
+    ) -> Result<ObjectCheck, Error> {
+        match depth {
+            CheckDepth::Size => self.check_size(object).await,
+            CheckDepth::Content => self.check_content(object).await,
+        }
+    }
+
+    async fn check_size(&self, object: &ObjectRef) -> Result<ObjectCheck, Error> {
+        // Read up to two bytes from the last one: exactly one comes back when the size is right.
+        let start = object.size.saturating_sub(1);
+        let reader = match self.read(object, start, Some(2)).await {
+            Ok(r) => r,
+            Err(Error::ObjectMissing { .. }) => return Ok(ObjectCheck::Missing),
+            Err(e) => return Err(e),
+        };
+        let mut got = 0u64;
+        let mut chunks = ReaderStream::new(reader);
+        while let Some(chunk) = chunks.next().await {
+            got += chunk?.len() as u64;
+        }
+        let expected_tail = u64::from(object.size > 0);
+        if got == expected_tail {
+            return Ok(ObjectCheck::Ok);
+        }
+        // Wrong: read it all to say by how much (rare, so the cost does not matter).
+        self.check_content(object).await
+    }
+
+    async fn check_content(&self, object: &ObjectRef) -> Result<ObjectCheck, Error> {
+        let reader = match self.read(object, 0, None).await {
+            Ok(r) => r,
+            Err(Error::ObjectMissing { .. }) => return Ok(ObjectCheck::Missing),
+            Err(e) => return Err(e),
+        };
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut chunks = ReaderStream::with_capacity(reader, 256 * 1024);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            hasher.update(&chunk);
+        }
+        if size != object.size {
+            return Ok(ObjectCheck::WrongSize {
+                expected: object.size,
+                actual: size,
+            });
+        }
+        let actual = hex::encode(hasher.finalize());
+        Ok(if actual == object.sha256 {
+            ObjectCheck::Ok
+        } else {
+            ObjectCheck::WrongHash { actual }
+        })
+    }
+
+    /// Quarantines a media row (an import carrying over a quarantine the homeserver added after an
+    /// earlier run). Returns whether a row changed.
+    pub async fn quarantine_media(&self, origin: &str, media_id: &str) -> Result<bool, Error> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE media SET quarantined = TRUE WHERE origin = $1 AND media_id = $2 AND NOT quarantined",
+                &[&origin, &media_id],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+}
