@@ -78,6 +78,8 @@ impl MediaRepo {
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         let log = fs::File::create(dir.path().join("server.log"))?;
         let child = Command::new(binary)
+            // As the generated systemd unit runs it.
+            .env("MALLOC_ARENA_MAX", "2")
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdin(Stdio::null())
