@@ -1,7 +1,7 @@
 //! `mmrctl datastores transfer|check`: move media between datastores, and compare a datastore with
 //! the database.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ enum Command {
         #[arg(long, value_name = "ID")]
         to: String,
         #[command(flatten)]
-        config: ConfigArg,
+        config: crate::ConfigArg,
     },
     /// List objects of a datastore that no row references, and rows whose object is missing from
     /// it. Exits with 1 when it finds any.
@@ -34,26 +34,12 @@ enum Command {
         /// The datastore id.
         id: String,
         #[command(flatten)]
-        config: ConfigArg,
+        config: crate::ConfigArg,
     },
 }
 
-#[derive(clap::Args)]
-struct ConfigArg {
-    /// The media repo's config (matrix-media-repo's `media-repo.yaml` schema).
-    #[arg(
-        long,
-        env = "REPO_CONFIG",
-        default_value = "media-repo.yaml",
-        value_name = "PATH"
-    )]
-    config: PathBuf,
-}
-
 pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = crate::runtime()?;
     match &args.command {
         Command::Transfer { from, to, config } => {
             runtime.block_on(transfer(&config.config, from, to))

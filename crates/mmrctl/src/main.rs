@@ -36,6 +36,26 @@ enum Command {
     Import(import::Args),
 }
 
+/// `--config`: the media repo's config, shared by the commands that work on its store.
+#[derive(clap::Args)]
+pub(crate) struct ConfigArg {
+    /// The media repo's config (matrix-media-repo's `media-repo.yaml` schema).
+    #[arg(
+        long,
+        env = "REPO_CONFIG",
+        default_value = "media-repo.yaml",
+        value_name = "PATH"
+    )]
+    pub(crate) config: std::path::PathBuf,
+}
+
+/// The async runtime of the commands that need one.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 /// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
 fn emit(text: &str) {
     use std::io::Write as _;

@@ -6,6 +6,8 @@ use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+mod support;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -168,7 +170,7 @@ impl RoleRun {
                 .trim()
                 .to_owned()
         };
-        let (host, port, user) = server_of(&testkit::database_url());
+        let support::Pg { host, port, user } = support::pg();
         let quickstart = fs::read_to_string(root().join("examples/quickstart/vars.yml")).unwrap();
         let vars = format!(
             "{quickstart}\
@@ -226,16 +228,6 @@ impl RoleRun {
         );
         (out.status.success(), text)
     }
-}
-
-/// Host, port and user of a postgres:// URL.
-fn server_of(url: &str) -> (String, u16, String) {
-    let rest = url.split_once("://").unwrap().1;
-    let (auth, rest) = rest.split_once('@').unwrap_or(("postgres", rest));
-    let user = auth.split(':').next().unwrap().to_owned();
-    let hostport = rest.split('/').next().unwrap();
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
-    (host.to_owned(), port.parse().unwrap(), user)
 }
 
 fn changed_count(output: &str) -> u32 {

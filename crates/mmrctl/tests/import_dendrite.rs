@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use sha2::{Digest as _, Sha256};
-use support::{MediaRepo, SHARED_SECRET, sample};
+use support::{MediaRepo, Run, SHARED_SECRET, pg, sample};
 use testkit::TestDb;
 
 const HS: &str = "dendrite.test";
@@ -31,33 +31,6 @@ const DENDRITE_SCHEMA: &str = "
     CREATE UNIQUE INDEX IF NOT EXISTS mediaapi_thumbnail_index
         ON mediaapi_thumbnail (media_id, media_origin, width, height, resize_method);
 ";
-
-struct Pg {
-    host: String,
-    port: String,
-    user: String,
-}
-
-fn pg() -> Pg {
-    let url = testkit::database_url();
-    let rest = url.split_once("://").unwrap().1;
-    let authority = rest.split('/').next().unwrap();
-    let (user, hostport) = authority
-        .rsplit_once('@')
-        .unwrap_or(("postgres", authority));
-    let user = user.split(':').next().unwrap().to_owned();
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
-    Pg {
-        host: host.to_owned(),
-        port: port.to_owned(),
-        user,
-    }
-}
-
-struct Run {
-    code: i32,
-    log: String,
-}
 
 /// Dendrite's hash: unpadded URL-safe base64 of the SHA-256.
 fn base64hash(body: &[u8]) -> String {

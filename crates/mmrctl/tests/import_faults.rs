@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use sha2::{Digest as _, Sha256};
-use support::{MediaRepo, sample};
+use support::{MediaRepo, Pg, Run, pg, sample};
 use testkit::TestDb;
 
 const HS: &str = "example.test";
@@ -28,33 +28,6 @@ const SYNAPSE_SCHEMA: &str = "
         media_length INTEGER, filesystem_id TEXT, last_access_ts BIGINT, quarantined_by TEXT,
         authenticated BOOLEAN DEFAULT FALSE NOT NULL, sha256 TEXT, UNIQUE (media_origin, media_id));
 ";
-
-struct Pg {
-    host: String,
-    port: String,
-    user: String,
-}
-
-fn pg() -> Pg {
-    let url = testkit::database_url();
-    let rest = url.split_once("://").unwrap().1;
-    let authority = rest.split('/').next().unwrap();
-    let (user, hostport) = authority
-        .rsplit_once('@')
-        .unwrap_or(("postgres", authority));
-    let user = user.split(':').next().unwrap().to_owned();
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
-    Pg {
-        host: host.to_owned(),
-        port: port.to_owned(),
-        user,
-    }
-}
-
-struct Run {
-    code: i32,
-    log: String,
-}
 
 fn mmrctl(args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mmrctl"));

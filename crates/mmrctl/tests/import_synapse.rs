@@ -10,52 +10,14 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::json;
-use support::{MediaRepo, encode, sample};
+use support::{MediaRepo, Run, encode, pg, run, sample};
 use testkit::http;
 use testkit::{Database, Synapse, TestDb};
 
 const HS: &str = "hs1.test";
-
-/// The test server's connection parts, from `MMRCTL_TEST_DATABASE_URL`.
-struct Pg {
-    host: String,
-    port: String,
-    user: String,
-}
-
-fn pg() -> Pg {
-    let url = testkit::database_url();
-    let rest = url.split_once("://").unwrap().1;
-    let authority = rest.split('/').next().unwrap();
-    let (user, hostport) = authority
-        .rsplit_once('@')
-        .unwrap_or(("postgres", authority));
-    let user = user.split(':').next().unwrap().to_owned();
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
-    Pg {
-        host: host.to_owned(),
-        port: port.to_owned(),
-        user,
-    }
-}
-
-struct Run {
-    code: i32,
-    log: String,
-}
-
-fn run(cmd: &mut Command) -> Run {
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
-    eprintln!("--- {cmd:?}\n{log}");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        log,
-    }
-}
 
 fn import(repo: &MediaRepo, synapse_db: &TestDb, media: &Path, extra: &[&str]) -> Run {
     let pg = pg();

@@ -338,3 +338,42 @@ pub fn sample(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The test PostgreSQL server's connection parts, from `MMRCTL_TEST_DATABASE_URL`.
+pub struct Pg {
+    pub host: String,
+    pub port: String,
+    pub user: String,
+}
+
+pub fn pg() -> Pg {
+    let url = testkit::database_url();
+    let rest = url.split_once("://").unwrap().1;
+    let authority = rest.split('/').next().unwrap();
+    let (user, hostport) = authority
+        .rsplit_once('@')
+        .unwrap_or(("postgres", authority));
+    let user = user.split(':').next().unwrap().to_owned();
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+    Pg {
+        host: host.to_owned(),
+        port: port.to_owned(),
+        user,
+    }
+}
+
+/// A finished command: its exit code and what it logged on stderr.
+pub struct Run {
+    pub code: i32,
+    pub log: String,
+}
+
+pub fn run(cmd: &mut Command) -> Run {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("--- {cmd:?}\n{log}");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        log,
+    }
+}
