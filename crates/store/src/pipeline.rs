@@ -41,6 +41,43 @@ fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
     }
 }
 
+/// Bytes written between background flushes of a large upload.
+const FLUSH_EVERY: usize = 16 * 1024 * 1024;
+
+/// A thread that fdatasyncs a file whenever asked, coalescing requests, so that writing and flushing
+/// overlap.
+struct Flusher {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Flusher {
+    fn start(file: std::fs::File) -> Flusher {
+        let (wake, wakes) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::spawn(move || {
+            while wakes.recv().is_ok() {
+                file.sync_data()?;
+            }
+            Ok(())
+        });
+        let flusher = Flusher { wake, thread };
+        flusher.request();
+        flusher
+    }
+
+    /// Asks for a flush; one already pending covers this one too.
+    fn request(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    fn finish(self) -> std::io::Result<()> {
+        drop(self.wake);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the flusher thread panicked")))
+    }
+}
+
 /// Chunks buffered between the network and the writer thread: the upload's whole memory footprint.
 const CHANNEL_CHUNKS: usize = 4;
 
@@ -321,11 +358,27 @@ where
             .prefix("upload-")
             .tempfile_in(&dir)?;
         let (file, temp) = file.into_parts();
+        let mut flusher: Option<Flusher> = None;
+        let mut unflushed = 0usize;
         let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
         while let Some(chunk) = rx.blocking_recv() {
             out.write_all(&chunk)?;
+            unflushed += chunk.len();
+            // Large uploads: flush what is written so far on another thread while writing goes on,
+            // so the final fdatasync has little left to do.
+            if unflushed >= FLUSH_EVERY {
+                unflushed = 0;
+                out.flush()?;
+                match &flusher {
+                    Some(f) => f.request(),
+                    None => flusher = Some(Flusher::start(out.get_ref().try_clone()?)),
+                }
+            }
         }
         let file = out.into_inner().map_err(|e| Error::Io(e.into_error()))?;
+        if let Some(f) = flusher {
+            f.finish()?;
+        }
         // Acknowledged only once durable.
         file.sync_data()?;
         Ok(temp)
