@@ -68,26 +68,12 @@ impl Store {
 
         let mut after = String::new();
         loop {
-            let rows = self
-                .client()
-                .await?
-                .query(
-                    "SELECT sha256, size_bytes, location FROM objects
-                     WHERE datastore_id = $1 AND sha256 > $2 ORDER BY sha256 LIMIT $3",
-                    &[&id, &after, &BATCH],
-                )
-                .await?;
-            let Some(last) = rows.last() else {
+            let objects = self.objects_page(id, &after, BATCH).await?;
+            let Some(last) = objects.last() else {
                 break;
             };
-            after = last.get(0);
-            report.rows += rows.len() as u64;
-            let objects = rows.iter().map(|r| ObjectRef {
-                sha256: r.get(0),
-                size: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
-                datastore_id: id.to_owned(),
-                location: r.get(2),
-            });
+            after.clone_from(&last.sha256);
+            report.rows += objects.len() as u64;
             let missing: Vec<ObjectRef> = futures_util::stream::iter(objects)
                 .map(|object| async move {
                     let there = ds.exists(&object.location).await?;

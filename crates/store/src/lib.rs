@@ -333,6 +333,33 @@ impl Store {
         })
     }
 
+    /// A page of the objects in datastore `id`, in hash order after `after` (start with "").
+    pub(crate) async fn objects_page(
+        &self,
+        id: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<ObjectRef>, Error> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT sha256, size_bytes, location FROM objects
+                 WHERE datastore_id = $1 AND sha256 > $2 ORDER BY sha256 LIMIT $3",
+                &[&id, &after, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ObjectRef {
+                sha256: r.get(0),
+                size: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                datastore_id: id.to_owned(),
+                location: r.get(2),
+            })
+            .collect())
+    }
+
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), Error> {
         self.client().await?.simple_query("SELECT 1").await?;

@@ -62,25 +62,11 @@ impl Store {
         };
         let mut after = String::new();
         loop {
-            let rows = self
-                .client()
-                .await?
-                .query(
-                    "SELECT sha256, size_bytes, location FROM objects
-                     WHERE datastore_id = $1 AND sha256 > $2 ORDER BY sha256 LIMIT $3",
-                    &[&from, &after, &BATCH],
-                )
-                .await?;
-            if rows.is_empty() {
+            let objects = self.objects_page(from, &after, BATCH).await?;
+            if objects.is_empty() {
                 return Ok(report);
             }
-            for row in rows {
-                let object = ObjectRef {
-                    sha256: row.get(0),
-                    size: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-                    datastore_id: from.to_owned(),
-                    location: row.get(2),
-                };
+            for object in objects {
                 after.clone_from(&object.sha256);
                 match self.move_object(&object, source, target).await {
                     Ok(true) => {
