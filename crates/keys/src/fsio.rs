@@ -192,6 +192,11 @@ pub(crate) fn replace(
         let _ = fs::remove_file(&temp);
         return Err(io_error("replace", target)(e));
     }
+    in_place(target, checkpoint)
+}
+
+/// The new file is in place: make its directory entry durable, reporting both steps.
+fn in_place(target: &Path, checkpoint: Checkpoint<'_>) -> Result<(), Error> {
     check(
         checkpoint,
         Step::Replaced {
@@ -242,19 +247,7 @@ pub(crate) fn create_new(
         let _ = fs::remove_file(&temp);
         return Err(e);
     }
-    check(
-        checkpoint,
-        Step::Replaced {
-            target: target.to_path_buf(),
-        },
-    )?;
-    sync_dir(target)?;
-    check(
-        checkpoint,
-        Step::Synced {
-            target: target.to_path_buf(),
-        },
-    )
+    in_place(target, checkpoint)
 }
 
 /// Writes `<target>.backup` holding `contents` with `meta`, unless a backup exists already (it

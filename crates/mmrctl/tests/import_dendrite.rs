@@ -244,22 +244,10 @@ fn dendrite_media_moves_over_and_is_served_identically() {
     // The clip's object removed: exactly that item is reported.
     let clip = &items[3];
     let sha = format!("{:x}", Sha256::digest(&clip.body));
-    std::fs::remove_file(
-        repo.dir
-            .path()
-            .join("media")
-            .join(&sha[..2])
-            .join(&sha[2..4])
-            .join(&sha),
-    )
-    .unwrap();
+    std::fs::remove_file(repo.object_path(&sha)).unwrap();
     let verify = import(&["--verify"]);
     assert_eq!(verify.code, 1, "{}", verify.log);
-    let problems: Vec<&str> = verify
-        .log
-        .lines()
-        .filter(|l| l.contains("msg=\"Verify problem\""))
-        .collect();
+    let problems: Vec<&str> = support::log_lines(&verify.log, "Verify problem");
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(
         problems[0].contains(&format!("mxc://{HS}/{}", clip.id)),

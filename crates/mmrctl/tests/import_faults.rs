@@ -276,13 +276,7 @@ fn bad_files_fail_per_item_and_leave_nothing_behind() {
         )
         .unwrap()
         .get(0);
-    let object = repo
-        .dir
-        .path()
-        .join("media")
-        .join(&sha[..2])
-        .join(&sha[2..4])
-        .join(&sha);
+    let object = repo.object_path(&sha);
     let mut damaged = good.clone();
     damaged[5] ^= 1;
     std::fs::write(&object, &damaged).unwrap();
@@ -292,11 +286,7 @@ fn bad_files_fail_per_item_and_leave_nothing_behind() {
     args.push("--verify");
     let verify = mmrctl(&args);
     assert_eq!(verify.code, 1, "{}", verify.log);
-    let problems: Vec<&str> = verify
-        .log
-        .lines()
-        .filter(|l| l.contains("msg=\"Verify problem\""))
-        .collect();
+    let problems: Vec<&str> = support::log_lines(&verify.log, "Verify problem");
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(
         problems[0].contains("aaaaGoodOne00000000000000") && problems[0].contains("hashes to"),

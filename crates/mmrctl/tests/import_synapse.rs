@@ -265,21 +265,11 @@ fn synapse_media_moves_over_and_is_served_identically() {
         .query_one("SELECT sha256 FROM media WHERE media_id = $1", &[&notes.id])
         .unwrap()
         .get(0);
-    let object = repo
-        .dir
-        .path()
-        .join("media")
-        .join(&sha[..2])
-        .join(&sha[2..4])
-        .join(&sha);
+    let object = repo.object_path(&sha);
     std::fs::remove_file(&object).unwrap();
     let verify = import(&repo, &synapse_db, &media, &["--verify"]);
     assert_eq!(verify.code, 1, "{}", verify.log);
-    let problems: Vec<&str> = verify
-        .log
-        .lines()
-        .filter(|l| l.contains("msg=\"Verify problem\""))
-        .collect();
+    let problems: Vec<&str> = support::log_lines(&verify.log, "Verify problem");
     assert_eq!(problems.len(), 1, "{problems:#?}");
     assert!(
         problems[0].contains(&format!("mxc://{HS}/{}", notes.id)),

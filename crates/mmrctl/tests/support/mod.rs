@@ -13,6 +13,10 @@ use testkit::http::{self, Response};
 
 pub const SHARED_SECRET: &str = "test-shared-secret";
 
+fn bind_any() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -68,7 +72,13 @@ impl MediaRepo {
         tweak: impl FnOnce(&mut Value),
     ) -> MediaRepo {
         let dir = tempfile::tempdir().unwrap();
-        let (port, metrics_port) = (free_port(), free_port());
+        // Both listeners are held while their ports are read, so the two ports differ.
+        let (a, b) = (bind_any(), bind_any());
+        let (port, metrics_port) = (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        );
+        drop((a, b));
         let mut config = json!({
             "repo": { "bindAddress": "127.0.0.1", "port": port, "logDirectory": "-", "logLevel": "debug",
                       "freezeUnauthenticatedMedia": true },
@@ -227,6 +237,16 @@ impl MediaRepo {
         count_files(&self.dir.path().join("media"), true)
     }
 
+    /// Where the file datastore keeps the object with this SHA-256.
+    pub fn object_path(&self, sha256: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("media")
+            .join(&sha256[..2])
+            .join(&sha256[2..4])
+            .join(sha256)
+    }
+
     pub fn temp_files(&self) -> usize {
         count_files(&self.dir.path().join("media/.tmp"), false)
     }
@@ -376,4 +396,10 @@ pub fn run(cmd: &mut Command) -> Run {
         code: out.status.code().unwrap_or(-1),
         log,
     }
+}
+
+/// The log lines of `log` that carry `msg="<msg>"`.
+pub fn log_lines<'a>(log: &'a str, msg: &str) -> Vec<&'a str> {
+    let needle = format!("msg=\"{msg}\"");
+    log.lines().filter(|l| l.contains(&needle)).collect()
 }
