@@ -8,6 +8,7 @@
 //!   per-hash advisory lock;
 //! - no upload is held in memory: bodies stream to a temp file in the target datastore.
 
+mod blockfile;
 mod check;
 mod datastore;
 pub mod ids;

@@ -7,15 +7,16 @@
 //! 3. under a per-hash advisory lock: insert the object row (`ON CONFLICT DO NOTHING`), make sure a new
 //!    object really is in place, and insert (or complete) the media row, all in one transaction.
 
-use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use config::MediaKind;
 use futures_util::{Stream, StreamExt as _};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 
+use crate::blockfile::{BLOCK, BlockWriter};
 use crate::{Error, Media, ObjectRef, Store, ids, now_ms};
 
 const LOCK_HASH: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
@@ -41,45 +42,12 @@ fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
     }
 }
 
-/// Bytes written between background flushes of a large upload.
-const FLUSH_EVERY: usize = 16 * 1024 * 1024;
-
-/// A thread that fdatasyncs a file whenever asked, coalescing requests, so that writing and flushing
-/// overlap.
-struct Flusher {
-    wake: std::sync::mpsc::SyncSender<()>,
-    thread: std::thread::JoinHandle<std::io::Result<()>>,
-}
-
-impl Flusher {
-    fn start(file: std::fs::File) -> Flusher {
-        let (wake, wakes) = std::sync::mpsc::sync_channel::<()>(1);
-        let thread = std::thread::spawn(move || {
-            while wakes.recv().is_ok() {
-                file.sync_data()?;
-            }
-            Ok(())
-        });
-        let flusher = Flusher { wake, thread };
-        flusher.request();
-        flusher
-    }
-
-    /// Asks for a flush; one already pending covers this one too.
-    fn request(&self) {
-        let _ = self.wake.try_send(());
-    }
-
-    fn finish(self) -> std::io::Result<()> {
-        drop(self.wake);
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the flusher thread panicked")))
-    }
-}
-
-/// Chunks buffered between the network and the writer thread: the upload's whole memory footprint.
-const CHANNEL_CHUNKS: usize = 4;
+/// Received bytes (in KiB) waiting for an upload's writer and hashing threads: enough to keep both
+/// busy while the network delivers the next chunks.
+const UPLOAD_KIB_IN_FLIGHT: u32 = 2 * 1024;
+/// The same for all uploads at once, so that memory stays bounded whatever their number.
+const ALL_KIB_IN_FLIGHT: u32 = 16 * 1024;
+static ALL_IN_FLIGHT: Semaphore = Semaphore::const_new(ALL_KIB_IN_FLIGHT as usize);
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
@@ -344,60 +312,62 @@ impl Store {
     }
 }
 
-/// Streams the body to a temp file in `dir`. Hashing runs on the async side as chunks arrive while a
-/// blocking thread writes them, so the two overlap; the bounded channel between them is the upload's
-/// whole memory footprint.
+/// Streams the body to a temp file in `dir`: a blocking thread writes the chunks as they arrive
+/// while they are hashed, on this task while the upload is small and on a thread of its own once it
+/// is large, so that receiving, hashing and writing overlap. The chunks held between them are
+/// bounded per upload and for all uploads at once.
 async fn write_temp<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,
 {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
     let writer = tokio::task::spawn_blocking(move || -> Result<tempfile::TempPath, Error> {
-        let file = tempfile::Builder::new()
+        let (file, temp) = tempfile::Builder::new()
             .prefix("upload-")
-            .tempfile_in(&dir)?;
-        let (file, temp) = file.into_parts();
-        let mut flusher: Option<Flusher> = None;
-        let mut unflushed = 0usize;
-        let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+            .tempfile_in(&dir)?
+            .into_parts();
+        let mut out = BlockWriter::new(file);
         while let Some(chunk) = rx.blocking_recv() {
-            out.write_all(&chunk)?;
-            unflushed += chunk.len();
-            // Large uploads: flush what is written so far on another thread while writing goes on,
-            // so the final fdatasync has little left to do.
-            if unflushed >= FLUSH_EVERY {
-                unflushed = 0;
-                out.flush()?;
-                match &flusher {
-                    Some(f) => f.request(),
-                    None => flusher = Some(Flusher::start(out.get_ref().try_clone()?)),
-                }
-            }
-        }
-        let file = out.into_inner().map_err(|e| Error::Io(e.into_error()))?;
-        if let Some(f) = flusher {
-            f.finish()?;
+            out.write(&chunk.bytes)?;
         }
         // Acknowledged only once durable.
-        file.sync_data()?;
+        out.finish()?;
         Ok(temp)
     });
 
-    let mut hasher = Sha256::new();
+    let in_flight = Arc::new(Semaphore::new(UPLOAD_KIB_IN_FLIGHT as usize));
+    let mut hashing = Hashing::Inline(Sha256::new());
     let mut received = 0u64;
     let mut body = std::pin::pin!(body);
     let streamed: Result<(), Error> = async {
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::Aborted(e.to_string()))?;
-            received += chunk.len() as u64;
+        while let Some(bytes) = body.next().await {
+            let bytes = bytes.map_err(|e| Error::Aborted(e.to_string()))?;
+            received += bytes.len() as u64;
             if limits.max_bytes > 0 && received > limits.max_bytes {
                 return Err(Error::TooLarge {
                     max: limits.max_bytes,
                 });
             }
-            hasher.update(&chunk);
-            if tx.send(chunk).await.is_err() {
+            // A chunk larger than a budget takes all of it. The semaphores are never closed: no
+            // error.
+            let kib = u32::try_from(bytes.len().div_ceil(1024)).unwrap_or(u32::MAX);
+            let closed = |e| Error::Io(std::io::Error::other(e));
+            let upload_permit = in_flight
+                .clone()
+                .acquire_many_owned(kib.min(UPLOAD_KIB_IN_FLIGHT))
+                .await
+                .map_err(closed)?;
+            let all_permit = ALL_IN_FLIGHT
+                .acquire_many(kib.min(ALL_KIB_IN_FLIGHT))
+                .await
+                .map_err(closed)?;
+            let chunk = Arc::new(Shared {
+                bytes,
+                _permits: (upload_permit, all_permit),
+            });
+            hashing.update(&chunk, received);
+            if tx.send(chunk).is_err() {
                 // The writer failed; its error is reported below.
                 break;
             }
@@ -413,7 +383,64 @@ where
     streamed?;
     Ok(Written {
         temp: temp?,
-        sha256: hex::encode(hasher.finalize()),
+        sha256: hashing.finish().await?,
         size: received,
     })
+}
+
+/// A received chunk, shared by the writer and the hashing thread; its permits return when both
+/// are done with it.
+struct Shared {
+    bytes: Bytes,
+    _permits: (OwnedSemaphorePermit, SemaphorePermit<'static>),
+}
+
+type Chunk = Arc<Shared>;
+
+/// An upload's SHA-256: computed on the receiving task up to one block, then on a blocking thread
+/// fed the same chunks, so that a large upload's hashing (its most expensive step) runs beside
+/// receiving it rather than between reads.
+enum Hashing {
+    Inline(Sha256),
+    Thread {
+        chunks: mpsc::UnboundedSender<Chunk>,
+        done: tokio::task::JoinHandle<Sha256>,
+    },
+}
+
+impl Hashing {
+    /// Hashes `chunk`, the last of `received` bytes.
+    fn update(&mut self, chunk: &Chunk, received: u64) {
+        if let Hashing::Inline(hasher) = self {
+            if received <= BLOCK as u64 {
+                hasher.update(&chunk.bytes);
+                return;
+            }
+            let mut hasher = std::mem::take(hasher);
+            let (chunks, mut rx) = mpsc::unbounded_channel::<Chunk>();
+            let done = tokio::task::spawn_blocking(move || {
+                while let Some(chunk) = rx.blocking_recv() {
+                    hasher.update(&chunk.bytes);
+                }
+                hasher
+            });
+            *self = Hashing::Thread { chunks, done };
+        }
+        if let Hashing::Thread { chunks, .. } = self {
+            // A closed channel means the thread panicked: `finish` reports it.
+            let _ = chunks.send(chunk.clone());
+        }
+    }
+
+    async fn finish(self) -> Result<String, Error> {
+        let hasher = match self {
+            Hashing::Inline(hasher) => hasher,
+            Hashing::Thread { chunks, done } => {
+                drop(chunks);
+                done.await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))?
+            }
+        };
+        Ok(hex::encode(hasher.finalize()))
+    }
 }
