@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Mutex, PoisonError};
 
 /// Large files are written in blocks of this size: a direct write of 1 MiB keeps a disk busy where
@@ -22,10 +23,16 @@ const POOL_BLOCKS: usize = 8;
 const FLUSH_EVERY: u64 = 16 * 1024 * 1024;
 
 pub(crate) struct BlockWriter {
-    out: Output,
+    sink: Sink,
     /// The block being filled (page-aligned, as direct writes need), or none: write through.
     block: Option<PooledBlock>,
     filled: usize,
+}
+
+/// Where full blocks are written: here, or on a thread of their own while the next block fills.
+enum Sink {
+    Here(Output),
+    Thread(Appender),
 }
 
 struct Output {
@@ -62,36 +69,74 @@ impl BlockWriter {
             None => Mode::buffered(),
         };
         BlockWriter {
-            out: Output {
+            sink: Sink::Here(Output {
                 file,
                 written: 0,
                 mode,
-            },
+            }),
             block,
             filled: 0,
         }
     }
 
     pub(crate) fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
-        let Some(block) = &mut self.block else {
-            return self.out.append(data);
-        };
+        if self.block.is_none() {
+            return match &mut self.sink {
+                Sink::Here(out) => out.append(data),
+                Sink::Thread(_) => Err(io::Error::other("a block writer lost its block")),
+            };
+        }
         while !data.is_empty() {
+            let Some(block) = &mut self.block else {
+                break;
+            };
             let (now, later) = data.split_at((BLOCK - self.filled).min(data.len()));
             block.bytes()[self.filled..self.filled + now.len()].copy_from_slice(now);
             self.filled += now.len();
             data = later;
             if self.filled == BLOCK {
-                self.out.append(block.bytes())?;
+                self.write_block()?;
                 self.filled = 0;
             }
         }
         Ok(())
     }
 
+    /// Writes the full block: on the appender thread when there is a second block to fill
+    /// meanwhile (the first full block starts it), else here.
+    fn write_block(&mut self) -> io::Result<()> {
+        let Some(mut block) = self.block.take() else {
+            return Ok(());
+        };
+        if let Sink::Here(out) = &mut self.sink {
+            match PooledBlock::take() {
+                None => {
+                    let written = out.append(block.bytes());
+                    self.block = Some(block);
+                    return written;
+                }
+                Some(spare) => {
+                    let placeholder = Sink::Thread(Appender::placeholder());
+                    let Sink::Here(out) = std::mem::replace(&mut self.sink, placeholder) else {
+                        return Err(io::Error::other("a block writer lost its output"));
+                    };
+                    self.sink = Sink::Thread(Appender::start(out, spare));
+                }
+            }
+        }
+        let Sink::Thread(appender) = &mut self.sink else {
+            return Err(io::Error::other("a block writer lost its appender"));
+        };
+        self.block = Some(appender.append(block)?);
+        Ok(())
+    }
+
     /// Writes the rest and makes the whole file durable.
     pub(crate) fn finish(self) -> io::Result<()> {
-        let out = self.out;
+        let mut out = match self.sink {
+            Sink::Here(out) => out,
+            Sink::Thread(appender) => appender.finish()?,
+        };
         if matches!(out.mode, Mode::Direct) {
             // The tail is not a whole block.
             set_direct(&out.file, false)?;
@@ -99,6 +144,7 @@ impl BlockWriter {
         if let Some(mut block) = self.block {
             out.file
                 .write_all_at(&block.bytes()[..self.filled], out.written)?;
+            out.written += self.filled as u64;
         }
         if let Mode::Buffered {
             flusher: Some(f), ..
@@ -107,6 +153,73 @@ impl BlockWriter {
             f.finish()?;
         }
         out.file.sync_data()
+    }
+}
+
+/// A thread that writes full blocks while the next one fills: a direct write waits for the disk.
+/// Two blocks take turns between the writer and this thread.
+struct Appender {
+    blocks: Option<SyncSender<PooledBlock>>,
+    written: Receiver<io::Result<PooledBlock>>,
+    /// The second block, until its first turn.
+    spare: Option<PooledBlock>,
+    thread: Option<std::thread::JoinHandle<Output>>,
+}
+
+impl Appender {
+    fn start(mut out: Output, spare: PooledBlock) -> Appender {
+        let (blocks, to_write) = sync_channel::<PooledBlock>(1);
+        let (done, written) = sync_channel(2);
+        let thread = std::thread::spawn(move || {
+            for mut block in to_write {
+                let result = out.append(block.bytes()).map(|()| block);
+                if done.send(result).is_err() {
+                    break;
+                }
+            }
+            out
+        });
+        Appender {
+            blocks: Some(blocks),
+            written,
+            spare: Some(spare),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stands in for a moment while the output moves to the thread.
+    fn placeholder() -> Appender {
+        let (_, written) = sync_channel(0);
+        Appender {
+            blocks: None,
+            written,
+            spare: None,
+            thread: None,
+        }
+    }
+
+    fn gone() -> io::Error {
+        io::Error::other("the block writer thread stopped")
+    }
+
+    /// Hands over a full block; returns an empty one to fill.
+    fn append(&mut self, block: PooledBlock) -> io::Result<PooledBlock> {
+        let blocks = self.blocks.as_ref().ok_or_else(Self::gone)?;
+        blocks.send(block).map_err(|_| Self::gone())?;
+        match self.spare.take() {
+            Some(spare) => Ok(spare),
+            None => self.written.recv().map_err(|_| Self::gone())?,
+        }
+    }
+
+    /// Waits for the blocks handed over; returns the output.
+    fn finish(mut self) -> io::Result<Output> {
+        drop(self.blocks.take());
+        for result in self.written.iter() {
+            result?;
+        }
+        let thread = self.thread.take().ok_or_else(Self::gone)?;
+        thread.join().map_err(|_| Self::gone())
     }
 }
 
@@ -280,10 +393,10 @@ mod tests {
         let mut out = BlockWriter::new(file);
         match setup {
             Setup::Pooled => assert!(out.block.is_some(), "the pool has a block"),
-            Setup::Refused => out.out.mode = Mode::buffered(),
+            Setup::Refused => out.output().mode = Mode::buffered(),
             Setup::NoBlock => {
                 out.block = None;
-                out.out.mode = Mode::buffered();
+                out.output().mode = Mode::buffered();
             }
         }
         out
@@ -340,16 +453,27 @@ mod tests {
         let probe = tempfile::tempfile_in(&dir).unwrap();
         let supported = set_direct(&probe, true).is_ok();
         let temp = tempfile::NamedTempFile::new_in(&dir).unwrap();
-        let mut out = writer(temp.reopen().unwrap(), Setup::Pooled);
-        out.write(&pattern(BLOCK + 1)).unwrap();
-        assert_eq!(
-            matches!(out.out.mode, Mode::Direct),
-            supported,
-            "direct writes in {}",
-            dir.display()
-        );
-        out.finish().unwrap();
-        assert!(std::fs::read(temp.path()).unwrap() == pattern(BLOCK + 1));
+        let mut out = Output {
+            file: temp.reopen().unwrap(),
+            written: 0,
+            mode: Mode::Undecided,
+        };
+        let mut block = PooledBlock::take().unwrap();
+        block.bytes().copy_from_slice(&pattern(BLOCK));
+        out.append(block.bytes()).unwrap();
+        let direct = matches!(out.mode, Mode::Direct);
+        assert_eq!(direct, supported, "direct writes in {}", dir.display());
+        assert!(std::fs::read(temp.path()).unwrap() == pattern(BLOCK));
+    }
+
+    impl BlockWriter {
+        /// The output, before the first block moves it to a thread.
+        fn output(&mut self) -> &mut Output {
+            match &mut self.sink {
+                Sink::Here(out) => out,
+                Sink::Thread(_) => panic!("the output has moved to a thread"),
+            }
+        }
     }
 
     #[test]

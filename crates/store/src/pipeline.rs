@@ -2,7 +2,8 @@
 //! fetch, thumbnails, transfers):
 //!
 //! 1. stream the body to a temp file in the target datastore while hashing and counting, enforcing the
-//!    size limit as bytes arrive, on a blocking thread fed through a bounded channel;
+//!    size limit as bytes arrive: a worker thread hashes and copies, another writes full blocks
+//!    ([`crate::blockfile`]), with the bytes in flight bounded;
 //! 2. fsync, then place it at its content-addressed location (skipped when the object exists);
 //! 3. under a per-hash advisory lock: insert the object row (`ON CONFLICT DO NOTHING`), make sure a new
 //!    object really is in place, and insert (or complete) the media row, all in one transaction.
@@ -16,7 +17,7 @@ use futures_util::{Stream, StreamExt as _};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 
-use crate::blockfile::{BLOCK, BlockWriter};
+use crate::blockfile::BlockWriter;
 use crate::{Error, Media, ObjectRef, Store, ids, now_ms};
 
 const LOCK_HASH: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
@@ -42,8 +43,8 @@ fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
     }
 }
 
-/// Received bytes (in KiB) waiting for an upload's writer and hashing threads: enough to keep both
-/// busy while the network delivers the next chunks.
+/// Received bytes (in KiB) waiting for an upload's worker thread: enough to keep it busy while the
+/// network delivers the next chunks.
 const UPLOAD_KIB_IN_FLIGHT: u32 = 2 * 1024;
 /// The same for all uploads at once, so that memory stays bounded whatever their number.
 const ALL_KIB_IN_FLIGHT: u32 = 16 * 1024;
@@ -312,32 +313,35 @@ impl Store {
     }
 }
 
-/// Streams the body to a temp file in `dir`: a blocking thread writes the chunks as they arrive
-/// while they are hashed, on this task while the upload is small and on a thread of its own once it
-/// is large, so that receiving, hashing and writing overlap. The chunks held between them are
-/// bounded per upload and for all uploads at once.
+/// Streams the body to a temp file in `dir`. A blocking thread hashes each chunk and copies it into
+/// the block writer piece by piece, while the piece is still in its cache; full blocks are written
+/// by another thread ([`BlockWriter`]), so that receiving, hashing and writing overlap. The chunks
+/// waiting for that thread are bounded per upload and for all uploads at once.
 async fn write_temp<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
-    let writer = tokio::task::spawn_blocking(move || -> Result<tempfile::TempPath, Error> {
+    let worker = tokio::task::spawn_blocking(move || -> Result<_, Error> {
         let (file, temp) = tempfile::Builder::new()
             .prefix("upload-")
             .tempfile_in(&dir)?
             .into_parts();
+        let mut hasher = Sha256::new();
         let mut out = BlockWriter::new(file);
         while let Some(chunk) = rx.blocking_recv() {
-            out.write(&chunk.bytes)?;
+            for piece in chunk.bytes.chunks(PIECE) {
+                hasher.update(piece);
+                out.write(piece)?;
+            }
         }
         // Acknowledged only once durable.
         out.finish()?;
-        Ok(temp)
+        Ok((temp, hex::encode(hasher.finalize())))
     });
 
     let in_flight = Arc::new(Semaphore::new(UPLOAD_KIB_IN_FLIGHT as usize));
-    let mut hashing = Hashing::Inline(Sha256::new());
     let mut received = 0u64;
     let mut body = std::pin::pin!(body);
     let streamed: Result<(), Error> = async {
@@ -362,13 +366,12 @@ where
                 .acquire_many(kib.min(ALL_KIB_IN_FLIGHT))
                 .await
                 .map_err(closed)?;
-            let chunk = Arc::new(Shared {
+            let chunk = Chunk {
                 bytes,
                 _permits: (upload_permit, all_permit),
-            });
-            hashing.update(&chunk, received);
+            };
             if tx.send(chunk).is_err() {
-                // The writer failed; its error is reported below.
+                // The worker failed; its error is reported below.
                 break;
             }
         }
@@ -376,71 +379,24 @@ where
     }
     .await;
     drop(tx);
-    let temp = writer
+    let written = worker
         .await
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
     // On a streaming error the temp file is dropped (deleted) here.
     streamed?;
+    let (temp, sha256) = written?;
     Ok(Written {
-        temp: temp?,
-        sha256: hashing.finish().await?,
+        temp,
+        sha256,
         size: received,
     })
 }
 
-/// A received chunk, shared by the writer and the hashing thread; its permits return when both
-/// are done with it.
-struct Shared {
+/// Hashing and copying go piece by piece: a piece just hashed is still in the cache when copied.
+const PIECE: usize = 64 * 1024;
+
+/// A received chunk; its permits return when the worker is done with it.
+struct Chunk {
     bytes: Bytes,
     _permits: (OwnedSemaphorePermit, SemaphorePermit<'static>),
-}
-
-type Chunk = Arc<Shared>;
-
-/// An upload's SHA-256: computed on the receiving task up to one block, then on a blocking thread
-/// fed the same chunks, so that a large upload's hashing (its most expensive step) runs beside
-/// receiving it rather than between reads.
-enum Hashing {
-    Inline(Sha256),
-    Thread {
-        chunks: mpsc::UnboundedSender<Chunk>,
-        done: tokio::task::JoinHandle<Sha256>,
-    },
-}
-
-impl Hashing {
-    /// Hashes `chunk`, the last of `received` bytes.
-    fn update(&mut self, chunk: &Chunk, received: u64) {
-        if let Hashing::Inline(hasher) = self {
-            if received <= BLOCK as u64 {
-                hasher.update(&chunk.bytes);
-                return;
-            }
-            let mut hasher = std::mem::take(hasher);
-            let (chunks, mut rx) = mpsc::unbounded_channel::<Chunk>();
-            let done = tokio::task::spawn_blocking(move || {
-                while let Some(chunk) = rx.blocking_recv() {
-                    hasher.update(&chunk.bytes);
-                }
-                hasher
-            });
-            *self = Hashing::Thread { chunks, done };
-        }
-        if let Hashing::Thread { chunks, .. } = self {
-            // A closed channel means the thread panicked: `finish` reports it.
-            let _ = chunks.send(chunk.clone());
-        }
-    }
-
-    async fn finish(self) -> Result<String, Error> {
-        let hasher = match self {
-            Hashing::Inline(hasher) => hasher,
-            Hashing::Thread { chunks, done } => {
-                drop(chunks);
-                done.await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))?
-            }
-        };
-        Ok(hex::encode(hasher.finalize()))
-    }
 }
