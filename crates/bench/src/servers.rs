@@ -79,7 +79,7 @@ impl MediaRepo {
         let log = fs::File::create(dir.path().join("server.log"))?;
         let child = Command::new(binary)
             // As the generated systemd unit runs it.
-            .env("MALLOC_ARENA_MAX", "2")
+            .env("GLIBC_TUNABLES", unit_malloc_tunables()?)
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -223,4 +223,12 @@ impl SynapseServer {
             .unwrap_or("(unknown version)")
             .to_owned()
     }
+}
+
+/// The allocator settings the generated systemd unit gives the server (its `GLIBC_TUNABLES`).
+fn unit_malloc_tunables() -> Result<&'static str> {
+    const UNIT: &str = include_str!("../../../templates/matrix-media-repo.service.j2");
+    UNIT.lines()
+        .find_map(|line| line.strip_prefix("Environment=GLIBC_TUNABLES="))
+        .context("templates/matrix-media-repo.service.j2 sets no GLIBC_TUNABLES")
 }
