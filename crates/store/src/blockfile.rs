@@ -23,16 +23,13 @@ const POOL_BLOCKS: usize = 8;
 const FLUSH_EVERY: u64 = 16 * 1024 * 1024;
 
 pub(crate) struct BlockWriter {
-    sink: Sink,
+    /// Where blocks are written: here until a second block is to be had, then on the appender's
+    /// thread. Exactly one of the two is set.
+    out: Option<Output>,
+    appender: Option<Appender>,
     /// The block being filled (page-aligned, as direct writes need), or none: write through.
     block: Option<PooledBlock>,
     filled: usize,
-}
-
-/// Where full blocks are written: here, or on a thread of their own while the next block fills.
-enum Sink {
-    Here(Output),
-    Thread(Appender),
 }
 
 struct Output {
@@ -61,6 +58,10 @@ impl Mode {
     }
 }
 
+fn lost() -> io::Error {
+    io::Error::other("the block writer stopped after an earlier error")
+}
+
 impl BlockWriter {
     pub(crate) fn new(file: File) -> BlockWriter {
         let block = PooledBlock::take();
@@ -69,73 +70,57 @@ impl BlockWriter {
             None => Mode::buffered(),
         };
         BlockWriter {
-            sink: Sink::Here(Output {
+            out: Some(Output {
                 file,
                 written: 0,
                 mode,
             }),
+            appender: None,
             block,
             filled: 0,
         }
     }
 
     pub(crate) fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
-        if self.block.is_none() {
-            return match &mut self.sink {
-                Sink::Here(out) => out.append(data),
-                Sink::Thread(_) => Err(io::Error::other("a block writer lost its block")),
-            };
-        }
         while !data.is_empty() {
             let Some(block) = &mut self.block else {
-                break;
+                return self.out.as_mut().ok_or_else(lost)?.append(data);
             };
             let (now, later) = data.split_at((BLOCK - self.filled).min(data.len()));
             block.bytes()[self.filled..self.filled + now.len()].copy_from_slice(now);
             self.filled += now.len();
             data = later;
             if self.filled == BLOCK {
-                self.write_block()?;
+                let full = self.block.take().ok_or_else(lost)?;
+                self.block = Some(self.write_block(full)?);
                 self.filled = 0;
             }
         }
         Ok(())
     }
 
-    /// Writes the full block: on the appender thread when there is a second block to fill
-    /// meanwhile (the first full block starts it), else here.
-    fn write_block(&mut self) -> io::Result<()> {
-        let Some(mut block) = self.block.take() else {
-            return Ok(());
-        };
-        if let Sink::Here(out) = &mut self.sink {
-            match PooledBlock::take() {
-                None => {
-                    let written = out.append(block.bytes());
-                    self.block = Some(block);
-                    return written;
-                }
-                Some(spare) => {
-                    let placeholder = Sink::Thread(Appender::placeholder());
-                    let Sink::Here(out) = std::mem::replace(&mut self.sink, placeholder) else {
-                        return Err(io::Error::other("a block writer lost its output"));
-                    };
-                    self.sink = Sink::Thread(Appender::start(out, spare));
-                }
-            }
+    /// Writes a full block, on the appender's thread once a second block can be filled meanwhile
+    /// (the first full block starts it); returns an empty block.
+    fn write_block(&mut self, mut full: PooledBlock) -> io::Result<PooledBlock> {
+        if self.appender.is_none()
+            && let Some(spare) = PooledBlock::take()
+        {
+            let out = self.out.take().ok_or_else(lost)?;
+            self.appender = Some(Appender::start(out, spare));
         }
-        let Sink::Thread(appender) = &mut self.sink else {
-            return Err(io::Error::other("a block writer lost its appender"));
-        };
-        self.block = Some(appender.append(block)?);
-        Ok(())
+        match (&mut self.appender, &mut self.out) {
+            (Some(appender), _) => appender.append(full),
+            (None, Some(out)) => out.append(full.bytes()).map(|()| full),
+            (None, None) => Err(lost()),
+        }
     }
 
     /// Writes the rest and makes the whole file durable.
     pub(crate) fn finish(self) -> io::Result<()> {
-        let mut out = match self.sink {
-            Sink::Here(out) => out,
-            Sink::Thread(appender) => appender.finish()?,
+        let mut out = match (self.appender, self.out) {
+            (Some(appender), _) => appender.finish()?,
+            (None, Some(out)) => out,
+            (None, None) => return Err(lost()),
         };
         if matches!(out.mode, Mode::Direct) {
             // The tail is not a whole block.
@@ -159,11 +144,11 @@ impl BlockWriter {
 /// A thread that writes full blocks while the next one fills: a direct write waits for the disk.
 /// Two blocks take turns between the writer and this thread.
 struct Appender {
-    blocks: Option<SyncSender<PooledBlock>>,
+    blocks: SyncSender<PooledBlock>,
     written: Receiver<io::Result<PooledBlock>>,
     /// The second block, until its first turn.
     spare: Option<PooledBlock>,
-    thread: Option<std::thread::JoinHandle<Output>>,
+    thread: std::thread::JoinHandle<Output>,
 }
 
 impl Appender {
@@ -180,21 +165,10 @@ impl Appender {
             out
         });
         Appender {
-            blocks: Some(blocks),
+            blocks,
             written,
             spare: Some(spare),
-            thread: Some(thread),
-        }
-    }
-
-    /// Stands in for a moment while the output moves to the thread.
-    fn placeholder() -> Appender {
-        let (_, written) = sync_channel(0);
-        Appender {
-            blocks: None,
-            written,
-            spare: None,
-            thread: None,
+            thread,
         }
     }
 
@@ -204,8 +178,7 @@ impl Appender {
 
     /// Hands over a full block; returns an empty one to fill.
     fn append(&mut self, block: PooledBlock) -> io::Result<PooledBlock> {
-        let blocks = self.blocks.as_ref().ok_or_else(Self::gone)?;
-        blocks.send(block).map_err(|_| Self::gone())?;
+        self.blocks.send(block).map_err(|_| Self::gone())?;
         match self.spare.take() {
             Some(spare) => Ok(spare),
             None => self.written.recv().map_err(|_| Self::gone())?,
@@ -213,13 +186,12 @@ impl Appender {
     }
 
     /// Waits for the blocks handed over; returns the output.
-    fn finish(mut self) -> io::Result<Output> {
-        drop(self.blocks.take());
+    fn finish(self) -> io::Result<Output> {
+        drop(self.blocks);
         for result in self.written.iter() {
             result?;
         }
-        let thread = self.thread.take().ok_or_else(Self::gone)?;
-        thread.join().map_err(|_| Self::gone())
+        self.thread.join().map_err(|_| Self::gone())
     }
 }
 
@@ -270,45 +242,74 @@ impl Output {
     }
 }
 
-/// A block of the pool; back to the pool when dropped. Anonymous mappings, apart from the heap:
-/// page-aligned, and reused blocks are already backed by memory (no page faults).
-struct PooledBlock(Option<memmap2::MmapMut>);
-
+/// Blocks for direct writes, at most `capacity` of them; mapped when first needed, then reused.
 struct Pool {
+    capacity: usize,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
     free: Vec<memmap2::MmapMut>,
     mapped: usize,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool {
-    free: Vec::new(),
-    mapped: 0,
-});
+static POOL: Pool = Pool::new(POOL_BLOCKS);
+
+impl Pool {
+    const fn new(capacity: usize) -> Pool {
+        Pool {
+            capacity,
+            state: Mutex::new(PoolState {
+                free: Vec::new(),
+                mapped: 0,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A block, unless all of them are in use (or none can be mapped).
+    fn take(&'static self) -> Option<PooledBlock> {
+        let mut state = self.state();
+        let block = match state.free.pop() {
+            Some(block) => block,
+            None if state.mapped < self.capacity => {
+                let block = memmap2::MmapMut::map_anon(BLOCK).ok()?;
+                state.mapped += 1;
+                block
+            }
+            None => return None,
+        };
+        Some(PooledBlock {
+            map: Some(block),
+            pool: self,
+        })
+    }
+}
+
+/// A block of a pool, back to it when dropped. Anonymous mappings, apart from the heap:
+/// page-aligned, and reused blocks are already backed by memory (no page faults).
+struct PooledBlock {
+    map: Option<memmap2::MmapMut>,
+    pool: &'static Pool,
+}
 
 impl PooledBlock {
-    /// A block, unless all of them are in use (or none can be mapped).
     fn take() -> Option<PooledBlock> {
-        let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(block) = pool.free.pop() {
-            return Some(PooledBlock(Some(block)));
-        }
-        if pool.mapped == POOL_BLOCKS {
-            return None;
-        }
-        let block = memmap2::MmapMut::map_anon(BLOCK).ok()?;
-        pool.mapped += 1;
-        Some(PooledBlock(Some(block)))
+        POOL.take()
     }
 
     fn bytes(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().unwrap_or_default()
+        self.map.as_deref_mut().unwrap_or_default()
     }
 }
 
 impl Drop for PooledBlock {
     fn drop(&mut self) {
-        if let Some(block) = self.0.take() {
-            let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-            pool.free.push(block);
+        if let Some(block) = self.map.take() {
+            self.pool.state().free.push(block);
         }
     }
 }
@@ -469,28 +470,35 @@ mod tests {
     impl BlockWriter {
         /// The output, before the first block moves it to a thread.
         fn output(&mut self) -> &mut Output {
-            match &mut self.sink {
-                Sink::Here(out) => out,
-                Sink::Thread(_) => panic!("the output has moved to a thread"),
-            }
+            self.out
+                .as_mut()
+                .expect("the output has not moved to a thread yet")
         }
     }
 
     #[test]
-    fn the_pool_bounds_the_blocks_in_use_and_takes_them_back() {
-        let taken: Vec<PooledBlock> = std::iter::from_fn(PooledBlock::take)
-            .take(POOL_BLOCKS + 1)
-            .collect();
-        // Other tests of this process may hold a few.
-        assert!(
-            !taken.is_empty() && taken.len() <= POOL_BLOCKS,
-            "took {}",
-            taken.len()
-        );
+    fn a_pool_bounds_the_blocks_in_use_and_takes_them_back() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(3)));
+        let taken: Vec<PooledBlock> = std::iter::from_fn(|| pool.take()).take(4).collect();
+        assert_eq!(taken.len(), 3);
+        assert!(pool.take().is_none(), "all in use");
         drop(taken);
-        assert!(
-            PooledBlock::take().is_some(),
-            "returned blocks are taken again"
-        );
+        assert!(pool.take().is_some(), "returned blocks are taken again");
+        assert_eq!(pool.state().mapped, 3, "and not mapped anew");
+    }
+
+    #[test]
+    fn a_second_block_moves_the_writes_to_a_thread() {
+        let temp = tempfile::NamedTempFile::new().unwrap();
+        let mut out = writer(temp.reopen().unwrap(), Setup::Pooled);
+        out.write(&pattern(2 * BLOCK + 3)).unwrap();
+        // Unless other tests of this process hold every block.
+        let exhausted = {
+            let state = POOL.state();
+            state.free.is_empty() && state.mapped == POOL.capacity
+        };
+        assert!(out.appender.is_some() || exhausted);
+        out.finish().unwrap();
+        assert!(std::fs::read(temp.path()).unwrap() == pattern(2 * BLOCK + 3));
     }
 }
