@@ -47,7 +47,7 @@ fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
 /// network delivers the next chunks.
 const UPLOAD_KIB_IN_FLIGHT: u32 = 2 * 1024;
 /// The same for all uploads at once, so that memory stays bounded whatever their number.
-const ALL_KIB_IN_FLIGHT: u32 = 16 * 1024;
+const ALL_KIB_IN_FLIGHT: u32 = 8 * 1024;
 static ALL_IN_FLIGHT: Semaphore = Semaphore::const_new(ALL_KIB_IN_FLIGHT as usize);
 
 #[derive(Debug, Clone, Copy, Default)]
