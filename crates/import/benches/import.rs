@@ -119,14 +119,10 @@ fn mmrctl() -> PathBuf {
 
 /// Runs the import as a child process; its peak RSS is sampled until it exits.
 fn import(src: &Source, config: &Path) -> Measured {
-    let url = testkit::database_url();
-    let rest = url.split_once("://").unwrap().1;
-    let authority = rest.split('/').next().unwrap();
-    let (user, hostport) = authority
-        .rsplit_once('@')
-        .unwrap_or(("postgres", authority));
-    let user = user.split(':').next().unwrap();
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+    let url = testkit::parse_url(&testkit::database_url());
+    let host = url.host.unwrap_or_default();
+    let port = url.port.unwrap_or(5432).to_string();
+    let user = url.user.unwrap_or_else(|| "postgres".to_owned());
     let log_path = config.with_file_name("import.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let binary = mmrctl();
@@ -139,7 +135,7 @@ fn import(src: &Source, config: &Path) -> Measured {
     let mut child = Command::new(&binary)
         .args(["import", "synapse", "--config"])
         .arg(config)
-        .args(["--db-host", host, "--db-port", port, "--db-user", user])
+        .args(["--db-host", &host, "--db-port", &port, "--db-user", &user])
         .args(["--db-name", src.db.name(), "--media-path"])
         .arg(src.media.path())
         .args(

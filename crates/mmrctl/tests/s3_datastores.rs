@@ -5,30 +5,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::{Value, json};
-use support::{MediaRepo, SHARED_SECRET, sample};
+use serde_json::json;
+use support::{FILE_ID, MediaRepo, S3_ID, SHARED_SECRET, s3_datastore, sample};
 use testkit::S3Server;
 
 const HS: &str = "example.test";
 const AUTH: &str = "Bearer test-shared-secret";
-const S3_ID: &str = "test-s3-store";
-const FILE_ID: &str = "test-file-store";
-
-fn repo_dir(config: &Value) -> PathBuf {
-    let path = config["datastores"][0]["opts"]["path"].as_str().unwrap();
-    Path::new(path).parent().unwrap().to_path_buf()
-}
-
-fn s3_datastore(s3: &S3Server, config: &Value, for_kinds: Value, extra: Value) -> Value {
-    let mut opts = s3.datastore_opts(&repo_dir(config).join("s3-tmp"));
-    for (k, v) in extra.as_object().unwrap() {
-        opts[k] = v.clone();
-    }
-    json!({ "type": "s3", "id": S3_ID, "forKinds": for_kinds, "opts": opts })
-}
 
 struct Run {
     code: i32,

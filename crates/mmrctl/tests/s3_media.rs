@@ -9,38 +9,18 @@ mod support;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{MediaRepo, SHARED_SECRET, free_port, sample};
+use support::{
+    FILE_ID, MediaRepo, S3_ID, SHARED_SECRET, file_datastore, free_port, s3_datastore, sample,
+};
 use testkit::S3Server;
 
 const HS: &str = "example.test";
 const AUTH: &str = "Bearer test-shared-secret";
-const S3_ID: &str = "test-s3-store";
-const FILE_ID: &str = "test-file-store";
 const MIB: u64 = 1024 * 1024;
-
-/// The directory of the test's file store (`<repo dir>/media`), read from the config being built.
-fn repo_dir(config: &Value) -> PathBuf {
-    let path = config["datastores"][0]["opts"]["path"].as_str().unwrap();
-    Path::new(path).parent().unwrap().to_path_buf()
-}
-
-/// An S3 datastore entry for `s3`, its temp path in the repo's dir, with `extra` opts.
-fn s3_datastore(s3: &S3Server, config: &Value, for_kinds: Value, extra: Value) -> Value {
-    let mut opts = s3.datastore_opts(&repo_dir(config).join("s3-tmp"));
-    for (k, v) in extra.as_object().unwrap() {
-        opts[k] = v.clone();
-    }
-    json!({ "type": "s3", "id": S3_ID, "forKinds": for_kinds, "opts": opts })
-}
-
-fn file_datastore(config: &Value, for_kinds: Value) -> Value {
-    json!({ "type": "file", "id": FILE_ID, "forKinds": for_kinds,
-            "opts": { "path": repo_dir(config).join("media") } })
-}
 
 /// A repo whose only datastore is `s3` (with `extra` opts).
 fn s3_only(s3: &S3Server, extra: Value) -> MediaRepo {

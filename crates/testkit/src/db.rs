@@ -127,13 +127,13 @@ pub(crate) fn with_database(url: &str, name: &str) -> String {
 
 /// The parts of a `postgres://user:password@host:port/dbname?param=value` URL, percent-decoded.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct PgUrl {
-    pub(crate) user: Option<String>,
-    pub(crate) password: Option<String>,
-    pub(crate) host: Option<String>,
-    pub(crate) port: Option<u16>,
-    pub(crate) dbname: Option<String>,
-    pub(crate) params: Vec<(String, String)>,
+pub struct PgUrl {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub dbname: Option<String>,
+    pub params: Vec<(String, String)>,
 }
 
 fn percent_decode(s: &str) -> String {
@@ -155,7 +155,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub(crate) fn parse_url(url: &str) -> PgUrl {
+pub fn parse_url(url: &str) -> PgUrl {
     let rest = url
         .strip_prefix("postgres://")
         .or_else(|| url.strip_prefix("postgresql://"))

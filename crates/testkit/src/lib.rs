@@ -14,7 +14,7 @@ mod s3;
 mod synapse;
 mod tools;
 
-pub use db::{TestDb, database_url};
+pub use db::{PgUrl, TestDb, database_url, parse_url};
 /// The PostgreSQL client [`TestDb::client`] returns.
 pub use postgres;
 pub use s3::{ACCESS_KEY_ID, ACCESS_SECRET, S3Object, S3Server};

@@ -187,7 +187,7 @@ impl S3Server {
             let mut path = format!("/{}?list-type=2", self.bucket);
             if let Some(t) = &token {
                 path.push_str("&continuation-token=");
-                path.push_str(&encode(t));
+                path.push_str(&http::encode(t));
             }
             let r = http::get(&self.url(&path), &[("Authorization", FAKE_AUTH)]);
             assert_eq!(r.status, 200, "listing {}: {}", self.bucket, r.text());
@@ -298,18 +298,6 @@ fn xml_text(xml: &str, tag: &str) -> Option<String> {
     )
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +312,6 @@ mod tests {
             Some("x/y=")
         );
         assert_eq!(xml_text(xml, "Missing"), None);
-        assert_eq!(encode("x/y="), "x%2Fy%3D");
+        assert_eq!(http::encode("x/y="), "x%2Fy%3D");
     }
 }

@@ -9,9 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use testkit::TestDb;
+pub use testkit::http::encode;
 use testkit::http::{self, Response};
 
 pub const SHARED_SECRET: &str = "test-shared-secret";
+/// The file datastore every test repo starts with, and the S3 one tests add.
+pub const FILE_ID: &str = "test-file-store";
+pub const S3_ID: &str = "test-s3-store";
 
 fn bind_any() -> std::net::TcpListener {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap()
@@ -88,7 +92,7 @@ impl MediaRepo {
             })).collect::<Vec<_>>(),
             "accessTokens": { "maxCacheTimeSeconds": 600 },
             "sharedSecretAuth": { "enabled": true, "token": SHARED_SECRET },
-            "datastores": [{ "type": "file", "id": "test-file-store", "forKinds": ["all"],
+            "datastores": [{ "type": "file", "id": FILE_ID, "forKinds": ["all"],
                              "opts": { "path": dir.path().join("media") } }],
             "metrics": { "enabled": true, "bindAddress": "127.0.0.1", "port": metrics_port },
             "urlPreviews": { "enabled": false },
@@ -331,19 +335,6 @@ fn count_files(dir: &Path, skip_tmp: bool) -> usize {
         .sum()
 }
 
-/// Percent-encodes a query value (UTF-8), spaces as `%20`.
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 /// 5 MiB of deterministic, incompressible-looking bytes.
 pub fn sample(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed
@@ -367,18 +358,11 @@ pub struct Pg {
 }
 
 pub fn pg() -> Pg {
-    let url = testkit::database_url();
-    let rest = url.split_once("://").unwrap().1;
-    let authority = rest.split('/').next().unwrap();
-    let (user, hostport) = authority
-        .rsplit_once('@')
-        .unwrap_or(("postgres", authority));
-    let user = user.split(':').next().unwrap().to_owned();
-    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "5432"));
+    let url = testkit::parse_url(&testkit::database_url());
     Pg {
-        host: host.to_owned(),
-        port: port.to_owned(),
-        user,
+        host: url.host.unwrap_or_default(),
+        port: url.port.unwrap_or(5432).to_string(),
+        user: url.user.unwrap_or_else(|| "postgres".to_owned()),
     }
 }
 
@@ -402,4 +386,30 @@ pub fn run(cmd: &mut Command) -> Run {
 pub fn log_lines<'a>(log: &'a str, msg: &str) -> Vec<&'a str> {
     let needle = format!("msg=\"{msg}\"");
     log.lines().filter(|l| l.contains(&needle)).collect()
+}
+
+/// The directory of the test's file store (`<repo dir>/media`), read from the config being built.
+pub fn repo_dir(config: &Value) -> PathBuf {
+    let path = config["datastores"][0]["opts"]["path"].as_str().unwrap();
+    Path::new(path).parent().unwrap().to_path_buf()
+}
+
+/// An S3 datastore entry for `s3`, its temp path in the repo's dir, with `extra` opts.
+pub fn s3_datastore(
+    s3: &testkit::S3Server,
+    config: &Value,
+    for_kinds: Value,
+    extra: Value,
+) -> Value {
+    let mut opts = s3.datastore_opts(&repo_dir(config).join("s3-tmp"));
+    for (k, v) in extra.as_object().unwrap() {
+        opts[k] = v.clone();
+    }
+    json!({ "type": "s3", "id": S3_ID, "forKinds": for_kinds, "opts": opts })
+}
+
+/// The repo's file datastore entry, for `for_kinds`.
+pub fn file_datastore(config: &Value, for_kinds: Value) -> Value {
+    json!({ "type": "file", "id": FILE_ID, "forKinds": for_kinds,
+            "opts": { "path": repo_dir(config).join("media") } })
 }
