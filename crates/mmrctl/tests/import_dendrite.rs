@@ -152,14 +152,7 @@ fn dendrite_media_moves_over_and_is_served_identically() {
         let out = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
             .args(["import", "dendrite", "--config"])
             .arg(&config)
-            .args([
-                "--db-host",
-                &pg.host,
-                "--db-port",
-                &pg.port,
-                "--db-user",
-                &pg.user,
-            ])
+            .args(pg.flags())
             .args(["--db-name", db.name(), "--media-path"])
             .arg(base.path())
             .args(extra)

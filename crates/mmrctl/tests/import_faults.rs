@@ -86,24 +86,17 @@ impl Fixture {
     }
 
     fn args<'a>(&'a self, pg: &'a Pg, config: &'a str) -> Vec<&'a str> {
-        vec![
-            "import",
-            "synapse",
-            "--config",
-            config,
-            "--db-host",
-            &pg.host,
-            "--db-port",
-            &pg.port,
-            "--db-user",
-            &pg.user,
+        let mut args = vec!["import", "synapse", "--config", config];
+        args.extend(pg.flags());
+        args.extend([
             "--db-name",
             self.db.name(),
             "--media-path",
             self.media.path().to_str().unwrap(),
             "--workers",
             "3",
-        ]
+        ]);
+        args
     }
 }
 

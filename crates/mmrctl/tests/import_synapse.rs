@@ -24,14 +24,7 @@ fn import(repo: &MediaRepo, synapse_db: &TestDb, media: &Path, extra: &[&str]) -
     run(Command::new(env!("CARGO_BIN_EXE_mmrctl"))
         .args(["import", "synapse", "--config"])
         .arg(repo.dir.path().join("media-repo.yaml"))
-        .args([
-            "--db-host",
-            &pg.host,
-            "--db-port",
-            &pg.port,
-            "--db-user",
-            &pg.user,
-        ])
+        .args(pg.flags())
         .args(["--db-name", synapse_db.name(), "--media-path"])
         .arg(media)
         .args(extra))

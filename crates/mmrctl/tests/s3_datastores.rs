@@ -12,7 +12,6 @@ use support::{FILE_ID, MediaRepo, S3_ID, SHARED_SECRET, s3_datastore, sample};
 use testkit::S3Server;
 
 const HS: &str = "example.test";
-const AUTH: &str = "Bearer test-shared-secret";
 
 struct Run {
     code: i32,
@@ -42,15 +41,6 @@ fn mmrctl(repo: &MediaRepo, args: &[&str]) -> Run {
     run
 }
 
-fn download(repo: &MediaRepo, media_id: &str, headers: &[(&str, &str)]) -> testkit::http::Response {
-    let mut all = vec![("Host", HS), ("Authorization", AUTH)];
-    all.extend_from_slice(headers);
-    repo.get(
-        &format!("/_matrix/client/v1/media/download/{HS}/{media_id}"),
-        &all,
-    )
-}
-
 fn datastore_of_every_object(repo: &MediaRepo) -> Vec<String> {
     let mut client = repo.db.as_ref().unwrap().client();
     client
@@ -64,10 +54,10 @@ fn datastore_of_every_object(repo: &MediaRepo) -> Vec<String> {
 /// Every item downloads whole and byte-identical, and a range of it too.
 fn assert_all_served(repo: &MediaRepo, items: &[(String, Vec<u8>)]) {
     for (id, body) in items {
-        let r = download(repo, id, &[]);
+        let r = repo.download(HS, id, &[]);
         assert_eq!(r.status, 200, "{id}: {}", r.text());
         assert!(r.body == *body, "{id}: the bytes differ");
-        let r = download(repo, id, &[("Range", "bytes=100-149")]);
+        let r = repo.download(HS, id, &[("Range", "bytes=100-149")]);
         assert_eq!(r.status, 206, "{id}");
         assert_eq!(r.body, &body[100..150], "{id}");
     }
@@ -234,7 +224,8 @@ fn the_s3_check_finds_a_planted_orphan_and_a_missing_object() {
     // An object no row references (what an interrupted upload could leave), and an object deleted
     // behind our back.
     s3.put_object("ab/planted-orphan", b"nobody references this");
-    let hash = download(&repo, &ids[1], &[])
+    let hash = repo
+        .download(HS, &ids[1], &[])
         .header("etag")
         .unwrap()
         .trim_matches('"')

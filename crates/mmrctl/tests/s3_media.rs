@@ -29,15 +29,6 @@ fn s3_only(s3: &S3Server, extra: Value) -> MediaRepo {
     })
 }
 
-fn download(repo: &MediaRepo, media_id: &str, headers: &[(&str, &str)]) -> testkit::http::Response {
-    let mut all = vec![("Host", HS), ("Authorization", AUTH)];
-    all.extend_from_slice(headers);
-    repo.get(
-        &format!("/_matrix/client/v1/media/download/{HS}/{media_id}"),
-        &all,
-    )
-}
-
 /// `GET path` over a raw connection, to see a redirect as it is (the test client follows them):
 /// the status and the lower-cased headers.
 fn get_no_follow(
@@ -120,7 +111,7 @@ fn s3_only_upload_download_ranges_and_dedup() {
     let body = sample(70_000, 1);
     let id = repo.upload(HS, SHARED_SECRET, "image/png", Some("cat.png"), &body);
 
-    let r = download(&repo, &id, &[]);
+    let r = repo.download(HS, &id, &[]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.body, body);
     assert_eq!(r.header("content-type"), Some("image/png"));
@@ -145,7 +136,7 @@ fn s3_only_upload_download_ranges_and_dedup() {
         ("bytes=-5", 69_995, 69_999),
         ("bytes=0-0", 0, 0),
     ] {
-        let r = download(&repo, &id, &[("Range", range)]);
+        let r = repo.download(HS, &id, &[("Range", range)]);
         assert_eq!(r.status, 206, "{range}: {}", r.text());
         assert_eq!(r.body, &body[start..=end], "{range}");
         assert_eq!(
@@ -154,14 +145,14 @@ fn s3_only_upload_download_ranges_and_dedup() {
         );
     }
     assert_eq!(
-        download(&repo, &id, &[("Range", "bytes=70000-")]).status,
+        repo.download(HS, &id, &[("Range", "bytes=70000-")]).status,
         416
     );
 
     // The same bytes again, under another name and type: a new media id, the same object.
     let again = repo.upload(HS, SHARED_SECRET, "text/plain", Some("other.txt"), &body);
     assert_ne!(again, id);
-    let r = download(&repo, &again, &[]);
+    let r = repo.download(HS, &again, &[]);
     assert_eq!((r.status, &r.body), (200, &body));
     assert_eq!(r.header("content-type"), Some("text/plain"));
     assert_eq!(s3.keys(), vec![key]);
@@ -194,7 +185,7 @@ fn file_and_s3_split_by_kind_put_local_media_on_s3() {
         .map(|b| repo.upload(HS, SHARED_SECRET, "application/pdf", None, b))
         .collect();
     for (id, body) in ids.iter().zip(&bodies) {
-        let r = download(&repo, id, &[]);
+        let r = repo.download(HS, id, &[]);
         assert_eq!((r.status, &r.body), (200, body));
     }
     // Local media went to S3 (keys are the plain hashes without prefixLength); the file store,
@@ -223,20 +214,20 @@ fn a_read_only_s3_store_keeps_serving_its_media() {
     });
     repo.wait_healthy();
 
-    let r = download(&repo, &old_id, &[]);
+    let r = repo.download(HS, &old_id, &[]);
     assert_eq!((r.status, &r.body), (200, &old));
-    let r = download(&repo, &old_id, &[("Range", "bytes=100-199")]);
+    let r = repo.download(HS, &old_id, &[("Range", "bytes=100-199")]);
     assert_eq!((r.status, r.body.as_slice()), (206, &old[100..200]));
 
     // New content goes to the file store; the bucket is left alone.
     let new = sample(40_000, 4);
     let new_id = repo.upload(HS, SHARED_SECRET, "image/jpeg", None, &new);
-    assert_eq!(download(&repo, &new_id, &[]).body, new);
+    assert_eq!(repo.download(HS, &new_id, &[]).body, new);
     assert_eq!(repo.objects(), 1);
     assert_eq!(s3.keys().len(), 1);
     // Content the read-only store already has is still deduplicated against it.
     let dup_id = repo.upload(HS, SHARED_SECRET, "image/jpeg", None, &old);
-    assert_eq!(download(&repo, &dup_id, &[]).body, old);
+    assert_eq!(repo.download(HS, &dup_id, &[]).body, old);
     assert_eq!((repo.objects(), s3.keys().len()), (1, 1));
     let rows = object_rows(&first);
     assert_eq!(rows.iter().filter(|(ds, _)| ds == S3_ID).count(), 1);
@@ -335,7 +326,7 @@ fn a_300_mib_upload_goes_multipart_in_bounded_memory() {
 
     // Downloaded whole and byte-identical; a range across a part boundary.
     let started = Instant::now();
-    let r = download(&repo, &id, &[]);
+    let r = repo.download(HS, &id, &[]);
     let download_s = started.elapsed().as_secs_f64();
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len() as u64, SIZE);
@@ -347,8 +338,8 @@ fn a_300_mib_upload_goes_multipart_in_bounded_memory() {
         );
     }
     let start = 16 * MIB - 50;
-    let r = download(
-        &repo,
+    let r = repo.download(
+        HS,
         &id,
         &[("Range", &format!("bytes={start}-{}", start + 99))],
     );
@@ -447,7 +438,7 @@ fn s3_going_away_gives_503_writes_nothing_and_recovers() {
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some());
     assert_eq!(r.json()["errcode"], "M_UNKNOWN");
-    let r = download(&repo, &stored_id, &[]);
+    let r = repo.download(HS, &stored_id, &[]);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some());
     // Nothing half-written: no row, no temp file; the server itself stays healthy.
@@ -474,9 +465,9 @@ fn s3_going_away_gives_503_writes_nothing_and_recovers() {
     s3.restart();
     let body = sample(25_000, 7);
     let id = repo.upload(HS, SHARED_SECRET, "image/png", None, &body);
-    let r = download(&repo, &id, &[]);
+    let r = repo.download(HS, &id, &[]);
     assert_eq!((r.status, &r.body), (200, &body));
-    let r = download(&repo, &id, &[("Range", "bytes=5-9")]);
+    let r = repo.download(HS, &id, &[("Range", "bytes=5-9")]);
     assert_eq!((r.status, r.body.as_slice()), (206, &body[5..10]));
     assert_eq!(s3.keys().len(), 1);
 }
@@ -540,7 +531,7 @@ matrix_media_repo_datastore_s3_opts_prefix_length: 2
     let repo = MediaRepo::start_with_config_file(&config_path, port, Some(db));
     let body = sample(3_000, 8);
     let id = repo.upload(HS, SHARED_SECRET, "image/gif", None, &body);
-    let r = download(&repo, &id, &[]);
+    let r = repo.download(HS, &id, &[]);
     assert_eq!((r.status, &r.body), (200, &body));
     let hash = etag_hash(&r);
     let objects = s3.objects();

@@ -236,6 +236,18 @@ impl MediaRepo {
         )
     }
 
+    /// `GET /_matrix/client/v1/media/download/{host}/{media_id}` with the shared secret, plus
+    /// `headers`.
+    pub fn download(&self, host: &str, media_id: &str, headers: &[(&str, &str)]) -> Response {
+        let auth = format!("Bearer {SHARED_SECRET}");
+        let mut all = vec![("Host", host), ("Authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        self.get(
+            &format!("/_matrix/client/v1/media/download/{host}/{media_id}"),
+            &all,
+        )
+    }
+
     /// Files in the datastore (objects), temp files excluded.
     pub fn objects(&self) -> usize {
         count_files(&self.dir.path().join("media"), true)
@@ -355,6 +367,20 @@ pub struct Pg {
     pub host: String,
     pub port: String,
     pub user: String,
+}
+
+impl Pg {
+    /// `mmrctl import`'s connection flags for this server.
+    pub fn flags(&self) -> [&str; 6] {
+        [
+            "--db-host",
+            &self.host,
+            "--db-port",
+            &self.port,
+            "--db-user",
+            &self.user,
+        ]
+    }
 }
 
 pub fn pg() -> Pg {
