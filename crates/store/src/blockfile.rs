@@ -11,14 +11,18 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Mutex, PoisonError};
 
 /// Large files are written in blocks of this size: a direct write of 1 MiB keeps a disk busy where
 /// 256 KiB gets two thirds of its speed.
 pub(crate) const BLOCK: usize = 1 << 20;
-/// Blocks in the pool: uploads written directly at once.
+/// Blocks in the pool, shared by all uploads.
 const POOL_BLOCKS: usize = 8;
+/// Blocks one upload may hold: one filling, the others waiting for or in a write. When the disk
+/// falls behind, those waiting go in one vectored write, which the kernel submits as several
+/// requests at once: a virtual disk's latency no longer stalls hashing.
+const UPLOAD_BLOCKS: usize = 4;
 /// Buffered writes: bytes written between background flushes.
 const FLUSH_EVERY: u64 = 16 * 1024 * 1024;
 
@@ -27,6 +31,7 @@ pub(crate) struct BlockWriter {
     /// thread. Exactly one of the two is set.
     out: Option<Output>,
     appender: Option<Appender>,
+    pool: &'static Pool,
     /// The block being filled (page-aligned, as direct writes need), or none: write through.
     block: Option<PooledBlock>,
     filled: usize,
@@ -64,7 +69,11 @@ fn lost() -> io::Error {
 
 impl BlockWriter {
     pub(crate) fn new(file: File) -> BlockWriter {
-        let block = PooledBlock::take();
+        BlockWriter::with_pool(file, &POOL)
+    }
+
+    fn with_pool(file: File, pool: &'static Pool) -> BlockWriter {
+        let block = pool.take();
         let mode = match block {
             Some(_) => Mode::Undecided,
             None => Mode::buffered(),
@@ -76,6 +85,7 @@ impl BlockWriter {
                 mode,
             }),
             appender: None,
+            pool,
             block,
             filled: 0,
         }
@@ -84,7 +94,7 @@ impl BlockWriter {
     pub(crate) fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let Some(block) = &mut self.block else {
-                return self.out.as_mut().ok_or_else(lost)?.append(data);
+                return self.out.as_mut().ok_or_else(lost)?.append(&[data]);
             };
             let (now, later) = data.split_at((BLOCK - self.filled).min(data.len()));
             block.bytes()[self.filled..self.filled + now.len()].copy_from_slice(now);
@@ -101,16 +111,16 @@ impl BlockWriter {
 
     /// Writes a full block, on the appender's thread once a second block can be filled meanwhile
     /// (the first full block starts it); returns an empty block.
-    fn write_block(&mut self, mut full: PooledBlock) -> io::Result<PooledBlock> {
+    fn write_block(&mut self, full: PooledBlock) -> io::Result<PooledBlock> {
         if self.appender.is_none()
-            && let Some(spare) = PooledBlock::take()
+            && let Some(spare) = self.pool.take()
         {
             let out = self.out.take().ok_or_else(lost)?;
-            self.appender = Some(Appender::start(out, spare));
+            self.appender = Some(Appender::start(out, spare, self.pool));
         }
         match (&mut self.appender, &mut self.out) {
             (Some(appender), _) => appender.append(full),
-            (None, Some(out)) => out.append(full.bytes()).map(|()| full),
+            (None, Some(out)) => out.append(&[full.filled()]).map(|()| full),
             (None, None) => Err(lost()),
         }
     }
@@ -141,24 +151,34 @@ impl BlockWriter {
     }
 }
 
-/// A thread that writes full blocks while the next one fills: a direct write waits for the disk.
-/// Two blocks take turns between the writer and this thread.
+/// A thread that writes full blocks while the next ones fill: a direct write waits for the disk.
+/// Up to [`UPLOAD_BLOCKS`] blocks take turns between the writer and this thread.
 struct Appender {
     blocks: SyncSender<PooledBlock>,
     written: Receiver<io::Result<PooledBlock>>,
     /// The second block, until its first turn.
     spare: Option<PooledBlock>,
+    /// Blocks this upload holds, wherever they are.
+    held: usize,
+    pool: &'static Pool,
     thread: std::thread::JoinHandle<Output>,
 }
 
 impl Appender {
-    fn start(mut out: Output, spare: PooledBlock) -> Appender {
-        let (blocks, to_write) = sync_channel::<PooledBlock>(1);
-        let (done, written) = sync_channel(2);
+    fn start(mut out: Output, spare: PooledBlock, pool: &'static Pool) -> Appender {
+        // Neither side ever waits for room: there are never more blocks than either channel holds.
+        let (blocks, to_write) = sync_channel::<PooledBlock>(UPLOAD_BLOCKS);
+        let (done, written) = sync_channel(UPLOAD_BLOCKS);
         let thread = std::thread::spawn(move || {
-            for mut block in to_write {
-                let result = out.append(block.bytes()).map(|()| block);
-                if done.send(result).is_err() {
+            while let Ok(first) = to_write.recv() {
+                let mut batch = vec![first];
+                batch.extend(to_write.try_iter().take(UPLOAD_BLOCKS - 1));
+                let parts: Vec<&[u8]> = batch.iter().map(PooledBlock::filled).collect();
+                if let Err(e) = out.append(&parts) {
+                    let _ = done.send(Err(e));
+                    break;
+                }
+                if batch.into_iter().any(|block| done.send(Ok(block)).is_err()) {
                     break;
                 }
             }
@@ -168,6 +188,8 @@ impl Appender {
             blocks,
             written,
             spare: Some(spare),
+            held: 2,
+            pool,
             thread,
         }
     }
@@ -179,10 +201,22 @@ impl Appender {
     /// Hands over a full block; returns an empty one to fill.
     fn append(&mut self, block: PooledBlock) -> io::Result<PooledBlock> {
         self.blocks.send(block).map_err(|_| Self::gone())?;
-        match self.spare.take() {
-            Some(spare) => Ok(spare),
-            None => self.written.recv().map_err(|_| Self::gone())?,
+        if let Some(spare) = self.spare.take() {
+            return Ok(spare);
         }
+        match self.written.try_recv() {
+            Ok(written) => return written,
+            Err(TryRecvError::Disconnected) => return Err(Self::gone()),
+            Err(TryRecvError::Empty) => {}
+        }
+        // All in a write: another block while this upload may hold one more and the pool has it.
+        if self.held < UPLOAD_BLOCKS
+            && let Some(block) = self.pool.take()
+        {
+            self.held += 1;
+            return Ok(block);
+        }
+        self.written.recv().map_err(|_| Self::gone())?
     }
 
     /// Waits for the blocks handed over; returns the output.
@@ -196,9 +230,9 @@ impl Appender {
 }
 
 impl Output {
-    /// Writes `data` at the end of the file: directly when it is a block and the file system takes
-    /// it, else through the page cache.
-    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Writes `parts` at the end of the file: directly (in one vectored write) when they are blocks
+    /// and the file system takes them, else through the page cache.
+    fn append(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         if matches!(self.mode, Mode::Undecided) {
             self.mode = match set_direct(&self.file, true) {
                 Ok(()) => Mode::Direct,
@@ -209,9 +243,9 @@ impl Output {
             };
         }
         if matches!(self.mode, Mode::Direct) {
-            match self.file.write_all_at(data, self.written) {
+            match write_all_vectored_at(&self.file, parts, self.written) {
                 Ok(()) => {
-                    self.written += data.len() as u64;
+                    self.written += parts.iter().map(|p| p.len() as u64).sum::<u64>();
                     return Ok(());
                 }
                 // An alignment this file system does not take: rewrite the block (positioned, so
@@ -224,10 +258,11 @@ impl Output {
                 Err(e) => return Err(e),
             }
         }
-        self.file.write_all_at(data, self.written)?;
-        self.written += data.len() as u64;
+        let len = parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        write_all_vectored_at(&self.file, parts, self.written)?;
+        self.written += len;
         if let Mode::Buffered { flusher, unflushed } = &mut self.mode {
-            *unflushed += data.len() as u64;
+            *unflushed += len;
             // Flush what is written so far on another thread while writing goes on, so that the
             // final fdatasync has little left to do.
             if *unflushed >= FLUSH_EVERY {
@@ -240,6 +275,24 @@ impl Output {
         }
         Ok(())
     }
+}
+
+/// `pwritev` until all of `parts` is written at `offset`.
+fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+    let slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+    let mut done = rustix::io::pwritev(file, &slices, offset)?;
+    // A short write (a full disk, say): the rest part by part, which reports the error.
+    let mut at = 0;
+    for part in parts {
+        let end = at + part.len();
+        if done < end {
+            let skip = done.saturating_sub(at);
+            file.write_all_at(&part[skip..], offset + (at + skip) as u64)?;
+            done = end;
+        }
+        at = end;
+    }
+    Ok(())
 }
 
 /// Blocks for direct writes, at most `capacity` of them; mapped when first needed, then reused.
@@ -297,12 +350,12 @@ struct PooledBlock {
 }
 
 impl PooledBlock {
-    fn take() -> Option<PooledBlock> {
-        POOL.take()
-    }
-
     fn bytes(&mut self) -> &mut [u8] {
         self.map.as_deref_mut().unwrap_or_default()
+    }
+
+    fn filled(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or_default()
     }
 }
 
@@ -459,9 +512,9 @@ mod tests {
             written: 0,
             mode: Mode::Undecided,
         };
-        let mut block = PooledBlock::take().unwrap();
+        let mut block = POOL.take().unwrap();
         block.bytes().copy_from_slice(&pattern(BLOCK));
-        out.append(block.bytes()).unwrap();
+        out.append(&[block.bytes()]).unwrap();
         let direct = matches!(out.mode, Mode::Direct);
         assert_eq!(direct, supported, "direct writes in {}", dir.display());
         assert!(std::fs::read(temp.path()).unwrap() == pattern(BLOCK));
@@ -485,6 +538,53 @@ mod tests {
         drop(taken);
         assert!(pool.take().is_some(), "returned blocks are taken again");
         assert_eq!(pool.state().mapped, 3, "and not mapped anew");
+    }
+
+    #[test]
+    fn blocks_written_together_come_back_in_order() {
+        let data = pattern(3 * BLOCK);
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(3)));
+        for direct in [true, false] {
+            let temp = tempfile::NamedTempFile::new().unwrap();
+            let mut out = Output {
+                file: temp.reopen().unwrap(),
+                written: 0,
+                mode: if direct {
+                    Mode::Undecided
+                } else {
+                    Mode::buffered()
+                },
+            };
+            let mut blocks: Vec<PooledBlock> = std::iter::from_fn(|| pool.take()).collect();
+            for (block, part) in blocks.iter_mut().zip(data.chunks(BLOCK)) {
+                block.bytes().copy_from_slice(part);
+            }
+            // After a first write, at its end.
+            out.append(&[blocks[0].filled()]).unwrap();
+            out.append(&[blocks[1].filled(), blocks[2].filled()])
+                .unwrap();
+            assert_eq!(out.written, 3 * BLOCK as u64);
+            assert!(
+                std::fs::read(temp.path()).unwrap() == data,
+                "direct: {direct}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_upload_holds_a_bounded_number_of_blocks() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(2 * UPLOAD_BLOCKS)));
+        let data = pattern(40 * BLOCK + 7);
+        let temp = tempfile::NamedTempFile::new().unwrap();
+        let mut out = BlockWriter::with_pool(temp.reopen().unwrap(), pool);
+        for piece in data.chunks(65536) {
+            out.write(piece).unwrap();
+        }
+        let mapped = pool.state().mapped;
+        assert!((2..=UPLOAD_BLOCKS).contains(&mapped), "{mapped} blocks");
+        out.finish().unwrap();
+        assert_eq!(pool.state().free.len(), mapped, "all back in the pool");
+        assert!(std::fs::read(temp.path()).unwrap() == data);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use config::MediaKind;
 use futures_util::{Stream, StreamExt as _};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 
 use crate::blockfile::BlockWriter;
@@ -46,6 +47,9 @@ fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
 /// Received bytes (in KiB) waiting for an upload's worker thread: enough to keep it busy while the
 /// network delivers the next chunks.
 const UPLOAD_KIB_IN_FLIGHT: u32 = 2 * 1024;
+/// The worker frees finished chunks once this many bytes of them are done (or it has nothing else
+/// to do): half the budget, so that the task receives the next half meanwhile.
+const RELEASE_EVERY: usize = UPLOAD_KIB_IN_FLIGHT as usize * 1024 / 2;
 /// The same for all uploads at once, so that memory stays bounded whatever their number.
 const ALL_KIB_IN_FLIGHT: u32 = 8 * 1024;
 static ALL_IN_FLIGHT: Semaphore = Semaphore::const_new(ALL_KIB_IN_FLIGHT as usize);
@@ -330,10 +334,33 @@ where
             .into_parts();
         let mut hasher = Sha256::new();
         let mut out = BlockWriter::new(file);
-        while let Some(chunk) = rx.blocking_recv() {
+        // Chunks done with, freed (and their permits returned) together: waking the receiving task
+        // for each one would cost this thread a context switch per chunk.
+        let mut done = Vec::new();
+        let mut done_bytes = 0;
+        loop {
+            let chunk = match rx.try_recv() {
+                Ok(chunk) => chunk,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    // Waiting anyway: let the receiving task go on.
+                    done.clear();
+                    done_bytes = 0;
+                    match rx.blocking_recv() {
+                        Some(chunk) => chunk,
+                        None => break,
+                    }
+                }
+            };
             for piece in chunk.bytes.chunks(PIECE) {
                 hasher.update(piece);
                 out.write(piece)?;
+            }
+            done_bytes += chunk.bytes.len();
+            done.push(chunk);
+            if done_bytes >= RELEASE_EVERY {
+                done.clear();
+                done_bytes = 0;
             }
         }
         // Acknowledged only once durable.
