@@ -4,9 +4,11 @@
 //! fdatasync has only metadata left to do.
 //!
 //! Blocks come from a small pool shared by all uploads, which bounds their memory whatever the
-//! number of uploads: an upload that finds the pool empty, or a file system that refuses direct
-//! writes, goes through the page cache, flushed in the background as it accumulates. A file
-//! smaller than one block is written in one buffered piece: there is nothing to save.
+//! number of uploads. The receiving task fills them ([`Filler`]), the hashing thread hands them to
+//! a [`BlockWriter`], and they come back to be filled again. An upload that finds the pool empty,
+//! or a file system that refuses direct writes, goes through the page cache, flushed in the
+//! background as it accumulates. A file smaller than one block is written in one buffered piece:
+//! there is nothing to save.
 
 use std::fs::File;
 use std::io;
@@ -14,15 +16,17 @@ use std::os::unix::fs::FileExt as _;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Mutex, PoisonError};
 
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
 /// Large files are written in blocks of this size: a direct write of 1 MiB keeps a disk busy where
 /// 256 KiB gets two thirds of its speed.
 pub(crate) const BLOCK: usize = 1 << 20;
 /// Blocks in the pool, shared by all uploads.
-const POOL_BLOCKS: usize = 8;
+const POOL_BLOCKS: usize = 16;
 /// Blocks one upload may hold: one filling, the others waiting for or in a write. When the disk
 /// falls behind, those waiting go in one vectored write, which the kernel submits as several
 /// requests at once: a virtual disk's latency no longer stalls hashing.
-const UPLOAD_BLOCKS: usize = 4;
+const UPLOAD_BLOCKS: usize = 8;
 /// Buffered writes: bytes written between background flushes.
 const FLUSH_EVERY: u64 = 16 * 1024 * 1024;
 
@@ -35,6 +39,8 @@ pub(crate) struct BlockWriter {
     /// The block being filled (page-aligned, as direct writes need), or none: write through.
     block: Option<PooledBlock>,
     filled: usize,
+    /// Blocks filled elsewhere ([`Filler`]) go back there once written.
+    returns: Option<UnboundedSender<PooledBlock>>,
 }
 
 struct Output {
@@ -88,7 +94,43 @@ impl BlockWriter {
             pool,
             block,
             filled: 0,
+            returns: None,
         }
+    }
+
+    /// A writer of blocks that a [`Filler`] fills, handed over with [`BlockWriter::append_filled`]
+    /// and given back to it through `returns` once written.
+    pub(crate) fn for_filled(file: File, returns: UnboundedSender<PooledBlock>) -> BlockWriter {
+        BlockWriter {
+            out: Some(Output {
+                file,
+                written: 0,
+                mode: Mode::Undecided,
+            }),
+            appender: None,
+            pool: &POOL,
+            block: None,
+            filled: 0,
+            returns: Some(returns),
+        }
+    }
+
+    /// Writes a full block from a [`Filler`], on the appender's thread.
+    pub(crate) fn append_filled(&mut self, full: PooledBlock) -> io::Result<()> {
+        if self.appender.is_none() {
+            let out = self.out.take().ok_or_else(lost)?;
+            self.appender = Some(Appender::start(out, None, self.pool, self.returns.take()));
+        }
+        self.appender.as_mut().ok_or_else(lost)?.hand_over(full)
+    }
+
+    /// [`BlockWriter::finish`], with a [`Filler`]'s last block as the tail.
+    pub(crate) fn finish_with(mut self, tail: Option<Filled>) -> io::Result<()> {
+        if let Some(tail) = tail {
+            self.block = Some(tail.block);
+            self.filled = tail.len;
+        }
+        self.finish()
     }
 
     pub(crate) fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
@@ -116,7 +158,7 @@ impl BlockWriter {
             && let Some(spare) = self.pool.take()
         {
             let out = self.out.take().ok_or_else(lost)?;
-            self.appender = Some(Appender::start(out, spare, self.pool));
+            self.appender = Some(Appender::start(out, Some(spare), self.pool, None));
         }
         match (&mut self.appender, &mut self.out) {
             (Some(appender), _) => appender.append(full),
@@ -165,7 +207,13 @@ struct Appender {
 }
 
 impl Appender {
-    fn start(mut out: Output, spare: PooledBlock, pool: &'static Pool) -> Appender {
+    /// Written blocks go to `returns` if given, else back to [`Appender::append`].
+    fn start(
+        mut out: Output,
+        spare: Option<PooledBlock>,
+        pool: &'static Pool,
+        returns: Option<UnboundedSender<PooledBlock>>,
+    ) -> Appender {
         // Neither side ever waits for room: there are never more blocks than either channel holds.
         let (blocks, to_write) = sync_channel::<PooledBlock>(UPLOAD_BLOCKS);
         let (done, written) = sync_channel(UPLOAD_BLOCKS);
@@ -178,8 +226,13 @@ impl Appender {
                     let _ = done.send(Err(e));
                     break;
                 }
-                if batch.into_iter().any(|block| done.send(Ok(block)).is_err()) {
-                    break;
+                for block in batch {
+                    match &returns {
+                        // A filler that has gone lets the block drop, back to the pool.
+                        Some(returns) => drop(returns.send(block)),
+                        None if done.send(Ok(block)).is_err() => return out,
+                        None => {}
+                    }
                 }
             }
             out
@@ -187,8 +240,8 @@ impl Appender {
         Appender {
             blocks,
             written,
-            spare: Some(spare),
-            held: 2,
+            held: 1 + usize::from(spare.is_some()),
+            spare,
             pool,
             thread,
         }
@@ -198,9 +251,13 @@ impl Appender {
         io::Error::other("the block writer thread stopped")
     }
 
+    fn hand_over(&mut self, block: PooledBlock) -> io::Result<()> {
+        self.blocks.send(block).map_err(|_| Self::gone())
+    }
+
     /// Hands over a full block; returns an empty one to fill.
     fn append(&mut self, block: PooledBlock) -> io::Result<PooledBlock> {
-        self.blocks.send(block).map_err(|_| Self::gone())?;
+        self.hand_over(block)?;
         if let Some(spare) = self.spare.take() {
             return Ok(spare);
         }
@@ -277,6 +334,95 @@ impl Output {
     }
 }
 
+/// The receiving side of an upload copies what arrives into blocks, so that the thread that hashes
+/// them has nothing else to do: each received chunk is copied on the core that received it, while
+/// it is in that core's cache, and freed at once. The blocks go round: this filler, the hashing
+/// thread, the [`Appender`] writing them, and back; at most [`UPLOAD_BLOCKS`] of them.
+pub(crate) struct Filler {
+    block: Option<PooledBlock>,
+    filled: usize,
+    held: usize,
+    returned: UnboundedReceiver<PooledBlock>,
+}
+
+/// A block from a [`Filler`]: full, or the last of an upload.
+pub(crate) struct Filled {
+    block: PooledBlock,
+    len: usize,
+}
+
+impl Filled {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.block.filled()[..self.len]
+    }
+
+    /// A full block, or else the upload's last.
+    pub(crate) fn into_full(self) -> Result<PooledBlock, Filled> {
+        if self.len == BLOCK {
+            Ok(self.block)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl Filler {
+    /// A filler, with the channel its written blocks come back on; none when the pool is empty.
+    pub(crate) fn start() -> Option<(Filler, UnboundedSender<PooledBlock>)> {
+        let block = POOL.take()?;
+        let (returns, returned) = tokio::sync::mpsc::unbounded_channel();
+        let filler = Filler {
+            block: Some(block),
+            filled: 0,
+            held: 1,
+            returned,
+        };
+        Some((filler, returns))
+    }
+
+    /// Copies from the front of `data` into the block, advancing `data`; returns the block when
+    /// it is full. Then [`Filler::next_block`] must be awaited before filling again.
+    pub(crate) fn fill(&mut self, data: &mut &[u8]) -> Option<Filled> {
+        let block = self.block.as_mut()?;
+        let (now, later) = data.split_at((BLOCK - self.filled).min(data.len()));
+        block.bytes()[self.filled..self.filled + now.len()].copy_from_slice(now);
+        self.filled += now.len();
+        *data = later;
+        if self.filled < BLOCK {
+            return None;
+        }
+        self.filled = 0;
+        self.block.take().map(|block| Filled { block, len: BLOCK })
+    }
+
+    /// An empty block to fill: a written one, a new one while this upload holds fewer than
+    /// [`UPLOAD_BLOCKS`] and the pool has one, else the next written. False when the writer has
+    /// stopped (it reports why).
+    pub(crate) async fn next_block(&mut self) -> bool {
+        use tokio::sync::mpsc::error::TryRecvError as Nothing;
+        let block = match self.returned.try_recv() {
+            Ok(block) => Some(block),
+            Err(Nothing::Disconnected) => None,
+            Err(Nothing::Empty) if self.held < UPLOAD_BLOCKS => match POOL.take() {
+                Some(block) => {
+                    self.held += 1;
+                    Some(block)
+                }
+                None => self.returned.recv().await,
+            },
+            Err(Nothing::Empty) => self.returned.recv().await,
+        };
+        self.block = block;
+        self.block.is_some()
+    }
+
+    /// The last block, partly filled (or empty).
+    pub(crate) fn tail(self) -> Option<Filled> {
+        let len = self.filled;
+        self.block.map(|block| Filled { block, len })
+    }
+}
+
 /// `pwritev` until all of `parts` is written at `offset`.
 fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
     let slices: Vec<io::IoSlice<'_>> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
@@ -344,7 +490,7 @@ impl Pool {
 
 /// A block of a pool, back to it when dropped. Anonymous mappings, apart from the heap:
 /// page-aligned, and reused blocks are already backed by memory (no page faults).
-struct PooledBlock {
+pub(crate) struct PooledBlock {
     map: Option<memmap2::MmapMut>,
     pool: &'static Pool,
 }
@@ -585,6 +731,38 @@ mod tests {
         out.finish().unwrap();
         assert_eq!(pool.state().free.len(), mapped, "all back in the pool");
         assert!(std::fs::read(temp.path()).unwrap() == data);
+    }
+
+    #[tokio::test]
+    async fn a_filler_hands_over_full_blocks_in_order_then_the_tail() {
+        let data = pattern(3 * BLOCK + 5);
+        let (mut filler, returns) = Filler::start().expect("the pool has a block");
+        let mut got = Vec::new();
+        for chunk in data.chunks(300_000) {
+            let mut chunk = chunk;
+            while !chunk.is_empty() {
+                if let Some(full) = filler.fill(&mut chunk) {
+                    got.extend_from_slice(full.bytes());
+                    let block = full.into_full().ok().expect("a full block");
+                    // Written: back to the filler.
+                    returns.send(block).unwrap();
+                    assert!(filler.next_block().await);
+                }
+            }
+        }
+        let tail = filler.tail().expect("the last block");
+        assert_eq!(tail.bytes().len(), 5);
+        got.extend_from_slice(tail.bytes());
+        assert!(got == data);
+    }
+
+    #[tokio::test]
+    async fn a_filler_stops_when_its_writer_has_gone() {
+        let (mut filler, returns) = Filler::start().expect("the pool has a block");
+        let data = pattern(BLOCK);
+        let full = filler.fill(&mut &data[..]).expect("one full block");
+        drop((full, returns));
+        assert!(!filler.next_block().await, "no block comes back");
     }
 
     #[test]

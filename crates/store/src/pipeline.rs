@@ -2,8 +2,9 @@
 //! fetch, thumbnails, transfers):
 //!
 //! 1. stream the body to a temp file in the target datastore while hashing and counting, enforcing the
-//!    size limit as bytes arrive: a worker thread hashes and copies, another writes full blocks
-//!    ([`crate::blockfile`]), with the bytes in flight bounded;
+//!    size limit as bytes arrive: the receiving task copies chunks into pooled blocks, a worker
+//!    thread hashes them, another writes them ([`crate::blockfile`]); without a free block, the
+//!    chunks themselves go to the worker, bounded in number;
 //! 2. fsync, then place it at its content-addressed location (skipped when the object exists);
 //! 3. under a per-hash advisory lock: insert the object row (`ON CONFLICT DO NOTHING`), make sure a new
 //!    object really is in place, and insert (or complete) the media row, all in one transaction.
@@ -15,10 +16,11 @@ use bytes::Bytes;
 use config::MediaKind;
 use futures_util::{Stream, StreamExt as _};
 use sha2::{Digest as _, Sha256};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 
-use crate::blockfile::BlockWriter;
+use crate::blockfile::{BlockWriter, Filled, Filler, PooledBlock};
 use crate::{Error, Media, ObjectRef, Store, ids, now_ms};
 
 const LOCK_HASH: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
@@ -326,6 +328,115 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,
 {
+    match Filler::start() {
+        Some((filler, returns)) => write_temp_filled(dir, body, limits, filler, returns).await,
+        None => write_temp_chunks(dir, body, limits).await,
+    }
+}
+
+/// Checks a received chunk against the size limit.
+fn receive<E: std::fmt::Display>(
+    bytes: Result<Bytes, E>,
+    received: &mut u64,
+    limits: Limits,
+) -> Result<Bytes, Error> {
+    let bytes = bytes.map_err(|e| Error::Aborted(e.to_string()))?;
+    *received += bytes.len() as u64;
+    if limits.max_bytes > 0 && *received > limits.max_bytes {
+        return Err(Error::TooLarge {
+            max: limits.max_bytes,
+        });
+    }
+    Ok(bytes)
+}
+
+/// [`write_temp`] with blocks from the pool: this task copies each chunk into a block as it arrives
+/// (and frees it), a blocking thread hashes full blocks and hands them to the [`BlockWriter`]; the
+/// blocks in flight bound the memory.
+async fn write_temp_filled<S, E>(
+    dir: PathBuf,
+    body: S,
+    limits: Limits,
+    mut filler: Filler,
+    returns: UnboundedSender<PooledBlock>,
+) -> Result<Written, Error>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: std::fmt::Display,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<Filled>();
+    let worker = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        let (file, temp) = tempfile::Builder::new()
+            .prefix("upload-")
+            .tempfile_in(&dir)?
+            .into_parts();
+        let mut hasher = Sha256::new();
+        let mut out = BlockWriter::for_filled(file, returns);
+        let mut tail = None;
+        while let Some(filled) = rx.blocking_recv() {
+            hasher.update(filled.bytes());
+            match filled.into_full() {
+                Ok(full) => out.append_filled(full)?,
+                Err(last) => {
+                    tail = Some(last);
+                    break;
+                }
+            }
+        }
+        // Acknowledged only once durable.
+        out.finish_with(tail)?;
+        Ok((temp, hex::encode(hasher.finalize())))
+    });
+
+    let mut received = 0u64;
+    let mut body = std::pin::pin!(body);
+    let streamed: Result<(), Error> = async {
+        'body: while let Some(bytes) = body.next().await {
+            let bytes = receive(bytes, &mut received, limits)?;
+            let mut data = &bytes[..];
+            while !data.is_empty() {
+                if let Some(full) = filler.fill(&mut data) {
+                    // On failure the worker has stopped; its error is reported below.
+                    if tx.send(full).is_err() || !filler.next_block().await {
+                        break 'body;
+                    }
+                }
+            }
+        }
+        if let Some(tail) = filler.tail() {
+            let _ = tx.send(tail);
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    finish_temp(worker.await, streamed, received)
+}
+
+/// The outcome of a temp file's worker and of receiving its body.
+fn finish_temp(
+    worker: Result<Result<(tempfile::TempPath, String), Error>, tokio::task::JoinError>,
+    streamed: Result<(), Error>,
+    received: u64,
+) -> Result<Written, Error> {
+    let written = worker.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    // On a streaming error the temp file is dropped (deleted) here.
+    streamed?;
+    let (temp, sha256) = written?;
+    Ok(Written {
+        temp,
+        sha256,
+        size: received,
+    })
+}
+
+/// [`write_temp`] when the pool has no block: the chunks go as they are to a thread that hashes and
+/// writes them, bounded in number.
+async fn write_temp_chunks<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: std::fmt::Display,
+{
     let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
     let worker = tokio::task::spawn_blocking(move || -> Result<_, Error> {
         let (file, temp) = tempfile::Builder::new()
@@ -373,13 +484,7 @@ where
     let mut body = std::pin::pin!(body);
     let streamed: Result<(), Error> = async {
         while let Some(bytes) = body.next().await {
-            let bytes = bytes.map_err(|e| Error::Aborted(e.to_string()))?;
-            received += bytes.len() as u64;
-            if limits.max_bytes > 0 && received > limits.max_bytes {
-                return Err(Error::TooLarge {
-                    max: limits.max_bytes,
-                });
-            }
+            let bytes = receive(bytes, &mut received, limits)?;
             // A chunk larger than a budget takes all of it. The semaphores are never closed: no
             // error.
             let kib = u32::try_from(bytes.len().div_ceil(1024)).unwrap_or(u32::MAX);
@@ -406,17 +511,7 @@ where
     }
     .await;
     drop(tx);
-    let written = worker
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-    // On a streaming error the temp file is dropped (deleted) here.
-    streamed?;
-    let (temp, sha256) = written?;
-    Ok(Written {
-        temp,
-        sha256,
-        size: received,
-    })
+    finish_temp(worker.await, streamed, received)
 }
 
 /// Hashing and copying go piece by piece: a piece just hashed is still in the cache when copied.
