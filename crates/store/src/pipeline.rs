@@ -366,10 +366,7 @@ where
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<Filled>();
     let worker = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-        let (file, temp) = tempfile::Builder::new()
-            .prefix("upload-")
-            .tempfile_in(&dir)?
-            .into_parts();
+        let (file, temp) = temp_file(&dir)?;
         let mut hasher = Sha256::new();
         let mut out = BlockWriter::for_filled(file, returns);
         let mut tail = None;
@@ -413,6 +410,13 @@ where
     finish_temp(worker.await, streamed, received)
 }
 
+fn temp_file(dir: &std::path::Path) -> Result<(std::fs::File, tempfile::TempPath), Error> {
+    Ok(tempfile::Builder::new()
+        .prefix("upload-")
+        .tempfile_in(dir)?
+        .into_parts())
+}
+
 /// The outcome of a temp file's worker and of receiving its body.
 fn finish_temp(
     worker: Result<Result<(tempfile::TempPath, String), Error>, tokio::task::JoinError>,
@@ -439,10 +443,7 @@ where
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<Chunk>();
     let worker = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-        let (file, temp) = tempfile::Builder::new()
-            .prefix("upload-")
-            .tempfile_in(&dir)?
-            .into_parts();
+        let (file, temp) = temp_file(&dir)?;
         let mut hasher = Sha256::new();
         let mut out = BlockWriter::new(file);
         // Chunks done with, freed (and their permits returned) together: waking the receiving task
