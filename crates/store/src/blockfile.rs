@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Mutex, PoisonError};
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -30,16 +30,14 @@ const UPLOAD_BLOCKS: usize = 8;
 /// Buffered writes: bytes written between background flushes.
 const FLUSH_EVERY: u64 = 16 * 1024 * 1024;
 
+/// An upload's temp file: full blocks from a [`Filler`], written on the appender's thread, or (when
+/// the pool had no block) chunks written here through the page cache.
 pub(crate) struct BlockWriter {
-    /// Where blocks are written: here until a second block is to be had, then on the appender's
-    /// thread. Exactly one of the two is set.
+    /// Where blocks are written: here until the first full block, then on the appender's thread.
+    /// Exactly one of the two is set.
     out: Option<Output>,
     appender: Option<Appender>,
-    pool: &'static Pool,
-    /// The block being filled (page-aligned, as direct writes need), or none: write through.
-    block: Option<PooledBlock>,
-    filled: usize,
-    /// Blocks filled elsewhere ([`Filler`]) go back there once written.
+    /// Where written blocks go back to; it moves to the appender's thread.
     returns: Option<UnboundedSender<PooledBlock>>,
 }
 
@@ -74,16 +72,18 @@ fn lost() -> io::Error {
 }
 
 impl BlockWriter {
-    pub(crate) fn new(file: File) -> BlockWriter {
-        BlockWriter::with_pool(file, &POOL)
+    /// A writer of chunks ([`BlockWriter::write`]), through the page cache.
+    pub(crate) fn buffered(file: File) -> BlockWriter {
+        BlockWriter::with(file, Mode::buffered(), None)
     }
 
-    fn with_pool(file: File, pool: &'static Pool) -> BlockWriter {
-        let block = pool.take();
-        let mode = match block {
-            Some(_) => Mode::Undecided,
-            None => Mode::buffered(),
-        };
+    /// A writer of the blocks a [`Filler`] fills, handed over with [`BlockWriter::append_filled`]
+    /// and given back to it through `returns` once written.
+    pub(crate) fn for_filled(file: File, returns: UnboundedSender<PooledBlock>) -> BlockWriter {
+        BlockWriter::with(file, Mode::Undecided, Some(returns))
+    }
+
+    fn with(file: File, mode: Mode, returns: Option<UnboundedSender<PooledBlock>>) -> BlockWriter {
         BlockWriter {
             out: Some(Output {
                 file,
@@ -91,84 +91,33 @@ impl BlockWriter {
                 mode,
             }),
             appender: None,
-            pool,
-            block,
-            filled: 0,
-            returns: None,
+            returns,
         }
     }
 
-    /// A writer of blocks that a [`Filler`] fills, handed over with [`BlockWriter::append_filled`]
-    /// and given back to it through `returns` once written.
-    pub(crate) fn for_filled(file: File, returns: UnboundedSender<PooledBlock>) -> BlockWriter {
-        BlockWriter {
-            out: Some(Output {
-                file,
-                written: 0,
-                mode: Mode::Undecided,
-            }),
-            appender: None,
-            pool: &POOL,
-            block: None,
-            filled: 0,
-            returns: Some(returns),
-        }
+    /// Writes a chunk at the end of the file (before any block).
+    pub(crate) fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.out.as_mut().ok_or_else(lost)?.append(&[data])
     }
 
     /// Writes a full block from a [`Filler`], on the appender's thread.
     pub(crate) fn append_filled(&mut self, full: PooledBlock) -> io::Result<()> {
         if self.appender.is_none() {
             let out = self.out.take().ok_or_else(lost)?;
-            self.appender = Some(Appender::start(out, None, self.pool, self.returns.take()));
+            let returns = self.returns.take().ok_or_else(lost)?;
+            self.appender = Some(Appender::start(out, returns));
         }
-        self.appender.as_mut().ok_or_else(lost)?.hand_over(full)
-    }
-
-    /// [`BlockWriter::finish`], with a [`Filler`]'s last block as the tail.
-    pub(crate) fn finish_with(mut self, tail: Option<Filled>) -> io::Result<()> {
-        if let Some(tail) = tail {
-            self.block = Some(tail.block);
-            self.filled = tail.len;
-        }
-        self.finish()
-    }
-
-    pub(crate) fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let Some(block) = &mut self.block else {
-                return self.out.as_mut().ok_or_else(lost)?.append(&[data]);
-            };
-            let (now, later) = data.split_at((BLOCK - self.filled).min(data.len()));
-            block.bytes()[self.filled..self.filled + now.len()].copy_from_slice(now);
-            self.filled += now.len();
-            data = later;
-            if self.filled == BLOCK {
-                let full = self.block.take().ok_or_else(lost)?;
-                self.block = Some(self.write_block(full)?);
-                self.filled = 0;
-            }
+        let appender = self.appender.as_mut().ok_or_else(lost)?;
+        if appender.blocks.send(full).is_err() {
+            // The thread stopped on an error: report that one.
+            let appender = self.appender.take().ok_or_else(lost)?;
+            return Err(appender.finish().err().unwrap_or_else(lost));
         }
         Ok(())
     }
 
-    /// Writes a full block, on the appender's thread once a second block can be filled meanwhile
-    /// (the first full block starts it); returns an empty block.
-    fn write_block(&mut self, full: PooledBlock) -> io::Result<PooledBlock> {
-        if self.appender.is_none()
-            && let Some(spare) = self.pool.take()
-        {
-            let out = self.out.take().ok_or_else(lost)?;
-            self.appender = Some(Appender::start(out, Some(spare), self.pool, None));
-        }
-        match (&mut self.appender, &mut self.out) {
-            (Some(appender), _) => appender.append(full),
-            (None, Some(out)) => out.append(&[full.filled()]).map(|()| full),
-            (None, None) => Err(lost()),
-        }
-    }
-
-    /// Writes the rest and makes the whole file durable.
-    pub(crate) fn finish(self) -> io::Result<()> {
+    /// Writes `tail` (the last block, not a full one) and makes the whole file durable.
+    pub(crate) fn finish(self, tail: Option<Filled>) -> io::Result<()> {
         let mut out = match (self.appender, self.out) {
             (Some(appender), _) => appender.finish()?,
             (None, Some(out)) => out,
@@ -178,10 +127,9 @@ impl BlockWriter {
             // The tail is not a whole block.
             set_direct(&out.file, false)?;
         }
-        if let Some(mut block) = self.block {
-            out.file
-                .write_all_at(&block.bytes()[..self.filled], out.written)?;
-            out.written += self.filled as u64;
+        if let Some(tail) = tail {
+            out.file.write_all_at(tail.bytes(), out.written)?;
+            out.written += tail.len as u64;
         }
         if let Mode::Buffered {
             flusher: Some(f), ..
@@ -193,96 +141,39 @@ impl BlockWriter {
     }
 }
 
-/// A thread that writes full blocks while the next ones fill: a direct write waits for the disk.
-/// Up to [`UPLOAD_BLOCKS`] blocks take turns between the writer and this thread.
+/// A thread that writes full blocks while the next ones fill (a direct write waits for the disk),
+/// then gives them back to be filled again.
 struct Appender {
     blocks: SyncSender<PooledBlock>,
-    written: Receiver<io::Result<PooledBlock>>,
-    /// The second block, until its first turn.
-    spare: Option<PooledBlock>,
-    /// Blocks this upload holds, wherever they are.
-    held: usize,
-    pool: &'static Pool,
-    thread: std::thread::JoinHandle<Output>,
+    thread: std::thread::JoinHandle<io::Result<Output>>,
 }
 
 impl Appender {
-    /// Written blocks go to `returns` if given, else back to [`Appender::append`].
-    fn start(
-        mut out: Output,
-        spare: Option<PooledBlock>,
-        pool: &'static Pool,
-        returns: Option<UnboundedSender<PooledBlock>>,
-    ) -> Appender {
-        // Neither side ever waits for room: there are never more blocks than either channel holds.
+    fn start(mut out: Output, returns: UnboundedSender<PooledBlock>) -> Appender {
+        // Handing over never waits for room: an upload has no more blocks than this holds.
         let (blocks, to_write) = sync_channel::<PooledBlock>(UPLOAD_BLOCKS);
-        let (done, written) = sync_channel(UPLOAD_BLOCKS);
         let thread = std::thread::spawn(move || {
             while let Ok(first) = to_write.recv() {
                 let mut batch = vec![first];
                 batch.extend(to_write.try_iter().take(UPLOAD_BLOCKS - 1));
                 let parts: Vec<&[u8]> = batch.iter().map(PooledBlock::filled).collect();
-                if let Err(e) = out.append(&parts) {
-                    let _ = done.send(Err(e));
-                    break;
-                }
+                out.append(&parts)?;
                 for block in batch {
-                    match &returns {
-                        // A filler that has gone lets the block drop, back to the pool.
-                        Some(returns) => drop(returns.send(block)),
-                        None if done.send(Ok(block)).is_err() => return out,
-                        None => {}
-                    }
+                    // A filler that has gone lets the block drop, back to the pool.
+                    let _ = returns.send(block);
                 }
             }
-            out
+            Ok(out)
         });
-        Appender {
-            blocks,
-            written,
-            held: 1 + usize::from(spare.is_some()),
-            spare,
-            pool,
-            thread,
-        }
-    }
-
-    fn gone() -> io::Error {
-        io::Error::other("the block writer thread stopped")
-    }
-
-    fn hand_over(&mut self, block: PooledBlock) -> io::Result<()> {
-        self.blocks.send(block).map_err(|_| Self::gone())
-    }
-
-    /// Hands over a full block; returns an empty one to fill.
-    fn append(&mut self, block: PooledBlock) -> io::Result<PooledBlock> {
-        self.hand_over(block)?;
-        if let Some(spare) = self.spare.take() {
-            return Ok(spare);
-        }
-        match self.written.try_recv() {
-            Ok(written) => return written,
-            Err(TryRecvError::Disconnected) => return Err(Self::gone()),
-            Err(TryRecvError::Empty) => {}
-        }
-        // All in a write: another block while this upload may hold one more and the pool has it.
-        if self.held < UPLOAD_BLOCKS
-            && let Some(block) = self.pool.take()
-        {
-            self.held += 1;
-            return Ok(block);
-        }
-        self.written.recv().map_err(|_| Self::gone())?
+        Appender { blocks, thread }
     }
 
     /// Waits for the blocks handed over; returns the output.
     fn finish(self) -> io::Result<Output> {
         drop(self.blocks);
-        for result in self.written.iter() {
-            result?;
-        }
-        self.thread.join().map_err(|_| Self::gone())
+        self.thread
+            .join()
+            .map_err(|_| io::Error::other("the block writer thread panicked"))?
     }
 }
 
@@ -343,6 +234,7 @@ pub(crate) struct Filler {
     filled: usize,
     held: usize,
     returned: UnboundedReceiver<PooledBlock>,
+    pool: &'static Pool,
 }
 
 /// A block from a [`Filler`]: full, or the last of an upload.
@@ -369,13 +261,18 @@ impl Filled {
 impl Filler {
     /// A filler, with the channel its written blocks come back on; none when the pool is empty.
     pub(crate) fn start() -> Option<(Filler, UnboundedSender<PooledBlock>)> {
-        let block = POOL.take()?;
+        Filler::start_in(&POOL)
+    }
+
+    fn start_in(pool: &'static Pool) -> Option<(Filler, UnboundedSender<PooledBlock>)> {
+        let block = pool.take()?;
         let (returns, returned) = tokio::sync::mpsc::unbounded_channel();
         let filler = Filler {
             block: Some(block),
             filled: 0,
             held: 1,
             returned,
+            pool,
         };
         Some((filler, returns))
     }
@@ -403,7 +300,7 @@ impl Filler {
         let block = match self.returned.try_recv() {
             Ok(block) => Some(block),
             Err(Nothing::Disconnected) => None,
-            Err(Nothing::Empty) if self.held < UPLOAD_BLOCKS => match POOL.take() {
+            Err(Nothing::Empty) if self.held < UPLOAD_BLOCKS => match self.pool.take() {
                 Some(block) => {
                     self.held += 1;
                     Some(block)
@@ -589,33 +486,51 @@ mod tests {
         NoBlock,
     }
 
-    fn writer(file: File, setup: Setup) -> BlockWriter {
-        let mut out = BlockWriter::new(file);
-        match setup {
-            Setup::Pooled => assert!(out.block.is_some(), "the pool has a block"),
-            Setup::Refused => out.output().mode = Mode::buffered(),
-            Setup::NoBlock => {
-                out.block = None;
-                out.output().mode = Mode::buffered();
-            }
-        }
-        out
+    /// A pool of the test's own, so that tests running side by side do not share one.
+    fn own_pool() -> &'static Pool {
+        Box::leak(Box::new(Pool::new(2 * UPLOAD_BLOCKS)))
     }
 
-    /// Writes `len` bytes in pieces of `piece` bytes; returns what was sent and what the file holds.
-    fn round_trip(len: usize, piece: usize, setup: Setup) -> (Vec<u8>, Vec<u8>) {
+    /// Writes `len` bytes in pieces of `piece` bytes as the pipeline does; returns what was sent and
+    /// what the file holds.
+    async fn round_trip(
+        pool: &'static Pool,
+        len: usize,
+        piece: usize,
+        setup: Setup,
+    ) -> (Vec<u8>, Vec<u8>) {
         let data = pattern(len);
         let temp = tempfile::NamedTempFile::new().unwrap();
-        let mut out = writer(temp.reopen().unwrap(), setup);
+        let file = temp.reopen().unwrap();
+        let Setup::NoBlock = setup else {
+            let (mut filler, returns) = Filler::start_in(pool).expect("the pool has a block");
+            let mut out = BlockWriter::for_filled(file, returns);
+            if let Setup::Refused = setup {
+                out.output().mode = Mode::buffered();
+            }
+            for mut piece in data.chunks(piece) {
+                while !piece.is_empty() {
+                    if let Some(full) = filler.fill(&mut piece) {
+                        let full = full.into_full().ok().expect("a full block");
+                        out.append_filled(full).unwrap();
+                        assert!(filler.next_block().await, "a block to fill");
+                    }
+                }
+            }
+            out.finish(filler.tail()).unwrap();
+            return (data, std::fs::read(temp.path()).unwrap());
+        };
+        let mut out = BlockWriter::buffered(file);
         for piece in data.chunks(piece) {
             out.write(piece).unwrap();
         }
-        out.finish().unwrap();
+        out.finish(None).unwrap();
         (data, std::fs::read(temp.path()).unwrap())
     }
 
-    #[test]
-    fn every_size_around_the_block_comes_back_intact() {
+    #[tokio::test]
+    async fn every_size_around_the_block_comes_back_intact() {
+        let pool = own_pool();
         for setup in [Setup::Pooled, Setup::Refused, Setup::NoBlock] {
             for len in [
                 0,
@@ -628,7 +543,7 @@ mod tests {
                 3 * BLOCK + 12345,
             ] {
                 for piece in [1000, 65536, 3 * BLOCK] {
-                    let (sent, got) = round_trip(len, piece, setup);
+                    let (sent, got) = round_trip(pool, len, piece, setup).await;
                     let case = format!("{len} bytes in {piece}-byte pieces, {setup:?}");
                     assert_eq!(got.len(), sent.len(), "length of {case}");
                     assert!(got == sent, "content of {case}");
@@ -637,12 +552,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn buffered_writes_are_flushed_in_the_background_and_come_back_intact() {
+    #[tokio::test]
+    async fn buffered_writes_are_flushed_in_the_background_and_come_back_intact() {
         // Past two background flushes.
         let len = 2 * FLUSH_EVERY as usize + BLOCK + 5;
         for setup in [Setup::Refused, Setup::NoBlock] {
-            let (sent, got) = round_trip(len, 300_000, setup);
+            let (sent, got) = round_trip(own_pool(), len, 300_000, setup).await;
             assert!(got == sent, "{setup:?}");
         }
     }
@@ -717,20 +632,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_upload_holds_a_bounded_number_of_blocks() {
-        let pool: &'static Pool = Box::leak(Box::new(Pool::new(2 * UPLOAD_BLOCKS)));
-        let data = pattern(40 * BLOCK + 7);
-        let temp = tempfile::NamedTempFile::new().unwrap();
-        let mut out = BlockWriter::with_pool(temp.reopen().unwrap(), pool);
-        for piece in data.chunks(65536) {
-            out.write(piece).unwrap();
-        }
+    #[tokio::test]
+    async fn an_upload_holds_a_bounded_number_of_blocks() {
+        let pool = own_pool();
+        let (sent, got) = round_trip(pool, 40 * BLOCK + 7, 65536, Setup::Pooled).await;
         let mapped = pool.state().mapped;
         assert!((2..=UPLOAD_BLOCKS).contains(&mapped), "{mapped} blocks");
-        out.finish().unwrap();
         assert_eq!(pool.state().free.len(), mapped, "all back in the pool");
-        assert!(std::fs::read(temp.path()).unwrap() == data);
+        assert!(got == sent);
     }
 
     #[tokio::test]
@@ -765,18 +674,19 @@ mod tests {
         assert!(!filler.next_block().await, "no block comes back");
     }
 
-    #[test]
-    fn a_second_block_moves_the_writes_to_a_thread() {
+    #[tokio::test]
+    async fn a_full_block_moves_the_writes_to_a_thread() {
         let temp = tempfile::NamedTempFile::new().unwrap();
-        let mut out = writer(temp.reopen().unwrap(), Setup::Pooled);
-        out.write(&pattern(2 * BLOCK + 3)).unwrap();
-        // Unless other tests of this process hold every block.
-        let exhausted = {
-            let state = POOL.state();
-            state.free.is_empty() && state.mapped == POOL.capacity
-        };
-        assert!(out.appender.is_some() || exhausted);
-        out.finish().unwrap();
-        assert!(std::fs::read(temp.path()).unwrap() == pattern(2 * BLOCK + 3));
+        let (mut filler, returns) = Filler::start_in(own_pool()).unwrap();
+        let mut out = BlockWriter::for_filled(temp.reopen().unwrap(), returns);
+        let data = pattern(BLOCK + 3);
+        let mut rest = &data[..];
+        let full = filler.fill(&mut rest).expect("one full block");
+        out.append_filled(full.into_full().ok().unwrap()).unwrap();
+        assert!(out.appender.is_some());
+        assert!(filler.next_block().await);
+        assert!(filler.fill(&mut rest).is_none());
+        out.finish(filler.tail()).unwrap();
+        assert!(std::fs::read(temp.path()).unwrap() == data);
     }
 }

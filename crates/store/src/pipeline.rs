@@ -381,7 +381,7 @@ where
             }
         }
         // Acknowledged only once durable.
-        out.finish_with(tail)?;
+        out.finish(tail)?;
         Ok((temp, hex::encode(hasher.finalize())))
     });
 
@@ -434,8 +434,8 @@ fn finish_temp(
     })
 }
 
-/// [`write_temp`] when the pool has no block: the chunks go as they are to a thread that hashes and
-/// writes them, bounded in number.
+/// [`write_temp`] when the pool has no block: the chunks go as they are to a thread that hashes them
+/// and writes them through the page cache, bounded in number.
 async fn write_temp_chunks<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
@@ -445,7 +445,7 @@ where
     let worker = tokio::task::spawn_blocking(move || -> Result<_, Error> {
         let (file, temp) = temp_file(&dir)?;
         let mut hasher = Sha256::new();
-        let mut out = BlockWriter::new(file);
+        let mut out = BlockWriter::buffered(file);
         // Chunks done with, freed (and their permits returned) together: waking the receiving task
         // for each one would cost this thread a context switch per chunk.
         let mut done = Vec::new();
@@ -476,7 +476,7 @@ where
             }
         }
         // Acknowledged only once durable.
-        out.finish()?;
+        out.finish(None)?;
         Ok((temp, hex::encode(hasher.finalize())))
     });
 
