@@ -264,9 +264,9 @@ fn serve(run: &Run) -> Result<Section> {
          logging warnings only. The client runs on the same machine and speaks HTTP/1.1 over \
          loopback; it authenticates to mmrctl with `sharedSecretAuth` and to Synapse with a \
          user's access token. Every body is distinct (no de-duplication).\n\n\
-         Run on {} (UTC), {}. The bench starts once the machine is quiet (CPU {:.0}% busy \
-         then); load average {:.2} at the start and {:.2} at the end (other work on the machine \
-         skews the figures).\n\n\
+         Run on {} (UTC), {}. The bench starts once the machine is quiet (what other work left \
+         in the page cache written out, CPU {:.0}% busy then); load average {:.2} at the start \
+         and {:.2} at the end (other work on the machine skews the figures).\n\n\
          Limits of this machine, measured in the same run (best of 3): SHA-256 on one core \
          **{sha:.0} MB/s**; writing 1 GiB in 1 MiB chunks then fsync, in the datastore's \
          directory, **{fsync:.0} MB/s**. An upload is hashed and durable before it is \

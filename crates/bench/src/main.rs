@@ -202,8 +202,11 @@ fn loadavg() -> f64 {
 }
 
 /// Waits (up to 10 minutes) until the machine's CPU is at most 10% busy over 2 s, so that the
-/// figures are not someone else's build; returns how busy it was when measuring started.
+/// figures are not someone else's build; returns how busy it was when measuring started. First it
+/// writes out what other work left in the page cache: that writeback (a build's hundreds of MB)
+/// would otherwise share the disk with the measures.
 fn wait_until_quiet() -> f64 {
+    rustix::fs::sync();
     const QUIET: f64 = 10.0;
     let window = Duration::from_secs(2);
     let deadline = Instant::now() + Duration::from_secs(600);
