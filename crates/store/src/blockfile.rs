@@ -282,7 +282,10 @@ impl Filler {
     pub(crate) fn fill(&mut self, data: &mut &[u8]) -> Option<Filled> {
         let block = self.block.as_mut()?;
         let (now, later) = data.split_at((BLOCK - self.filled).min(data.len()));
-        block.bytes()[self.filled..self.filled + now.len()].copy_from_slice(now);
+        crate::streamcopy::copy_streaming(
+            &mut block.bytes()[self.filled..self.filled + now.len()],
+            now,
+        );
         self.filled += now.len();
         *data = later;
         if self.filled < BLOCK {

@@ -16,6 +16,7 @@ pub mod import;
 mod pipeline;
 mod s3;
 mod schema;
+mod streamcopy;
 mod transfer;
 
 use std::sync::Arc;
