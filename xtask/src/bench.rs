@@ -259,8 +259,8 @@ fn serve(run: &Run) -> Result<Section> {
     let markdown = format!(
         "## Serve\n\n\
          `mmrctl serve` (release build) and Synapse {synapse}'s built-in media repo, side by side \
-         in one run of `mmrctl-bench` (`crates/bench`): each on its own database of the same \
-         PostgreSQL server, media on the same disk (a file datastore; `media_store_path`), both \
+         in one run of `mmrctl-bench` (`crates/bench`), one after the other (each alone on the \
+         machine, the other stopped): each on its own database of the same PostgreSQL server, media on the same disk (a file datastore; `media_store_path`), both \
          logging warnings only. The client runs on the same machine and speaks HTTP/1.1 over \
          loopback; it authenticates to mmrctl with `sharedSecretAuth` and to Synapse with a \
          user's access token. Every body is distinct (no de-duplication).\n\n\

@@ -259,38 +259,39 @@ fn run() -> Result<()> {
     progress!("write + fsync: {fsync:.0} MB/s");
     let upload_limit = sha256.min(fsync);
 
-    let synapse = if mmrctl_only {
-        None
-    } else {
-        progress!("starting Synapse (PostgreSQL) ...");
-        Some(SynapseServer::start(SERVER_NAME)?)
-    };
-    // With shared-secret auth mmrctl never asks the homeserver; without Synapse, nothing listens
-    // at this address.
-    let cs_api = synapse
-        .as_ref()
-        .map_or_else(|| "http://127.0.0.1:9".to_owned(), |s| s.synapse.base_url());
-    progress!("starting mmrctl serve ({}) ...", mmrctl.display());
-    let repo = MediaRepo::start(&mmrctl, dir, SERVER_NAME, &cs_api)?;
-    // Let both settle (start-up work, first background tasks) before calling them idle.
-    std::thread::sleep(Duration::from_secs(2));
-
+    // Each server is measured alone, the other not running: beside an idle Synapse (still
+    // finishing its start-up, then waking for periodic work), mmrctl's uploads measured lower.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let bodies = Bodies::new();
     let client = load::client()?;
-    let mmrctl_target = repo.target(SERVER_NAME);
+    progress!("starting mmrctl serve ({}) ...", mmrctl.display());
+    // With shared-secret auth mmrctl never asks the homeserver: nothing listens at this address.
+    let repo = MediaRepo::start(&mmrctl, dir, SERVER_NAME, "http://127.0.0.1:9")?;
+    // Let it settle (start-up work, first background tasks) before calling it idle.
+    std::thread::sleep(Duration::from_secs(2));
     let ours = runtime
         .block_on(measure(
             &client,
-            &mmrctl_target,
+            &repo.target(SERVER_NAME),
             &bodies,
             &sizes,
             phases,
             1 << 32,
         ))
         .map_err(|e| e.context(format!("mmrctl serve's log:\n{}", repo.log_tail())))?;
+    // Stop it and remove its data.
+    drop(repo);
+
+    let synapse = if mmrctl_only {
+        None
+    } else {
+        progress!("starting Synapse (PostgreSQL) ...");
+        let synapse = SynapseServer::start(SERVER_NAME)?;
+        std::thread::sleep(Duration::from_secs(2));
+        Some(synapse)
+    };
     let theirs = match &synapse {
         Some(synapse) => Some(runtime.block_on(measure(
             &client,
@@ -381,8 +382,7 @@ fn run() -> Result<()> {
         put(&format!("pass_{name}"), json!(value < under));
     }
 
-    // Stop the servers and remove their data before reporting.
-    drop(repo);
+    // Stop Synapse and remove its data before reporting.
     drop(synapse);
     println!("{}", Value::Object(out));
     Ok(())
