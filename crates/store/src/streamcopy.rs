@@ -4,7 +4,8 @@
 //! by the disk; the receiving core never reads it again. An ordinary copy first reads every
 //! destination cache line (last held by that other core, or by the device) and evicts lines the
 //! receiving core still needs; streaming stores write whole lines straight to memory. On the bench
-//! machine this raised the median 100 MiB upload by 6–9%, the copy being on the busier core.
+//! machine this raised the median 100 MiB upload by 2–17% over alternating groups of runs, the
+//! copy being on the busier core.
 //!
 //! The only `unsafe` of the workspace: the SSE2 intrinsics take raw pointers. SSE2 is part of every
 //! x86_64 CPU, so there is nothing to detect at run time.
