@@ -181,6 +181,7 @@ impl Output {
     /// Writes `parts` at the end of the file: directly (in one vectored write) when they are blocks
     /// and the file system takes them, else through the page cache.
     fn append(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let len = parts.iter().map(|p| p.len() as u64).sum::<u64>();
         if matches!(self.mode, Mode::Undecided) {
             self.mode = match set_direct(&self.file, true) {
                 Ok(()) => Mode::Direct,
@@ -193,7 +194,7 @@ impl Output {
         if matches!(self.mode, Mode::Direct) {
             match write_all_vectored_at(&self.file, parts, self.written) {
                 Ok(()) => {
-                    self.written += parts.iter().map(|p| p.len() as u64).sum::<u64>();
+                    self.written += len;
                     return Ok(());
                 }
                 // An alignment this file system does not take: rewrite the block (positioned, so
@@ -206,7 +207,6 @@ impl Output {
                 Err(e) => return Err(e),
             }
         }
-        let len = parts.iter().map(|p| p.len() as u64).sum::<u64>();
         write_all_vectored_at(&self.file, parts, self.written)?;
         self.written += len;
         if let Mode::Buffered { flusher, unflushed } = &mut self.mode {

@@ -319,10 +319,10 @@ impl Store {
     }
 }
 
-/// Streams the body to a temp file in `dir`. A blocking thread hashes each chunk and copies it into
-/// the block writer piece by piece, while the piece is still in its cache; full blocks are written
-/// by another thread ([`BlockWriter`]), so that receiving, hashing and writing overlap. The chunks
-/// waiting for that thread are bounded per upload and for all uploads at once.
+/// Streams the body to a temp file in `dir`, receiving, hashing and writing overlapping: in pooled
+/// blocks when the pool has one ([`write_temp_filled`]), else chunk by chunk through the page cache
+/// ([`write_temp_chunks`]). Either way the memory in flight is bounded per upload and for all
+/// uploads at once.
 async fn write_temp<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
