@@ -6,6 +6,7 @@
 
 mod datastore;
 mod lenient;
+mod lines;
 mod model;
 mod validate;
 
@@ -35,7 +36,23 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Loaded {
     pub config: Config,
-    pub unknown_keys: Vec<String>,
+    pub unknown_keys: Vec<UnknownKey>,
+}
+
+/// A key the model does not know: its dotted path, and the line it is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKey {
+    pub path: String,
+    pub line: Option<usize>,
+}
+
+impl std::fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "`{}` (line {line})", self.path),
+            None => write!(f, "`{}`", self.path),
+        }
+    }
 }
 
 impl Config {
@@ -58,6 +75,20 @@ impl Config {
                 message,
             }
         })?;
+        let unknown_keys = if unknown_keys.is_empty() {
+            Vec::new()
+        } else {
+            let lines = lines::key_lines(text);
+            unknown_keys
+                .into_iter()
+                .map(|path| {
+                    // `serde_ignored` marks an `Option`'s content with a `?` segment.
+                    let plain: Vec<&str> = path.split('.').filter(|s| *s != "?").collect();
+                    let line = lines.get(&plain.join(".")).copied();
+                    UnknownKey { path, line }
+                })
+                .collect()
+        };
         Ok(Loaded {
             config,
             unknown_keys,

@@ -34,6 +34,8 @@ pub struct Config {
     pub sentry: Sentry,
     pub tasks: Tasks,
     pub pgo: Pgo,
+    /// mmrctl's own section (matrix-media-repo ignores it): how clients may hold connections.
+    pub connections: Connections,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -551,6 +553,39 @@ impl Default for Pgo {
             enabled: false,
             submit_url: "https://mmr-pgo.t2host.io/v1/submit".into(),
             submit_key: String::new(),
+        }
+    }
+}
+
+/// Bounds on client connections, so that slow or idle clients cannot hold the server's memory or
+/// sockets. Timeouts are in seconds; each must be at least 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Connections {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: u32,
+    /// From the first byte of a request until its headers are complete.
+    pub header_read_timeout_seconds: u32,
+    /// How long a keep-alive connection may wait for its next request (longer than a reverse
+    /// proxy's idle timeout for its upstreams, Traefik's and Go's 90 s, so the proxy closes first).
+    pub idle_timeout_seconds: u32,
+    /// The longest pause between two pieces of a request body (a stalled upload fails).
+    pub body_timeout_seconds: u32,
+    /// The longest a response may wait for the client to accept more bytes.
+    pub send_timeout_seconds: u32,
+    /// The request line and headers together.
+    pub max_header_bytes: u32,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            max_connections: 8192,
+            header_read_timeout_seconds: 30,
+            idle_timeout_seconds: 120,
+            body_timeout_seconds: 60,
+            send_timeout_seconds: 60,
+            max_header_bytes: 16 * 1024,
         }
     }
 }

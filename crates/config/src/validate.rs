@@ -147,6 +147,24 @@ impl Config {
                 "is the same address as repo.port".into(),
             );
         }
+        let c = &self.connections;
+        for (key, value) in [
+            ("maxConnections", c.max_connections),
+            ("headerReadTimeoutSeconds", c.header_read_timeout_seconds),
+            ("idleTimeoutSeconds", c.idle_timeout_seconds),
+            ("bodyTimeoutSeconds", c.body_timeout_seconds),
+            ("sendTimeoutSeconds", c.send_timeout_seconds),
+        ] {
+            if value == 0 {
+                problem(format!("connections.{key}"), "must be at least 1".into());
+            }
+        }
+        if c.max_header_bytes < 1024 {
+            problem(
+                "connections.maxHeaderBytes".into(),
+                "must be at least 1024 (requests carry tokens and signatures in headers)".into(),
+            );
+        }
         problems
     }
 }

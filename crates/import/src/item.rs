@@ -343,6 +343,7 @@ async fn import(store: &Store, fetcher: Option<&Fetcher>, item: &Item) -> Outcom
     let limits = Limits {
         max_bytes: item.size,
         min_bytes: item.size,
+        quota: None,
     };
     match store
         .upload(new, Target::Id(item.media_id.clone()), body, limits)

@@ -564,10 +564,7 @@ fn unknown_hosts_and_bad_media_ids() {
     );
     assert_eq!(r.status, 404);
     let error = r.json()["error"].as_str().unwrap().to_owned();
-    assert!(
-        error.contains("`elsewhere.test`") && error.contains("example.test"),
-        "{error}"
-    );
+    assert!(error.contains("`elsewhere.test`"), "{error}");
     // X-Forwarded-Host names the homeserver when the proxy sets it.
     let r = repo.get(
         "/_matrix/media/v3/config",
@@ -716,30 +713,4 @@ fn instances_starting_together_migrate_once() {
     // Media uploaded through one instance is served by the others.
     let id = repos[1].upload(HS, SHARED_SECRET, "image/png", None, &sample(300, 31));
     assert_eq!(download(&repos[2], &id, "").status, 200);
-}
-
-#[test]
-fn the_server_waits_for_its_database_and_starts_when_it_appears() {
-    let server = testkit::TestDb::new();
-    let name = format!("{}_later", server.name());
-    let url = server.url().replace(server.name(), &name);
-    let repo = MediaRepo::spawn(None, &url, &[(HS, "http://127.0.0.1:9")], |_| {});
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !repo.log().contains("the database is unreachable; retrying") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no retry logged:\n{}",
-            repo.log()
-        );
-        thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let mut admin = server.client();
-    admin
-        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-        .unwrap();
-    repo.wait_healthy();
-    drop(repo);
-    admin
-        .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
-        .unwrap();
 }

@@ -203,6 +203,24 @@ const CONFIG_KEYS: &[(&str, &str)] = &[
     ("pgo.enabled", "pgo_enabled"),
     ("pgo.submitUrl", "pgo_submit_url"),
     ("pgo.submitKey", "pgo_submit_key"),
+    ("connections.maxConnections", "connections_max_connections"),
+    (
+        "connections.headerReadTimeoutSeconds",
+        "connections_header_read_timeout_seconds",
+    ),
+    (
+        "connections.idleTimeoutSeconds",
+        "connections_idle_timeout_seconds",
+    ),
+    (
+        "connections.bodyTimeoutSeconds",
+        "connections_body_timeout_seconds",
+    ),
+    (
+        "connections.sendTimeoutSeconds",
+        "connections_send_timeout_seconds",
+    ),
+    ("connections.maxHeaderBytes", "connections_max_header_bytes"),
 ];
 
 /// S3 `opts` keys and their variables; the `Option` ones are written only when the variable is set.

@@ -43,18 +43,53 @@ pub(crate) struct Auth {
 }
 
 /// The token of a request: `Authorization: Bearer`, else the deprecated `access_token` parameter.
-pub(crate) fn token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    if let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, token) = value.split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_owned())
-            .filter(|t| !t.is_empty());
+/// A token that no homeserver could have issued (empty, or with characters that cannot travel in
+/// an HTTP header) is refused here, as the client's error: it never reaches the homeserver, so it
+/// can never count as the homeserver failing.
+pub(crate) fn token(headers: &HeaderMap, query: Option<&str>) -> Result<String, ApiError> {
+    let token = match headers.get(header::AUTHORIZATION) {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim().to_owned()),
+        None => query_param(query, "access_token"),
+    };
+    match token {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_MISSING_TOKEN",
+            "Missing access token",
+        )),
+        Some(t) if t.is_empty() => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_MISSING_TOKEN",
+            "Missing access token",
+        )),
+        Some(t) if !t.bytes().all(|b| b.is_ascii_graphic()) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_UNKNOWN_TOKEN",
+            "The access token is malformed: it may only hold printable ASCII characters",
+        )),
+        Some(t) => Ok(t),
     }
-    query_param(query, "access_token")
+}
+
+/// `@localpart:server`, short and without characters a database or a header would refuse.
+pub(crate) fn is_valid_user_id(user_id: &str) -> bool {
+    user_id.len() <= 255
+        && user_id
+            .strip_prefix('@')
+            .and_then(|rest| rest.split_once(':'))
+            .is_some_and(|(local, server)| {
+                !local.is_empty() && !server.is_empty() && !user_id.chars().any(char::is_control)
+            })
+}
+
+/// The server part of a user id, port included.
+pub(crate) fn server_of(user_id: &str) -> Option<&str> {
+    user_id.strip_prefix('@')?.split_once(':').map(|(_, s)| s)
 }
 
 pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
@@ -80,8 +115,13 @@ impl Auth {
         auth
     }
 
-    /// Applies a (re)loaded config: the cache is rebuilt, which also flushes it.
+    /// Applies a (re)loaded config: the cache is rebuilt, which also flushes it, and every
+    /// homeserver's backoff starts afresh (its address or threshold may have changed).
     pub(crate) fn reconfigure(&self, config: &Config) {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let ttl = config.access_tokens.max_cache_time_seconds;
         let cache = (ttl > 0).then(|| {
             Cache::builder()
@@ -97,7 +137,10 @@ impl Auth {
         self.cache.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Authenticates a request for `hs`. Guests pass only where `allow_guests`.
+    /// Authenticates a request for `hs`. Guests pass only where `allow_guests`. The user must be
+    /// one of `hs`'s: a token of another server's user, sent with this server's name in
+    /// `X-Forwarded-Host`, must not act for this server. Repo admins (`admins`, the shared secret)
+    /// may act for every homeserver served.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn authenticate(
         &self,
@@ -109,17 +152,26 @@ impl Auth {
         allow_guests: bool,
         metrics: &Metrics,
     ) -> Result<User, ApiError> {
-        let Some(token) = token(headers, query) else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "M_MISSING_TOKEN",
-                "Missing access token",
-            ));
-        };
+        let token = token(headers, query)?;
         let as_user = query_param(query, "user_id");
+        if let Some(user) = &as_user
+            && !is_valid_user_id(user)
+        {
+            return Err(ApiError::bad_request(
+                "`user_id` must be a Matrix user id (@localpart:server)",
+            ));
+        }
         let user = self
             .resolve(config, hs, &token, as_user, client_ip, metrics)
             .await?;
+        if !user.is_admin
+            && !server_of(&user.user_id).is_some_and(|s| s.eq_ignore_ascii_case(&hs.name))
+        {
+            return Err(ApiError::forbidden(format!(
+                "{} is not a user of {}, which this request is for",
+                user.user_id, hs.name
+            )));
+        }
         if user.is_guest && !allow_guests {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -209,15 +261,24 @@ impl Auth {
                 percent_encoding::NON_ALPHANUMERIC,
             ));
         }
-        let response = self
+        let mut request = self
             .homeserver_request(config, hs, reqwest::Method::GET, &path)
-            .bearer_auth(token)
-            .header("X-Forwarded-For", client_ip)
-            .header("X-Real-IP", client_ip)
-            .send()
-            .await;
+            .bearer_auth(token);
+        if !client_ip.is_empty() {
+            request = request
+                .header("X-Forwarded-For", client_ip)
+                .header("X-Real-IP", client_ip);
+        }
+        let response = request.send().await;
         let response = match response {
             Ok(r) => r,
+            // A request that could not even be built never reached the homeserver.
+            Err(e) if e.is_builder() => {
+                return Err(ApiError::internal(format!(
+                    "Cannot build the request to the homeserver {}: {e}",
+                    hs.name
+                )));
+            }
             Err(e) => {
                 self.record(&hs.name, hs.backoff_at, false);
                 return Err(ApiError::new(
@@ -246,11 +307,11 @@ impl Auth {
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         if status == reqwest::StatusCode::OK {
             let user_id = body["user_id"].as_str().unwrap_or_default().to_owned();
-            if user_id.is_empty() {
+            if !is_valid_user_id(&user_id) {
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "M_UNKNOWN",
-                    "The homeserver's whoami had no user_id",
+                    "The homeserver's whoami answered without a valid user_id",
                 ));
             }
             return Ok((user_id, body["is_guest"].as_bool().unwrap_or(false)));

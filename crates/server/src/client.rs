@@ -47,13 +47,7 @@ async fn proxy_logout(
     )
     .await?;
     let config = state.config();
-    let Some(token) = token(&parts.headers, parts.uri.query()) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "M_MISSING_TOKEN",
-            "Missing access token",
-        ));
-    };
+    let token = token(&parts.headers, parts.uri.query())?;
     // Who the token belongs to, before it stops working (for /logout/all).
     let user = if all {
         let ip = crate::client_ip(&config, &parts);

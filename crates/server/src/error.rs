@@ -123,6 +123,15 @@ impl From<store::Error> for ApiError {
                     ),
                 )
             }
+            E::QuotaFiles(n) => {
+                ApiError::forbidden(format!("You have reached your quota of {n} files"))
+            }
+            E::QuotaBytes(n) => {
+                ApiError::forbidden(format!("This upload would exceed your quota of {n} bytes"))
+            }
+            e if e.is_invalid_input() => ApiError::bad_request(
+                "The request holds text that cannot be stored (such as a NUL character)",
+            ),
             e if e.is_unavailable() => {
                 tracing::error!(error = %e, "database unavailable");
                 ApiError::unavailable(

@@ -10,7 +10,6 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use config::{Config, Homeserver, MediaKind};
-use futures_util::TryStreamExt as _;
 use serde_json::{Value, json};
 use store::{Limits, Media, NewMedia, Target};
 
@@ -92,7 +91,7 @@ fn content_type(headers: &HeaderMap) -> String {
 }
 
 /// Size limits and quotas, checked from `Content-Length` before a byte is read; the returned limits
-/// are enforced again while streaming.
+/// are enforced again while streaming, and the quota once more when the upload is recorded.
 async fn upload_limits(
     state: &SharedState,
     config: &Config,
@@ -110,16 +109,14 @@ async fn upload_limits(
         store: Limits {
             max_bytes: max,
             min_bytes: config.uploads.min_bytes,
+            quota: None,
         },
         quota_bytes: None,
     };
     if let Some(quota) = quota_for(config, &user.user_id) {
         let usage = state.store.usage(&user.user_id).await?;
         if quota.max_files > 0 && usage.files >= quota.max_files {
-            return Err(ApiError::forbidden(format!(
-                "You have reached your quota of {} files",
-                quota.max_files
-            )));
+            return Err(store::Error::QuotaFiles(quota.max_files).into());
         }
         if quota.max_bytes > 0 {
             let left = quota.max_bytes.saturating_sub(usage.bytes);
@@ -134,6 +131,10 @@ async fn upload_limits(
                 limits.quota_bytes = Some(quota.max_bytes);
             }
         }
+        limits.store.quota = Some(store::Quota {
+            max_files: quota.max_files,
+            max_bytes: quota.max_bytes,
+        });
     }
     Ok(limits)
 }
@@ -191,17 +192,53 @@ fn glob_match(glob: &str, text: &str) -> bool {
     g[gi..].iter().all(|c| *c == '*')
 }
 
-fn new_media(config: &Config, hs: &Homeserver, user: &User, parts: &Parts) -> NewMedia {
-    NewMedia {
+/// The most a file name may take, in bytes (as Linux's NAME_MAX).
+const MAX_FILE_NAME_BYTES: usize = 255;
+
+fn new_media(config: &Config, hs: &Homeserver, user: &User, parts: &Parts) -> ApiResult<NewMedia> {
+    let upload_name = query_param(parts.uri.query(), "filename").filter(|n| !n.is_empty());
+    if let Some(name) = &upload_name {
+        if name.contains('\0') {
+            return Err(ApiError::bad_request(
+                "`filename` must not contain a NUL character (%00)",
+            ));
+        }
+        if name.len() > MAX_FILE_NAME_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "`filename` is longer than {MAX_FILE_NAME_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(NewMedia {
         origin: hs.name.clone(),
         kind: MediaKind::LocalMedia,
         content_type: content_type(&parts.headers),
-        upload_name: query_param(parts.uri.query(), "filename").filter(|n| !n.is_empty()),
+        upload_name,
         user_id: user.user_id.clone(),
         requires_auth: config.repo.freeze_unauthenticated_media,
         quarantined: false,
         created_ts: None,
-    }
+    })
+}
+
+/// The body's pieces, failing when the client sends nothing for `timeout` (a stalled upload
+/// then fails like any interrupted one, and leaves nothing behind).
+fn body_stream(
+    body: Body,
+    timeout: Duration,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, String>> + Send {
+    let stream = body.into_data_stream();
+    futures_util::stream::unfold(Some(stream), move |stream| async move {
+        let mut stream = stream?;
+        match tokio::time::timeout(timeout, futures_util::StreamExt::next(&mut stream)).await {
+            Ok(Some(piece)) => Some((piece.map_err(|e| e.to_string()), Some(stream))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(format!("no data received for {} s", timeout.as_secs())),
+                None,
+            )),
+        }
+    })
 }
 
 async fn store_upload(
@@ -212,7 +249,10 @@ async fn store_upload(
     limits: &UploadLimits,
 ) -> ApiResult<store::Uploaded> {
     let started = Instant::now();
-    let stream = body.into_data_stream().map_err(|e| e.to_string());
+    let timeout = Duration::from_secs(u64::from(
+        state.config().connections.body_timeout_seconds.max(1),
+    ));
+    let stream = body_stream(body, timeout);
     let uploaded = state
         .store
         .upload(new, target, stream, limits.store)
@@ -240,7 +280,7 @@ pub(crate) async fn upload(
     let ctx = Ctx::new(&state, &mut parts).await?;
     let user = ctx.user(&state, &parts, false).await?;
     let limits = upload_limits(&state, &ctx.config, &user, content_length(&parts.headers)).await?;
-    let new = new_media(&ctx.config, &ctx.hs, &user, &parts);
+    let new = new_media(&ctx.config, &ctx.hs, &user, &parts)?;
     let uploaded = store_upload(&state, new, Target::NewId, body, &limits).await?;
     tracing::info!(mxc = %uploaded.media.mxc(), user = %user.user_id, bytes = uploaded.size, dedup = uploaded.deduplicated, "upload");
     Ok(Json(json!({ "content_uri": uploaded.media.mxc() })))
@@ -300,7 +340,7 @@ pub(crate) async fn upload_async(
         .check_pending(&server, &media_id, &user.user_id)
         .await?;
     let limits = upload_limits(&state, &ctx.config, &user, content_length(&parts.headers)).await?;
-    let new = new_media(&ctx.config, &ctx.hs, &user, &parts);
+    let new = new_media(&ctx.config, &ctx.hs, &user, &parts)?;
     let uploaded = store_upload(&state, new, Target::Pending(media_id), body, &limits).await?;
     tracing::info!(mxc = %uploaded.media.mxc(), user = %user.user_id, bytes = uploaded.size, "async upload");
     Ok(Json(json!({})))
@@ -513,7 +553,6 @@ async fn serve_object(
         )
         .header("X-Content-Security-Policy", "sandbox;")
         .header("Cross-Origin-Resource-Policy", "cross-origin")
-        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
         .header(header::REFERRER_POLICY, "no-referrer")
         .header(header::CACHE_CONTROL, headers::CACHE_CONTROL)
@@ -543,7 +582,6 @@ async fn serve_object(
         return Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header(header::LOCATION, header_value(&url, "/"))
-            .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
             .header("Cross-Origin-Resource-Policy", "cross-origin")
             // Not cached: the object may move to another datastore (`datastores transfer`).
             .header(header::CACHE_CONTROL, "no-store")

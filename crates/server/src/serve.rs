@@ -1,6 +1,5 @@
 //! Running the server: config, logging, database (with retries), listeners, reload and shutdown.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,18 +16,18 @@ use crate::{AppState, SharedState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] config::Error),
     #[error("{path}: {problems}")]
     Invalid { path: String, problems: String },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: String,
         source: std::io::Error,
     },
     #[error("{0}")]
     Startup(String),
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] store::Error),
 }
 
@@ -47,10 +46,15 @@ fn load(path: &Path) -> Result<(Config, Vec<String>), Error> {
     }
     let mut warnings = Vec::new();
     if !loaded.unknown_keys.is_empty() {
+        let keys: Vec<String> = loaded
+            .unknown_keys
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         warnings.push(format!(
-            "{}: unknown keys are ignored: {}",
+            "{}: unknown keys are ignored (misspelled, or from a newer version?): {}",
             path.display(),
-            loaded.unknown_keys.join(", ")
+            keys.join(", ")
         ));
     }
     let unsupported = unsupported_settings(&loaded.config);
@@ -159,6 +163,8 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
             source,
         })?;
     tracing::info!(%addr, "media repository listening");
+    let limits = crate::conn::Limits::from_config(&config.connections);
+    raise_open_files_limit(limits.max_connections);
     if config.metrics.enabled {
         let maddr = format!("{}:{}", config.metrics.bind_address, config.metrics.port);
         let mlistener = TcpListener::bind(&maddr)
@@ -169,21 +175,43 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
             })?;
         tracing::info!(addr = %maddr, "metrics listening");
         let app = crate::metrics_router(state.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(mlistener, app).await {
-                tracing::error!(error = %e, "metrics listener failed");
-            }
-        });
+        // Same bounds as the client listener: the role binds it on every interface.
+        tokio::spawn(crate::conn::serve(
+            mlistener,
+            app,
+            limits,
+            std::future::pending(),
+        ));
     }
 
     tokio::spawn(reload_on_hangup(config_path, state.clone(), log));
-    let app = crate::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| Error::Startup(format!("server: {e}")))?;
+    crate::conn::serve(listener, crate::router(state), limits, shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every connection is a file descriptor, and systemd's default soft limit is 1024: raise the soft
+/// limit to the hard one (as Go's runtime does for matrix-media-repo), and say so when even that
+/// is below `connections.maxConnections` plus room for files and the database.
+fn raise_open_files_limit(max_connections: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open files limit");
+        }
+    }
+    let current = getrlimit(Resource::Nofile).current;
+    let needed = max_connections as u64 + 256;
+    if current.is_some_and(|c| c < needed) {
+        tracing::warn!(
+            limit = current,
+            needed,
+            "the open files limit is below connections.maxConnections plus room for files; \
+             raise LimitNOFILE or lower connections.maxConnections"
+        );
+    }
 }
 
 async fn shutdown_signal() {
@@ -213,8 +241,13 @@ async fn reload_on_hangup(path: PathBuf, state: SharedState, log: LogHandle) {
                     tracing::warn!("{warning}");
                 }
                 let old = state.config();
-                if old.datastores != config.datastores || old.database != config.database {
-                    tracing::warn!("datastore and database changes take effect after a restart");
+                if old.datastores != config.datastores
+                    || old.database != config.database
+                    || old.connections != config.connections
+                {
+                    tracing::warn!(
+                        "datastore, database and connections changes take effect after a restart"
+                    );
                 }
                 if let Err(e) = log.reload(log_filter(&config.repo.log_level)) {
                     tracing::warn!(error = %e, "cannot change the log level");

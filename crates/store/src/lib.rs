@@ -29,21 +29,30 @@ use tokio_postgres::NoTls;
 
 pub use check::CheckReport;
 pub use datastore::{BackendError, Datastore, Datastores, Reader};
-pub use pipeline::{Limits, NewMedia, Target, Uploaded};
+pub use pipeline::{Limits, NewMedia, Quota, Target, Uploaded};
 pub use transfer::TransferReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("database: {0}")]
-    Database(#[from] tokio_postgres::Error),
+    /// Shown with Postgres's own message (tokio-postgres alone says only "db error").
+    #[error("database: {}", describe_pg(.0))]
+    Database(tokio_postgres::Error),
     #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
+    /// The first connection at start-up failed; `retryable` is false when waiting cannot help
+    /// (no such database, authentication failed, not allowed to connect).
+    #[error("cannot connect to PostgreSQL at {target}: {detail}")]
+    Connect {
+        target: String,
+        detail: String,
+        retryable: bool,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error(
         "the database schema is version {found}, newer than this mmrctl knows ({known}); upgrade mmrctl"
     )]
@@ -74,17 +83,111 @@ pub enum Error {
     CannotOverwrite,
     #[error("too many pending uploads ({0})")]
     TooManyPending(u32),
+    #[error("the user's quota of {0} files is reached")]
+    QuotaFiles(u64),
+    #[error("the upload would exceed the user's quota of {0} bytes")]
+    QuotaBytes(u64),
 }
 
 impl Error {
+    /// Text the database cannot store (a NUL character, say): the request's fault, a 400.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, Error::Database(e) if is_bad_text(e))
+    }
+
     /// Failures of the database or a datastore that may pass (worth a 503 and a retry).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Database(_) | Error::Pool(_) => true,
+            // Text the database refuses (a NUL, an invalid encoding) is the request's fault.
+            Error::Database(e) => !is_bad_text(e),
+            Error::Pool(_) => true,
+            Error::Connect { retryable, .. } => *retryable,
             Error::Backend(e) => e.transient,
             _ => false,
         }
     }
+}
+
+// Not `#[from]`: the message already carries the cause, and a source would repeat it in chains.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::Io(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Error {
+        Error::Database(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Error {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => Error::Database(e),
+            e => Error::Pool(e),
+        }
+    }
+}
+
+/// Postgres's message and SQLSTATE for server errors, else the error with its causes.
+fn describe_pg(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+fn is_bad_text(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        [
+            SqlState::CHARACTER_NOT_IN_REPERTOIRE,
+            SqlState::UNTRANSLATABLE_CHARACTER,
+            SqlState::INVALID_TEXT_REPRESENTATION,
+        ]
+        .contains(c)
+    })
+}
+
+/// Whether a failed first connection can succeed later without anyone changing something.
+fn connect_retryable(e: &Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let code = match e {
+        Error::Database(e) => e.code(),
+        _ => None,
+    };
+    !code.is_some_and(|c| {
+        c.code().starts_with("28") // invalid authorization: unknown role, wrong password
+            || *c == SqlState::INVALID_CATALOG_NAME // no such database
+            || *c == SqlState::INSUFFICIENT_PRIVILEGE // no CONNECT privilege
+    })
+}
+
+/// `host:port, database `name` as `user``, for errors about connecting.
+fn connect_target(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("(none)");
+    let db = pg.get_dbname().unwrap_or(user);
+    format!("{host}:{port}, database `{db}` as user `{user}`")
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -152,6 +255,31 @@ pub struct Store {
 }
 
 pub(crate) const NOTIFY_CHANNEL: &str = "mmrctl_media_uploaded";
+/// Serialises one user's quota checks with what they count (uploads, `/create`).
+pub(crate) const LOCK_USER: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 1))";
+
+/// A user's usage, on `client` (a transaction holding the user's lock, or any connection).
+pub(crate) async fn usage_in(
+    client: &impl tokio_postgres::GenericClient,
+    user_id: &str,
+) -> Result<Usage, Error> {
+    let row = client
+        .query_one(
+            "SELECT COALESCE(SUM(o.size_bytes), 0)::BIGINT,
+                    COUNT(m.sha256),
+                    COUNT(*) FILTER (WHERE m.sha256 IS NULL AND m.expires_ts > $2)
+             FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
+             WHERE m.user_id = $1",
+            &[&user_id, &now_ms()],
+        )
+        .await?;
+    let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+    Ok(Usage {
+        bytes: n(0),
+        files: n(1),
+        pending: n(2),
+    })
+}
 
 impl Store {
     /// Connects with a bounded pool, applies migrations, opens the datastores and starts listening for
@@ -180,7 +308,17 @@ impl Store {
             .map_err(|e| Error::Config(format!("database pool: {e}")))?;
         let datastores = Arc::new(Datastores::from_config(config)?);
         {
-            let mut client = pool.get().await?;
+            let mut client = pool.get().await.map_err(|e| {
+                let e = Error::from(e);
+                Error::Connect {
+                    target: connect_target(&pg),
+                    retryable: connect_retryable(&e),
+                    detail: match &e {
+                        Error::Database(pg) => describe_pg(pg),
+                        other => other.to_string(),
+                    },
+                }
+            })?;
             schema::migrate(&mut client).await?;
             let in_use = client
                 .query("SELECT DISTINCT datastore_id FROM objects", &[])
@@ -269,11 +407,7 @@ impl Store {
         for _ in 0..3 {
             let tx = client.transaction().await?;
             // One user's creates are serialized, so the count below cannot be raced past.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 1))",
-                &[&user_id],
-            )
-            .await?;
+            tx.execute(LOCK_USER, &[&user_id]).await?;
             if max_pending > 0 {
                 let pending: i64 = tx
                     .query_one(
@@ -317,22 +451,7 @@ impl Store {
 
     pub async fn usage(&self, user_id: &str) -> Result<Usage, Error> {
         let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT COALESCE(SUM(o.size_bytes), 0)::BIGINT,
-                        COUNT(m.sha256),
-                        COUNT(*) FILTER (WHERE m.sha256 IS NULL AND m.expires_ts > $2)
-                 FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
-                 WHERE m.user_id = $1",
-                &[&user_id, &now_ms()],
-            )
-            .await?;
-        let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
-        Ok(Usage {
-            bytes: n(0),
-            files: n(1),
-            pending: n(2),
-        })
+        usage_in(&**client, user_id).await
     }
 
     /// A page of the objects in datastore `id`, in hash order after `after` (start with "").

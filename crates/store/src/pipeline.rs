@@ -61,6 +61,16 @@ pub struct Limits {
     /// 0 means no limit.
     pub max_bytes: u64,
     pub min_bytes: u64,
+    /// The uploader's quota, checked again when the media row is recorded, under a per-user lock,
+    /// so that concurrent uploads cannot all pass a check made before any of them finished.
+    pub quota: Option<Quota>,
+}
+
+/// Per-user limits; 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub max_files: u64,
+    pub max_bytes: u64,
 }
 
 /// The media row an upload creates.
@@ -103,6 +113,27 @@ struct Written {
     size: u64,
 }
 
+/// Refuses the upload when recording it would take the user past `quota`. The user's lock (the
+/// one `create_pending` takes) is held until the transaction ends, so the count and the insert
+/// that follows cannot interleave with another upload of the same user. It is taken before the
+/// per-hash lock, in every transaction that takes both.
+async fn check_quota(
+    tx: &tokio_postgres::Transaction<'_>,
+    user_id: &str,
+    quota: Quota,
+    size: u64,
+) -> Result<(), Error> {
+    tx.execute(crate::LOCK_USER, &[&user_id]).await?;
+    let usage = crate::usage_in(tx, user_id).await?;
+    if quota.max_files > 0 && usage.files >= quota.max_files {
+        return Err(Error::QuotaFiles(quota.max_files));
+    }
+    if quota.max_bytes > 0 && usage.bytes.saturating_add(size) > quota.max_bytes {
+        return Err(Error::QuotaBytes(quota.max_bytes));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Streams `body` into the store and records it. Nothing is left behind on failure: the temp file
     /// is removed, no row is written, and an object placed for it is removed unless a row uses it.
@@ -136,7 +167,14 @@ impl Store {
         };
 
         let result = self
-            .record(&new, &target, &written, ds.id(), placed.as_deref())
+            .record(
+                &new,
+                &target,
+                &written,
+                ds.id(),
+                placed.as_deref(),
+                limits.quota,
+            )
             .await;
         if result.is_err()
             && let Some(location) = &placed
@@ -167,6 +205,7 @@ impl Store {
         written: &Written,
         ds_id: &str,
         placed: Option<&str>,
+        quota: Option<Quota>,
     ) -> Result<Media, Error> {
         let ds = self
             .datastores
@@ -197,6 +236,9 @@ impl Store {
                 Target::Id(id) | Target::Pending(id) => id.clone(),
             };
             let tx = client.transaction().await?;
+            if let Some(quota) = quota {
+                check_quota(&tx, &new.user_id, quota, written.size).await?;
+            }
             let media_rows = async {
                 match target {
                     Target::NewId | Target::Id(_) => {

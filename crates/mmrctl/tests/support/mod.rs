@@ -297,6 +297,21 @@ impl MediaRepo {
         .text()
     }
 
+    /// Waits for the server to exit by itself (at most `bound`).
+    pub fn wait_exit(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "mmrctl serve did not exit within {bound:?}:\n{}",
+            self.log()
+        );
+    }
+
     /// SIGTERM, and wait for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         self.signal("TERM");
