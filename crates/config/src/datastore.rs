@@ -21,6 +21,25 @@ impl MediaKind {
         MediaKind::LocalMedia,
         MediaKind::Archives,
     ];
+
+    /// The name in `forKinds` and in the database's `media.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Thumbnails => "thumbnails",
+            MediaKind::RemoteMedia => "remote_media",
+            MediaKind::LocalMedia => "local_media",
+            MediaKind::Archives => "archives",
+            MediaKind::All => "all",
+        }
+    }
+
+    /// The kind named `name` (one of [`MediaKind::as_str`]'s names).
+    pub fn from_name(name: &str) -> Option<MediaKind> {
+        MediaKind::ALL
+            .into_iter()
+            .chain([MediaKind::All])
+            .find(|k| k.as_str() == name)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

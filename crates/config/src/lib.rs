@@ -29,6 +29,16 @@ pub enum Error {
         source_name: String,
         message: String,
     },
+    #[error("{path} is not valid: {}", join(problems))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+fn join(problems: &[Problem]) -> String {
+    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    problems.join("; ")
 }
 
 /// A loaded config and the keys it had that this model does not know (reported, never silently
@@ -102,6 +112,20 @@ impl Config {
             source,
         })?;
         Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Reads, parses and validates a config file: what every command that runs on it starts with.
+    pub fn load_valid(path: &Path) -> Result<Loaded, Error> {
+        let loaded = Self::load(path)?;
+        let problems = loaded.config.validate();
+        if problems.is_empty() {
+            Ok(loaded)
+        } else {
+            Err(Error::Invalid {
+                path: path.display().to_string(),
+                problems,
+            })
+        }
     }
 
     /// Serializes in matrix-media-repo's key order.

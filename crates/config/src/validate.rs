@@ -115,7 +115,7 @@ impl Config {
                     "datastores".into(),
                     format!(
                         "no datastore accepts `{}`: list it in some datastore's forKinds",
-                        kind_name(kind)
+                        kind.as_str()
                     ),
                 );
             }
@@ -166,15 +166,5 @@ impl Config {
             );
         }
         problems
-    }
-}
-
-fn kind_name(kind: MediaKind) -> &'static str {
-    match kind {
-        MediaKind::Thumbnails => "thumbnails",
-        MediaKind::RemoteMedia => "remote_media",
-        MediaKind::LocalMedia => "local_media",
-        MediaKind::Archives => "archives",
-        MediaKind::All => "all",
     }
 }

@@ -2,15 +2,11 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use config::MediaKind;
 use futures_util::{Stream, StreamExt as _};
-use sha2::{Digest as _, Sha256};
-use store::import::{CheckDepth, ObjectCheck};
+use store::objects::{CheckDepth, ObjectCheck};
 use store::{Limits, NewMedia, Store, Target};
 use tokio_util::io::ReaderStream;
 
@@ -97,20 +93,18 @@ pub(crate) enum Outcome {
 
 /// Fetches files from the homeserver's authenticated download endpoint.
 pub(crate) struct Fetcher {
-    client: reqwest::Client,
+    client: outbound::Client,
     base_url: String,
     auth: String,
 }
 
 impl Fetcher {
-    pub(crate) fn new(fetch: &Fetch) -> Result<Fetcher, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("mmrctl-import/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+    pub(crate) fn new(fetch: &Fetch) -> Result<Fetcher, outbound::Error> {
         Ok(Fetcher {
-            client,
+            client: outbound::Client::new(
+                concat!("mmrctl-import/", env!("CARGO_PKG_VERSION")),
+                None,
+            )?,
             base_url: fetch.base_url.trim_end_matches('/').to_owned(),
             auth: format!("Bearer {}", fetch.access_token),
         })
@@ -128,34 +122,26 @@ impl Fetcher {
         url
     }
 
-    async fn get(&self, item: &Item) -> Result<reqwest::Response, String> {
+    async fn get(&self, item: &Item) -> Result<outbound::Response, String> {
         let url = self.url(item);
         let response = self
             .client
-            .get(&url)
-            .header(reqwest::header::AUTHORIZATION, &self.auth)
-            .send()
+            .send(
+                outbound::Method::GET,
+                &url,
+                outbound::Purpose::import(item.size),
+                |r| r.header(outbound::header::AUTHORIZATION, &self.auth),
+            )
             .await
-            .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+            .map_err(|e| e.to_string())?;
         let status = response.status();
         if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.chars().take(200).collect();
+            let body = response.bytes().await.unwrap_or_default();
+            let body: String = String::from_utf8_lossy(&body).chars().take(200).collect();
             return Err(format!("{url}: HTTP {status}: {}", body.trim()));
         }
         Ok(response)
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 type Body = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
@@ -267,9 +253,7 @@ async fn open(fetcher: Option<&Fetcher>, item: &Item, probe_only: bool) -> Resul
             what: url,
         });
     }
-    let body = response
-        .bytes_stream()
-        .map(|r| r.map_err(|e| error_chain(&e)));
+    let body = response.stream().map(|r| r.map_err(|e| e.to_string()));
     Ok(Opened {
         body: Box::pin(body),
         source: url,
@@ -321,13 +305,7 @@ async fn import(store: &Store, fetcher: Option<&Fetcher>, item: &Item) -> Outcom
         Ok(o) => o,
         Err(reason) => return Outcome::Failed(reason),
     };
-    let mismatch = Arc::new(Mutex::new(None));
-    let body = Checked {
-        inner: opened.body,
-        hasher: item.sha256.as_ref().map(|_| Sha256::new()),
-        expected: item.sha256.clone().unwrap_or_default(),
-        mismatch: mismatch.clone(),
-    };
+    let body = opened.body;
     let new = NewMedia {
         origin: item.origin.clone(),
         kind: item.kind,
@@ -344,6 +322,11 @@ async fn import(store: &Store, fetcher: Option<&Fetcher>, item: &Item) -> Outcom
         max_bytes: item.size,
         min_bytes: item.size,
         quota: None,
+        // The pipeline hashes the body anyway: it compares, too.
+        expected_sha256: item
+            .sha256
+            .as_deref()
+            .and_then(|h| <[u8; 32]>::try_from(hex::decode(h).ok()?).ok()),
     };
     match store
         .upload(new, Target::Id(item.media_id.clone()), body, limits)
@@ -368,23 +351,17 @@ async fn import(store: &Store, fetcher: Option<&Fetcher>, item: &Item) -> Outcom
             actual: "fewer bytes".to_owned(),
             what: opened.source,
         }),
-        Err(store::Error::Aborted(error)) => {
-            let actual = mismatch
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            Outcome::Failed(match actual {
-                Some(actual) => Reason::HashMismatch {
-                    expected: item.sha256.clone().unwrap_or_default(),
-                    actual,
-                    what: opened.source,
-                },
-                None => Reason::Unreadable {
-                    what: opened.source,
-                    error,
-                },
+        Err(store::Error::HashMismatch { expected, actual }) => {
+            Outcome::Failed(Reason::HashMismatch {
+                expected,
+                actual,
+                what: opened.source,
             })
         }
+        Err(store::Error::Aborted(error)) => Outcome::Failed(Reason::Unreadable {
+            what: opened.source,
+            error,
+        }),
         Err(e) => Outcome::Failed(Reason::Store(e.to_string())),
     }
 }
@@ -451,43 +428,4 @@ async fn check_existing(store: &Store, item: &Item, depth: CheckDepth, update: b
         }
     }
     Outcome::Already { quarantine_updated }
-}
-
-/// Passes the body through, hashing it when the homeserver recorded a SHA-256, and ends it with an
-/// error when the hash differs: the pipeline then writes nothing.
-struct Checked {
-    inner: Body,
-    hasher: Option<Sha256>,
-    expected: String,
-    mismatch: Arc<Mutex<Option<String>>>,
-}
-
-impl Stream for Checked {
-    type Item = Result<Bytes, String>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                if let Some(h) = &mut this.hasher {
-                    h.update(&chunk);
-                }
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Poll::Ready(None) => {
-                if let Some(h) = this.hasher.take() {
-                    let actual = hex::encode(h.finalize());
-                    if actual != this.expected {
-                        *this
-                            .mismatch
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(actual);
-                        return Poll::Ready(Some(Err("SHA-256 mismatch".to_owned())));
-                    }
-                }
-                Poll::Ready(None)
-            }
-            other => other,
-        }
-    }
 }

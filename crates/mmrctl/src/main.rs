@@ -2,11 +2,7 @@
 // A command-line program: printing is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-mod datastores;
-mod import;
-mod keys;
-mod render;
-mod serve;
+mod cmd;
 
 use std::process::ExitCode;
 
@@ -23,17 +19,17 @@ struct Cli {
 enum Command {
     /// Turn inventory variables (vars.yml) into the media repo's config, proxy routes, systemd unit and
     /// homeserver settings.
-    Render(render::Args),
+    Render(cmd::render::Args),
     /// Run the media server (what the generated systemd unit starts).
-    Serve(serve::Args),
+    Serve(cmd::serve::Args),
     /// Manage the media repo's signing key: generate, merge into the homeserver's key file, list,
     /// revoke, convert.
-    Keys(keys::Args),
+    Keys(cmd::keys::Args),
     /// Move media between datastores (file and S3), and check a datastore against the database.
-    Datastores(datastores::Args),
+    Datastores(cmd::datastores::Args),
     /// Import the media a Synapse or Dendrite already has into the media repo (as `import_synapse` or
     /// `import_dendrite`, a link to mmrctl, it takes matrix-media-repo's flags).
-    Import(import::Args),
+    Import(cmd::import::Args),
 }
 
 /// `--config`: the media repo's config, shared by the commands that work on its store.
@@ -64,7 +60,7 @@ fn emit(text: &str) {
 
 fn main() -> ExitCode {
     // Run as `import_synapse`/`import_dendrite`: matrix-media-repo's command lines.
-    let args = match import::alias_args(std::env::args_os().collect()) {
+    let args = match cmd::import::alias_args(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(e) => {
             eprintln!("error: {e}");
@@ -73,11 +69,11 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     let result = match cli.command {
-        Command::Render(args) => render::run(&args),
-        Command::Serve(args) => serve::run(&args),
-        Command::Keys(args) => keys::run(&args),
-        Command::Import(args) => import::run(&args),
-        Command::Datastores(args) => datastores::run(&args),
+        Command::Render(args) => cmd::render::run(&args),
+        Command::Serve(args) => cmd::serve::run(&args),
+        Command::Keys(args) => cmd::keys::run(&args),
+        Command::Import(args) => cmd::import::run(&args),
+        Command::Datastores(args) => cmd::datastores::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -37,7 +37,7 @@ struct Backoff {
 }
 
 pub(crate) struct Auth {
-    http: reqwest::Client,
+    http: outbound::Client,
     cache: RwLock<Option<Cache<CacheKey, User>>>,
     backoff: Mutex<HashMap<String, Backoff>>,
 }
@@ -105,7 +105,7 @@ pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 }
 
 impl Auth {
-    pub(crate) fn new(http: reqwest::Client, config: &Config) -> Auth {
+    pub(crate) fn new(http: outbound::Client, config: &Config) -> Auth {
         let auth = Auth {
             http,
             cache: RwLock::new(None),
@@ -261,23 +261,25 @@ impl Auth {
                 percent_encoding::NON_ALPHANUMERIC,
             ));
         }
-        let mut request = self
-            .homeserver_request(config, hs, reqwest::Method::GET, &path)
-            .bearer_auth(token);
-        if !client_ip.is_empty() {
-            request = request
-                .header("X-Forwarded-For", client_ip)
-                .header("X-Real-IP", client_ip);
-        }
-        let response = request.send().await;
+        let response = self
+            .homeserver(config, hs, outbound::Method::GET, &path, |r| {
+                let r = r.bearer_auth(token);
+                if client_ip.is_empty() {
+                    r
+                } else {
+                    r.header("X-Forwarded-For", client_ip)
+                        .header("X-Real-IP", client_ip)
+                }
+            })
+            .await;
         let response = match response {
             Ok(r) => r,
-            // A request that could not even be built never reached the homeserver.
-            Err(e) if e.is_builder() => {
-                return Err(ApiError::internal(format!(
-                    "Cannot build the request to the homeserver {}: {e}",
-                    hs.name
-                )));
+            // A request that was never sent says nothing about the homeserver.
+            Err(e) if e.never_sent() => {
+                tracing::error!(homeserver = %hs.name, error = %e, "cannot send the whoami request");
+                return Err(ApiError::internal(
+                    "Internal error; the media repository's log has the details",
+                ));
             }
             Err(e) => {
                 self.record(&hs.name, hs.backoff_at, false);
@@ -304,8 +306,8 @@ impl Auth {
             ));
         }
         self.record(&hs.name, hs.backoff_at, true);
-        let body: serde_json::Value = response.json().await.unwrap_or_default();
-        if status == reqwest::StatusCode::OK {
+        let body = response.json().await.unwrap_or_default();
+        if status == outbound::StatusCode::OK {
             let user_id = body["user_id"].as_str().unwrap_or_default().to_owned();
             if !is_valid_user_id(&user_id) {
                 return Err(ApiError::new(
@@ -318,7 +320,7 @@ impl Auth {
         }
         let errcode = match body["errcode"].as_str() {
             Some("M_MISSING_TOKEN") => "M_MISSING_TOKEN",
-            Some("M_FORBIDDEN") if status == reqwest::StatusCode::FORBIDDEN => "M_FORBIDDEN",
+            Some("M_FORBIDDEN") if status == outbound::StatusCode::FORBIDDEN => "M_FORBIDDEN",
             _ => "M_UNKNOWN_TOKEN",
         };
         let status = if errcode == "M_FORBIDDEN" {
@@ -374,19 +376,28 @@ impl Auth {
         }
     }
 
-    /// A request to the homeserver's client-server API at `path`, with the configured timeout.
-    pub(crate) fn homeserver_request(
+    /// A request to the homeserver's client-server API at `path`, with the configured timeout;
+    /// `prepare` adds headers and a body.
+    pub(crate) async fn homeserver(
         &self,
         config: &Config,
         hs: &Homeserver,
-        method: reqwest::Method,
+        method: outbound::Method,
         path: &str,
-    ) -> reqwest::RequestBuilder {
+        prepare: impl FnOnce(outbound::RequestBuilder) -> outbound::RequestBuilder,
+    ) -> Result<outbound::Response, outbound::Error> {
         let url = format!("{}{path}", hs.cs_api.trim_end_matches('/'));
         let timeout = Duration::from_secs(u64::from(
             config.timeouts.client_server_timeout_seconds.max(1),
         ));
-        self.http.request(method, url).timeout(timeout)
+        self.http
+            .send(
+                method,
+                &url,
+                outbound::Purpose::homeserver(timeout),
+                prepare,
+            )
+            .await
     }
 }
 

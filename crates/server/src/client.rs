@@ -3,63 +3,57 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::State;
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::SharedState;
 use crate::auth::token;
 use crate::error::{ApiError, ApiResult};
-use crate::{Hs, SharedState};
+use crate::extract::{Ctx, R0, V3, Version};
 
 /// The spec version that brought authenticated media.
 const AUTHENTICATED_MEDIA_VERSION: &str = "v1.11";
 
 /// `POST /_matrix/client/{r0,v3}/logout`
 pub(crate) async fn logout(
-    state: State<SharedState>,
-    path: Path<String>,
-    request: Request,
+    State(state): State<SharedState>,
+    _: Version<{ R0 | V3 }>,
+    ctx: Ctx,
+    parts: Parts,
 ) -> ApiResult<Response> {
-    proxy_logout(state, path, request, false).await
+    proxy_logout(&state, &ctx, &parts, false).await
 }
 
 /// `POST /_matrix/client/{r0,v3}/logout/all`
 pub(crate) async fn logout_all(
-    state: State<SharedState>,
-    path: Path<String>,
-    request: Request,
+    State(state): State<SharedState>,
+    _: Version<{ R0 | V3 }>,
+    ctx: Ctx,
+    parts: Parts,
 ) -> ApiResult<Response> {
-    proxy_logout(state, path, request, true).await
+    proxy_logout(&state, &ctx, &parts, true).await
 }
 
 async fn proxy_logout(
-    State(state): State<SharedState>,
-    Path(version): Path<String>,
-    request: Request,
+    state: &SharedState,
+    ctx: &Ctx,
+    parts: &Parts,
     all: bool,
 ) -> ApiResult<Response> {
-    if !["r0", "v3"].contains(&version.as_str()) {
-        return Err(ApiError::unrecognized());
-    }
-    let (mut parts, _) = request.into_parts();
-    let Hs(hs) = <Hs as axum::extract::FromRequestParts<SharedState>>::from_request_parts(
-        &mut parts, &state,
-    )
-    .await?;
-    let config = state.config();
     let token = token(&parts.headers, parts.uri.query())?;
     // Who the token belongs to, before it stops working (for /logout/all).
     let user = if all {
-        let ip = crate::client_ip(&config, &parts);
         Some(
             state
                 .auth
                 .authenticate(
-                    &config,
-                    &hs,
+                    &ctx.config,
+                    &ctx.hs,
                     &parts.headers,
                     parts.uri.query(),
-                    &ip,
+                    &ctx.client_ip,
                     true,
                     &state.metrics,
                 )
@@ -75,24 +69,24 @@ async fn proxy_logout(
     };
     let response = state
         .auth
-        .homeserver_request(&config, &hs, reqwest::Method::POST, path)
-        .bearer_auth(&token)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body("{}")
-        .send()
+        .homeserver(&ctx.config, &ctx.hs, outbound::Method::POST, path, |r| {
+            r.bearer_auth(&token)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body("{}")
+        })
         .await
-        .map_err(|e| homeserver_unreachable(&hs.name, &e))?;
+        .map_err(|e| homeserver_unreachable(&ctx.hs.name, &e))?;
     let status =
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let body = response
         .bytes()
         .await
-        .map_err(|e| homeserver_unreachable(&hs.name, &e))?;
+        .map_err(|e| homeserver_unreachable(&ctx.hs.name, &e))?;
     if status.is_success() || status == StatusCode::UNAUTHORIZED {
         // Gone at the homeserver (or never valid): gone here too.
         state.auth.forget_token(&token);
         if let Some(user) = user {
-            state.auth.forget_user(&hs.name, &user.user_id);
+            state.auth.forget_user(&ctx.hs.name, &user.user_id);
         }
     }
     Ok((
@@ -103,7 +97,7 @@ async fn proxy_logout(
         .into_response())
 }
 
-fn homeserver_unreachable(hs: &str, e: &reqwest::Error) -> ApiError {
+fn homeserver_unreachable(hs: &str, e: &outbound::Error) -> ApiError {
     ApiError::new(
         StatusCode::BAD_GATEWAY,
         "M_UNKNOWN",
@@ -114,24 +108,23 @@ fn homeserver_unreachable(hs: &str, e: &reqwest::Error) -> ApiError {
 /// `GET /_matrix/client/versions`: the homeserver's answer, with authenticated media announced.
 pub(crate) async fn versions(
     State(state): State<SharedState>,
-    Hs(hs): Hs,
+    ctx: Ctx,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let config = state.config();
     let response = state
         .auth
-        .homeserver_request(
-            &config,
-            &hs,
-            reqwest::Method::GET,
+        .homeserver(
+            &ctx.config,
+            &ctx.hs,
+            outbound::Method::GET,
             "/_matrix/client/versions",
+            |r| r,
         )
-        .send()
         .await
-        .map_err(|e| homeserver_unreachable(&hs.name, &e))?;
-    let mut body: serde_json::Value = response
+        .map_err(|e| homeserver_unreachable(&ctx.hs.name, &e))?;
+    let mut body = response
         .json()
         .await
-        .map_err(|e| homeserver_unreachable(&hs.name, &e))?;
+        .map_err(|e| homeserver_unreachable(&ctx.hs.name, &e))?;
     if let Some(versions) = body.get_mut("versions").and_then(|v| v.as_array_mut())
         && !versions.iter().any(|v| v == AUTHENTICATED_MEDIA_VERSION)
     {

@@ -52,12 +52,13 @@ impl Limits {
 }
 
 /// Accepts and serves connections until `shutdown` fires, then lets each connection finish its
-/// request in flight (idle ones close at once) and returns when all have.
+/// request in flight (idle ones close at once) and returns when all have, or `drain` has passed.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
+    drain: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -92,7 +93,12 @@ pub(crate) async fn serve(
     drop(listener);
     let _ = stop_tx.send(true);
     drop(done_rx);
-    done_tx.closed().await;
+    if tokio::time::timeout(drain, done_tx.closed()).await.is_err() {
+        tracing::warn!(
+            "requests still in flight after {} s: stopping without them",
+            drain.as_secs()
+        );
+    }
 }
 
 /// Errors of one connection (the client hung up) are not the listener's; running out of file
@@ -144,6 +150,8 @@ async fn serve_connection(
     loop {
         let (deadline, why) = activity.deadline(&limits);
         tokio::select! {
+            // The connection changed phase: its deadline is another.
+            () = activity.changed.notified() => {}
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -174,6 +182,9 @@ struct Activity {
     head_started: AtomicU64,
     /// When a write started waiting for the client to take bytes.
     write_blocked: AtomicU64,
+    /// Signalled when the phase changes (a head starts, a request starts or ends, a write
+    /// blocks), so that the connection's task looks at the new deadline at once.
+    changed: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -184,6 +195,7 @@ impl Activity {
             idle_since: AtomicU64::new(1),
             head_started: AtomicU64::new(0),
             write_blocked: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -211,7 +223,9 @@ impl Activity {
             }
         } else {
             match self.write_blocked.load(Relaxed) {
-                0 => (Instant::now() + limits.send, None),
+                // Nothing to time here: a busy request's body has its own timeout, and a blocked
+                // write signals `changed`.
+                0 => (Instant::now() + limits.idle, None),
                 t => (
                     self.at(t, limits.send),
                     Some("the client stopped reading the response"),
@@ -223,6 +237,7 @@ impl Activity {
     fn read(&self) {
         if self.in_flight.load(Relaxed) == 0 && self.head_started.load(Relaxed) == 0 {
             self.head_started.store(self.now(), Relaxed);
+            self.changed.notify_one();
         }
     }
 
@@ -230,6 +245,7 @@ impl Activity {
         if poll.is_pending() {
             if self.write_blocked.load(Relaxed) == 0 {
                 self.write_blocked.store(self.now(), Relaxed);
+                self.changed.notify_one();
             }
         } else {
             self.write_blocked.store(0, Relaxed);
@@ -244,6 +260,7 @@ impl InFlight {
     fn start(activity: Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Relaxed);
         activity.head_started.store(0, Relaxed);
+        activity.changed.notify_one();
         InFlight(activity)
     }
 }
@@ -252,6 +269,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Relaxed) == 1 {
             self.0.idle_since.store(self.0.now(), Relaxed);
+            self.0.changed.notify_one();
         }
     }
 }

@@ -123,12 +123,7 @@ impl From<store::Error> for ApiError {
                     ),
                 )
             }
-            E::QuotaFiles(n) => {
-                ApiError::forbidden(format!("You have reached your quota of {n} files"))
-            }
-            E::QuotaBytes(n) => {
-                ApiError::forbidden(format!("This upload would exceed your quota of {n} bytes"))
-            }
+            E::HashMismatch { .. } => ApiError::bad_request(e.to_string()),
             e if e.is_invalid_input() => ApiError::bad_request(
                 "The request holds text that cannot be stored (such as a NUL character)",
             ),
@@ -143,6 +138,32 @@ impl From<store::Error> for ApiError {
                 tracing::error!(error = %e, "request failed");
                 ApiError::internal("Internal error; the media repository's log has the details")
             }
+        }
+    }
+}
+
+impl From<media::Error> for ApiError {
+    fn from(e: media::Error) -> ApiError {
+        use media::Error as E;
+        match e {
+            E::InvalidParam(why) => ApiError::bad_request(why),
+            E::QuotaFiles(n) | E::Store(store::Error::QuotaFiles(n)) => {
+                ApiError::forbidden(format!("You have reached your quota of {n} files"))
+            }
+            E::QuotaBytes(n) | E::Store(store::Error::QuotaBytes(n)) => {
+                ApiError::forbidden(format!("This upload would exceed your quota of {n} bytes"))
+            }
+            E::Store(e) => e.into(),
+            E::NotFound(what) => ApiError::not_found(what),
+            E::Quarantined => ApiError::not_found("This media has been quarantined"),
+            E::Expired => {
+                ApiError::not_found("This media id expired before any content was uploaded")
+            }
+            E::NotYetUploaded => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "M_NOT_YET_UPLOADED",
+                "Content has not yet been uploaded",
+            ),
         }
     }
 }

@@ -18,8 +18,6 @@ use crate::{AppState, SharedState};
 pub enum Error {
     #[error(transparent)]
     Config(#[from] config::Error),
-    #[error("{path}: {problems}")]
-    Invalid { path: String, problems: String },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: String,
@@ -35,15 +33,7 @@ type LogHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 /// Loads and validates the config; what deserves a warning is returned for logging.
 fn load(path: &Path) -> Result<(Config, Vec<String>), Error> {
-    let loaded = Config::load(path)?;
-    let problems = loaded.config.validate();
-    if !problems.is_empty() {
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        return Err(Error::Invalid {
-            path: path.display().to_string(),
-            problems: problems.join("; "),
-        });
-    }
+    let loaded = Config::load_valid(path)?;
     let mut warnings = Vec::new();
     if !loaded.unknown_keys.is_empty() {
         let keys: Vec<String> = loaded
@@ -124,7 +114,7 @@ fn init_logging(config: &Config) -> LogHandle {
             )
             .try_init()
     };
-    // Already set (tests running several servers in one process): keep the first.
+    // Only fails when a subscriber is set already, and nothing else sets one.
     let _ = result;
     handle
 }
@@ -181,14 +171,31 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
             app,
             limits,
             std::future::pending(),
+            DRAIN,
         ));
     }
 
     tokio::spawn(reload_on_hangup(config_path, state.clone(), log));
-    crate::conn::serve(listener, crate::router(state), limits, shutdown_signal()).await;
+    let jobs = {
+        let state = state.clone();
+        media::jobs::Runner::start(state.media.clone(), move || state.config())
+    };
+    crate::conn::serve(
+        listener,
+        crate::router(state),
+        limits,
+        shutdown_signal(),
+        DRAIN,
+    )
+    .await;
+    jobs.stop(DRAIN).await;
     tracing::info!("stopped");
     Ok(())
 }
+
+/// On SIGTERM, how long requests in flight, then running jobs, may take to finish (well within
+/// systemd's default `TimeoutStopSec` of 90 s).
+const DRAIN: Duration = Duration::from_secs(30);
 
 /// Every connection is a file descriptor, and systemd's default soft limit is 1024: raise the soft
 /// limit to the hard one (as Go's runtime does for matrix-media-repo), and say so when even that
@@ -196,7 +203,13 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
 fn raise_open_files_limit(max_connections: usize) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
-    if limit.current < limit.maximum {
+    // `None` is unlimited.
+    let below_hard = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) => soft < hard,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard {
         limit.current = limit.maximum;
         if let Err(e) = setrlimit(Resource::Nofile, limit) {
             tracing::warn!(error = %e, "cannot raise the open files limit");

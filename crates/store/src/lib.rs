@@ -12,7 +12,8 @@ mod blockfile;
 mod check;
 mod datastore;
 pub mod ids;
-pub mod import;
+mod jobs;
+pub mod objects;
 mod pipeline;
 mod s3;
 mod schema;
@@ -29,6 +30,7 @@ use tokio_postgres::NoTls;
 
 pub use check::CheckReport;
 pub use datastore::{BackendError, Datastore, Datastores, Reader};
+pub use jobs::JobLock;
 pub use pipeline::{Limits, NewMedia, Quota, Target, Uploaded};
 pub use transfer::TransferReport;
 
@@ -87,6 +89,8 @@ pub enum Error {
     QuotaFiles(u64),
     #[error("the upload would exceed the user's quota of {0} bytes")]
     QuotaBytes(u64),
+    #[error("the content hashes to {actual}, not the expected {expected}")]
+    HashMismatch { expected: String, actual: String },
 }
 
 impl Error {
@@ -98,8 +102,7 @@ impl Error {
     /// Failures of the database or a datastore that may pass (worth a 503 and a retry).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            // Text the database refuses (a NUL, an invalid encoding) is the request's fault.
-            Error::Database(e) => !is_bad_text(e),
+            Error::Database(e) => is_transient_pg(e),
             Error::Pool(_) => true,
             Error::Connect { retryable, .. } => *retryable,
             Error::Backend(e) => e.transient,
@@ -150,30 +153,42 @@ fn describe_pg(e: &tokio_postgres::Error) -> String {
     text
 }
 
+/// Text the database refuses to store (a NUL, an invalid encoding): the request's fault.
 fn is_bad_text(e: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     e.code().is_some_and(|c| {
-        [
-            SqlState::CHARACTER_NOT_IN_REPERTOIRE,
-            SqlState::UNTRANSLATABLE_CHARACTER,
-            SqlState::INVALID_TEXT_REPRESENTATION,
-        ]
-        .contains(c)
+        *c == SqlState::CHARACTER_NOT_IN_REPERTOIRE || *c == SqlState::UNTRANSLATABLE_CHARACTER
     })
+}
+
+/// Whether a database error may pass by itself (an allow-list: anything else is a fault that
+/// waiting cannot fix). With a SQLSTATE: the connection failed (class 08), the server is out of
+/// resources (53), shutting down or starting (57P01-57P03), or the transaction lost a race
+/// (40001, 40P01). Without: this side of the connection failed (refused, reset, closed, timed
+/// out); authentication, TLS or configuration failures are not transient.
+fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        let c = code.code();
+        return c.starts_with("08")
+            || c.starts_with("53")
+            || matches!(c, "57P01" | "57P02" | "57P03" | "40001" | "40P01");
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    e.is_closed() || e.to_string() == "timeout waiting for server"
 }
 
 /// Whether a failed first connection can succeed later without anyone changing something.
 fn connect_retryable(e: &Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    let code = match e {
-        Error::Database(e) => e.code(),
-        _ => None,
-    };
-    !code.is_some_and(|c| {
-        c.code().starts_with("28") // invalid authorization: unknown role, wrong password
-            || *c == SqlState::INVALID_CATALOG_NAME // no such database
-            || *c == SqlState::INSUFFICIENT_PRIVILEGE // no CONNECT privilege
-    })
+    match e {
+        Error::Database(e) => is_transient_pg(e),
+        _ => true,
+    }
 }
 
 /// `host:port, database `name` as `user``, for errors about connecting.
@@ -190,7 +205,8 @@ fn connect_target(pg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}, database `{db}` as user `{user}`")
 }
 
-pub(crate) fn now_ms() -> i64 {
+/// Now, in milliseconds since the Unix epoch (how rows record time).
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -249,36 +265,33 @@ pub struct PoolStatus {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// For connections of their own: `LISTEN`, and the session locks of jobs.
+    pg: tokio_postgres::Config,
     datastores: Arc<Datastores>,
     uploads: broadcast::Sender<String>,
     max_idle: usize,
 }
 
 pub(crate) const NOTIFY_CHANNEL: &str = "mmrctl_media_uploaded";
+/// Serialises everything that creates or deletes the object with this hash.
+pub(crate) const LOCK_HASH: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
 /// Serialises one user's quota checks with what they count (uploads, `/create`).
 pub(crate) const LOCK_USER: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 1))";
 
-/// A user's usage, on `client` (a transaction holding the user's lock, or any connection).
-pub(crate) async fn usage_in(
-    client: &impl tokio_postgres::GenericClient,
-    user_id: &str,
-) -> Result<Usage, Error> {
-    let row = client
-        .query_one(
-            "SELECT COALESCE(SUM(o.size_bytes), 0)::BIGINT,
-                    COUNT(m.sha256),
-                    COUNT(*) FILTER (WHERE m.sha256 IS NULL AND m.expires_ts > $2)
-             FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
-             WHERE m.user_id = $1",
-            &[&user_id, &now_ms()],
-        )
-        .await?;
+/// A user's usage: bytes and files uploaded, reservations pending (`$1` the user, `$2` now).
+pub(crate) const USAGE: &str = "SELECT COALESCE(SUM(o.size_bytes), 0)::BIGINT,
+            COUNT(m.sha256),
+            COUNT(*) FILTER (WHERE m.sha256 IS NULL AND m.expires_ts > $2)
+     FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
+     WHERE m.user_id = $1";
+
+pub(crate) fn usage_from_row(row: &tokio_postgres::Row) -> Usage {
     let n = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
-    Ok(Usage {
+    Usage {
         bytes: n(0),
         files: n(1),
         pending: n(2),
-    })
+    }
 }
 
 impl Store {
@@ -331,15 +344,24 @@ impl Store {
             }
         }
         let (uploads, _) = broadcast::channel(1024);
-        tokio::spawn(listen(pg, uploads.clone()));
-        let store = Store {
+        Ok(Store {
             pool,
+            pg,
             datastores,
             uploads,
             max_idle: config.database.pool.max_idle_connections as usize,
-        };
-        tokio::spawn(trim_idle(store.pool.clone(), store.max_idle));
-        Ok(store)
+        })
+    }
+
+    /// What a long-running store needs done in the background, for as long as it runs: relaying
+    /// completed uploads announced by any instance (`NOTIFY`) to the waiters here, and closing idle
+    /// connections beyond `maxIdleConnections`. The server runs it among its tasks; commands that
+    /// only read or write a batch do without.
+    pub async fn maintain(&self) {
+        tokio::join!(
+            listen(self.pg.clone(), self.uploads.clone()),
+            trim_idle(self.pool.clone(), self.max_idle)
+        );
     }
 
     pub fn datastores(&self) -> &Datastores {
@@ -424,8 +446,8 @@ impl Store {
             let inserted = tx
                 .execute(
                     "INSERT INTO media (origin, media_id, kind, user_id, created_ts, requires_auth, expires_ts)
-                     VALUES ($1, $2, 'local_media', $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                    &[&origin, &media_id, &user_id, &now_ms(), &requires_auth, &expires_ts],
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    &[&origin, &media_id, &MediaKind::LocalMedia.as_str(), &user_id, &now_ms(), &requires_auth, &expires_ts],
                 )
                 .await?;
             if inserted == 1 {
@@ -451,7 +473,10 @@ impl Store {
 
     pub async fn usage(&self, user_id: &str) -> Result<Usage, Error> {
         let client = self.client().await?;
-        usage_in(&**client, user_id).await
+        let usage = client.prepare_cached(USAGE).await?;
+        Ok(usage_from_row(
+            &client.query_one(&usage, &[&user_id, &now_ms()]).await?,
+        ))
     }
 
     /// A page of the objects in datastore `id`, in hash order after `after` (start with "").
@@ -500,23 +525,11 @@ fn pending_state(m: &Media, user_id: &str) -> Result<(), Error> {
     }
 }
 
-fn kind_from_str(s: &str) -> Result<MediaKind, Error> {
-    Ok(match s {
-        "local_media" => MediaKind::LocalMedia,
-        "remote_media" => MediaKind::RemoteMedia,
-        "thumbnails" => MediaKind::Thumbnails,
-        "archives" => MediaKind::Archives,
-        other => return Err(Error::Corrupt(format!("unknown media kind `{other}`"))),
-    })
-}
-
-pub(crate) fn kind_str(kind: MediaKind) -> &'static str {
-    match kind {
-        MediaKind::LocalMedia | MediaKind::All => "local_media",
-        MediaKind::RemoteMedia => "remote_media",
-        MediaKind::Thumbnails => "thumbnails",
-        MediaKind::Archives => "archives",
-    }
+/// The kind a media row records (never `all`).
+fn kind_of_row(name: &str) -> Result<MediaKind, Error> {
+    MediaKind::from_name(name)
+        .filter(|k| *k != MediaKind::All)
+        .ok_or_else(|| Error::Corrupt(format!("unknown media kind `{name}`")))
 }
 
 fn media_from_row(r: &tokio_postgres::Row) -> Result<Media, Error> {
@@ -530,7 +543,7 @@ fn media_from_row(r: &tokio_postgres::Row) -> Result<Media, Error> {
     Ok(Media {
         origin: r.get(0),
         media_id: r.get(1),
-        kind: kind_from_str(r.get(2))?,
+        kind: kind_of_row(r.get(2))?,
         content_type: r.get(3),
         upload_name: r.get(4),
         user_id: r.get(5),

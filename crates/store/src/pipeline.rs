@@ -21,9 +21,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 
 use crate::blockfile::{BlockWriter, Filled, Filler, PooledBlock};
-use crate::{Error, Media, ObjectRef, Store, ids, now_ms};
+use crate::{Error, LOCK_HASH, Media, ObjectRef, Store, ids, now_ms};
 
-const LOCK_HASH: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
 const SELECT_OBJECT: &str =
     "SELECT size_bytes, datastore_id, location FROM objects WHERE sha256 = $1";
 const INSERT_OBJECT: &str =
@@ -64,6 +63,9 @@ pub struct Limits {
     /// The uploader's quota, checked again when the media row is recorded, under a per-user lock,
     /// so that concurrent uploads cannot all pass a check made before any of them finished.
     pub quota: Option<Quota>,
+    /// The SHA-256 the content must have (imports know it): a body that hashes otherwise is
+    /// refused before it is placed.
+    pub expected_sha256: Option<[u8; 32]>,
 }
 
 /// Per-user limits; 0 means no limit.
@@ -118,13 +120,24 @@ struct Written {
 /// that follows cannot interleave with another upload of the same user. It is taken before the
 /// per-hash lock, in every transaction that takes both.
 async fn check_quota(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     user_id: &str,
     quota: Quota,
     size: u64,
 ) -> Result<(), Error> {
-    tx.execute(crate::LOCK_USER, &[&user_id]).await?;
-    let usage = crate::usage_in(tx, user_id).await?;
+    let (lock, usage) = tokio::try_join!(
+        tx.prepare_cached(crate::LOCK_USER),
+        tx.prepare_cached(crate::USAGE)
+    )?;
+    // Pipelined: one round trip; the count runs once the lock is held.
+    let now = now_ms();
+    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&user_id];
+    let usage_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&user_id, &now];
+    let (_, row) = tokio::try_join!(
+        tx.execute(&lock, &lock_params),
+        tx.query_one(&usage, &usage_params)
+    )?;
+    let usage = crate::usage_from_row(&row);
     if quota.max_files > 0 && usage.files >= quota.max_files {
         return Err(Error::QuotaFiles(quota.max_files));
     }
@@ -156,6 +169,14 @@ impl Store {
         if written.size < limits.min_bytes {
             return Err(Error::TooSmall {
                 min: limits.min_bytes,
+            });
+        }
+        if let Some(expected) = limits.expected_sha256.map(hex::encode)
+            && expected != written.sha256
+        {
+            return Err(Error::HashMismatch {
+                expected,
+                actual: written.sha256,
             });
         }
 
@@ -216,7 +237,12 @@ impl Store {
         })?;
         let now = now_ms();
         let created = new.created_ts.unwrap_or(now);
-        let kind = crate::kind_str(new.kind);
+        // `all` names no kind of media; a row records what it is.
+        let kind = match new.kind {
+            MediaKind::All => MediaKind::LocalMedia,
+            k => k,
+        }
+        .as_str();
         let location = placed.map_or_else(|| ds.location_for(&written.sha256), ToOwned::to_owned);
         let sha256 = written.sha256.as_str();
         let mut client = self.client().await?;
@@ -236,7 +262,7 @@ impl Store {
                 Target::Id(id) | Target::Pending(id) => id.clone(),
             };
             let tx = client.transaction().await?;
-            if let Some(quota) = quota {
+            if let Some(quota) = quota.filter(|q| q.max_files > 0 || q.max_bytes > 0) {
                 check_quota(&tx, &new.user_id, quota, written.size).await?;
             }
             let media_rows = async {
@@ -336,26 +362,10 @@ impl Store {
 
     /// Removes an object file this upload placed, unless a row now references that content.
     async fn remove_if_unreferenced(&self, ds_id: &str, sha256: &str, location: &str) {
-        let result: Result<(), Error> = async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await?;
-            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&sha256]).await?;
-            let referenced = tx
-                .query_opt(
-                    "SELECT 1 FROM objects WHERE sha256 = $1 AND datastore_id = $2 AND location = $3",
-                    &[&sha256, &ds_id, &location],
-                )
-                .await?
-                .is_some();
-            if !referenced
-                && let Some(ds) = self.datastores.get(ds_id) {
-                    ds.delete(location).await?;
-                }
-            tx.commit().await?;
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
+        let Some(ds) = self.datastores.get(ds_id) else {
+            return;
+        };
+        if let Err(e) = self.delete_unreferenced(ds, sha256, location).await {
             tracing::warn!(error = %e, sha256, "could not remove an unused object; the consistency check will find it");
         }
     }

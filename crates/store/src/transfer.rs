@@ -98,11 +98,7 @@ impl Store {
 
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&object.sha256],
-        )
-        .await?;
+        tx.execute(crate::LOCK_HASH, &[&object.sha256]).await?;
         let updated = tx
             .execute(
                 "UPDATE objects SET datastore_id = $4, location = $5
@@ -131,35 +127,6 @@ impl Store {
         self.delete_unreferenced(source, &object.sha256, &object.location)
             .await?;
         Ok(true)
-    }
-
-    /// Deletes the object at `location` of `ds` unless an object row references it, deciding under
-    /// the hash's lock. Returns whether it deleted.
-    pub(crate) async fn delete_unreferenced(
-        &self,
-        ds: &Datastore,
-        sha256: &str,
-        location: &str,
-    ) -> Result<bool, Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&sha256],
-        )
-        .await?;
-        let referenced = tx
-            .query_opt(
-                "SELECT 1 FROM objects WHERE datastore_id = $1 AND location = $2",
-                &[&ds.id(), &location],
-            )
-            .await?
-            .is_some();
-        if !referenced {
-            ds.delete(location).await?;
-        }
-        tx.commit().await?;
-        Ok(!referenced)
     }
 }
 

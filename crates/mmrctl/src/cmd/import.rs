@@ -47,14 +47,9 @@ enum SourceCommand {
 
 #[derive(clap::Args)]
 struct Common {
-    /// The media repo's config: the import writes where `mmrctl serve` reads.
-    #[arg(
-        long,
-        env = "REPO_CONFIG",
-        default_value = "media-repo.yaml",
-        value_name = "PATH"
-    )]
-    config: PathBuf,
+    /// The import writes where `mmrctl serve` reads.
+    #[command(flatten)]
+    config: crate::ConfigArg,
     /// The homeserver's database server (a host name, an address, or a Unix socket directory).
     #[arg(long, default_value = "localhost", value_name = "HOST")]
     db_host: String,
@@ -151,14 +146,7 @@ fn run_import(homeserver: Homeserver, args: &Common) -> anyhow::Result<ExitCode>
         );
     }
 
-    let loaded = config::Config::load(&args.config)
-        .with_context(|| format!("the media repo's config {}", args.config.display()))?;
-    let problems = loaded.config.validate();
-    if !problems.is_empty() {
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        bail!("{}: {}", args.config.display(), problems.join("; "));
-    }
-    let config = loaded.config;
+    let config = config::Config::load_valid(&args.config.config)?.config;
     let server_name = server_name(&config, args.server_name.as_deref())?;
     // Absolute, so that messages name the files unambiguously.
     let media_path = media_path(homeserver, args)?.map(|p| std::fs::canonicalize(&p).unwrap_or(p));

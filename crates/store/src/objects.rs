@@ -1,5 +1,6 @@
-//! Queries the importers need beyond the upload pipeline: which of a batch of media ids exist, how an
-//! object in a datastore compares with its row, and raising quarantine on an imported row.
+//! Operations on media rows and objects beyond the upload pipeline: which of a batch of media ids
+//! exist, how an object in a datastore compares with its row, quarantining a row, and deleting an
+//! object once nothing references it.
 
 use std::collections::HashSet;
 
@@ -7,7 +8,7 @@ use futures_util::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tokio_util::io::ReaderStream;
 
-use crate::{Error, ObjectRef, Store};
+use crate::{Datastore, Error, LOCK_HASH, ObjectRef, Store};
 
 /// How thoroughly [`Store::check_object`] looks at an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,5 +128,30 @@ impl Store {
             )
             .await?;
         Ok(n > 0)
+    }
+
+    /// Deletes the object at `location` of `ds` unless an object row references it, deciding under
+    /// the hash's lock. Returns whether it deleted.
+    pub(crate) async fn delete_unreferenced(
+        &self,
+        ds: &Datastore,
+        sha256: &str,
+        location: &str,
+    ) -> Result<bool, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(LOCK_HASH, &[&sha256]).await?;
+        let referenced = tx
+            .query_opt(
+                "SELECT 1 FROM objects WHERE datastore_id = $1 AND location = $2",
+                &[&ds.id(), &location],
+            )
+            .await?
+            .is_some();
+        if !referenced {
+            ds.delete(location).await?;
+        }
+        tx.commit().await?;
+        Ok(!referenced)
     }
 }

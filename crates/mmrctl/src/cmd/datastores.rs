@@ -49,12 +49,7 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn open(path: &Path) -> anyhow::Result<store::Store> {
-    let loaded = config::Config::load(path)?;
-    let problems = loaded.config.validate();
-    if !problems.is_empty() {
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        anyhow::bail!("{} is not valid: {}", path.display(), problems.join("; "));
-    }
+    let loaded = config::Config::load_valid(path)?;
     store::Store::open(&loaded.config)
         .await
         .with_context(|| format!("cannot open the store of {}", path.display()))

@@ -1,0 +1,108 @@
+//! Finding the media a download names: ours (waiting for a pending upload), and the place where
+//! remote media will be fetched over federation.
+
+use std::time::Duration;
+
+use config::Config;
+use store::Media;
+
+use crate::{Error, Service};
+
+/// How long a download waits for a pending upload's content (`timeout_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait(Duration);
+
+impl Wait {
+    /// When the client gives no `timeout_ms`, and the most we wait whatever it asks (as Synapse).
+    const DEFAULT: Duration = Duration::from_secs(20);
+    const MAX: Duration = Duration::from_secs(60);
+
+    /// The client's `timeout_ms`, if it gave one, bounded.
+    pub fn from_millis(ms: Option<u64>) -> Wait {
+        Wait(
+            ms.map_or(Self::DEFAULT, Duration::from_millis)
+                .min(Self::MAX),
+        )
+    }
+}
+
+impl Service {
+    /// The media `origin`/`media_id` with its content, waiting up to `wait` for a pending upload
+    /// to complete (woken at once when it does, on any instance).
+    pub async fn media(
+        &self,
+        config: &Config,
+        origin: &str,
+        media_id: &str,
+        wait: Wait,
+    ) -> Result<Media, Error> {
+        if !store::ids::is_valid_server_name(origin) || !store::ids::is_valid_media_id(media_id) {
+            return Err(Error::NotFound("Invalid server name or media id".into()));
+        }
+        if config.homeserver(origin).is_none() {
+            // Remote media: fetched over federation here once that lands.
+            return Err(Error::NotFound(format!(
+                "Media from {origin} is not available here"
+            )));
+        }
+        let media = self.local(origin, media_id, wait).await?;
+        if media.quarantined {
+            return Err(Error::Quarantined);
+        }
+        Ok(media)
+    }
+
+    async fn local(&self, origin: &str, media_id: &str, wait: Wait) -> Result<Media, Error> {
+        let not_found = || Error::NotFound("Not found".into());
+        // Subscribed before the first look, so that a completion in between is not missed.
+        let mut uploads = self.store.subscribe_uploads();
+        let media = self
+            .store
+            .media(origin, media_id)
+            .await?
+            .ok_or_else(not_found)?;
+        if media.object.is_some() {
+            return Ok(media);
+        }
+        let deadline = tokio::time::Instant::now() + wait.0;
+        let key = format!("{origin}/{media_id}");
+        loop {
+            if media.expires_ts.is_some_and(|t| t <= store::now_ms()) {
+                return Err(Error::Expired);
+            }
+            match tokio::time::timeout_at(deadline, uploads.recv()).await {
+                Err(_) => return Err(Error::NotYetUploaded),
+                Ok(Ok(done)) if done != key => continue,
+                // A match, or missed messages (lagged): look again.
+                Ok(_) => {
+                    let media = self
+                        .store
+                        .media(origin, media_id)
+                        .await?
+                        .ok_or_else(not_found)?;
+                    if media.object.is_some() {
+                        return Ok(media);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_are_bounded() {
+        assert_eq!(Wait::from_millis(None), Wait(Duration::from_secs(20)));
+        assert_eq!(
+            Wait::from_millis(Some(1500)),
+            Wait(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            Wait::from_millis(Some(u64::MAX)),
+            Wait(Duration::from_secs(60))
+        );
+    }
+}

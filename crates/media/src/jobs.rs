@@ -1,0 +1,161 @@
+//! Recurring work: a runner that `mmrctl serve` owns, with each job run by one instance at a time
+//! across every instance on the database, at most `tasks.numWorkers` jobs at once, and everything
+//! cancelled and awaited when the server stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use config::Config;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::{Error, Service};
+
+/// A temp file nothing wrote to for this long was left by a crash (a live upload writes at least
+/// every `connections.bodyTimeoutSeconds`, and placing a file on S3 takes far less).
+const STALE_TEMP_FILE: Duration = Duration::from_secs(24 * 3600);
+
+/// For tests of the runner: each job holds its lock this long (seconds) before it runs, so that who
+/// holds it can be seen and the holder killed.
+const HOLD_VAR: &str = "MMRCTL_TEST_JOB_HOLD_SECONDS";
+
+/// One recurring job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Asynchronous uploads reserved with `/create` whose time ran out without content.
+    ExpireReservations,
+    /// Temp files a crash left in the datastores.
+    StaleTempFiles,
+}
+
+impl Job {
+    pub const ALL: [Job; 2] = [Job::ExpireReservations, Job::StaleTempFiles];
+
+    /// The job's name, in logs and in its lock.
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::ExpireReservations => "expire-reservations",
+            Job::StaleTempFiles => "stale-temp-files",
+        }
+    }
+
+    /// How long from one run to the next.
+    pub fn every(self, config: &Config) -> Duration {
+        match self {
+            // As often as reservations can expire, within [1 s, 10 min].
+            Job::ExpireReservations => {
+                Duration::from_secs(config.uploads.max_age_seconds.clamp(1, 600))
+            }
+            Job::StaleTempFiles => Duration::from_secs(3600),
+        }
+    }
+
+    /// Runs the job once; says what it did.
+    pub async fn run(self, service: &Service) -> Result<String, Error> {
+        let store = service.store();
+        Ok(match self {
+            Job::ExpireReservations => {
+                let n = store.delete_expired_reservations().await?;
+                format!("{n} expired reservations deleted")
+            }
+            Job::StaleTempFiles => {
+                let n = store.delete_stale_temp_files(STALE_TEMP_FILE).await?;
+                format!("{n} stale temp files deleted")
+            }
+        })
+    }
+}
+
+/// The running jobs, and whatever else runs for as long as the server does.
+pub struct Runner {
+    tasks: JoinSet<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Runner {
+    /// Starts every job, each first right away; `config` gives the config in force (it changes on
+    /// reload).
+    pub fn start(
+        service: Service,
+        config: impl Fn() -> Arc<Config> + Send + Sync + 'static,
+    ) -> Runner {
+        let config = Arc::new(config);
+        let workers = Arc::new(Semaphore::new(config().tasks.num_workers.max(1) as usize));
+        let hold = std::env::var(HOLD_VAR)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs);
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        {
+            let service = service.clone();
+            tasks.spawn(async move { service.store().maintain().await });
+        }
+        for job in Job::ALL {
+            let (service, config, workers, mut stopped) = (
+                service.clone(),
+                config.clone(),
+                workers.clone(),
+                stopped.clone(),
+            );
+            tasks.spawn(async move {
+                loop {
+                    if let Ok(_permit) = workers.acquire().await
+                        && !*stopped.borrow()
+                    {
+                        run_once(job, &service, hold).await;
+                    }
+                    let every = job.every(&config());
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {}
+                        _ = stopped.changed() => return,
+                    }
+                }
+            });
+        }
+        Runner { tasks, stop }
+    }
+
+    /// Stops the jobs: those between runs at once, a running one when it is done or `drain` has
+    /// passed (then it is cancelled: every job is safe to stop anywhere).
+    pub async fn stop(mut self, drain: Duration) {
+        let _ = self.stop.send(true);
+        // The store's maintenance never ends by itself: it is cancelled with what is left.
+        let wait_jobs = async {
+            while self.tasks.len() > 1 {
+                if self.tasks.join_next().await.is_none() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(drain, wait_jobs).await.is_err() {
+            tracing::warn!("jobs still running after {} s: cancelled", drain.as_secs());
+        }
+        self.tasks.shutdown().await;
+    }
+}
+
+/// One run, when this instance gets the job's lock (else another instance is running it).
+async fn run_once(job: Job, service: &Service, hold: Option<Duration>) {
+    let name = job.name();
+    let lock = match service.store().try_lock_job(name).await {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            tracing::debug!(job = name, "running on another instance");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(job = name, error = %e, "cannot take the job's lock; trying again later");
+            return;
+        }
+    };
+    tracing::info!(job = name, "job started");
+    if let Some(hold) = hold {
+        tokio::time::sleep(hold).await;
+    }
+    match job.run(service).await {
+        Ok(did) => tracing::info!(job = name, result = %did, "job finished"),
+        Err(e) => tracing::warn!(job = name, error = %e, "job failed; it runs again later"),
+    }
+    drop(lock);
+}
