@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use config::Config;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::{Error, Service};
@@ -69,7 +69,6 @@ impl Job {
 /// The running jobs, and whatever else runs for as long as the server does.
 pub struct Runner {
     tasks: JoinSet<()>,
-    stop: watch::Sender<bool>,
 }
 
 impl Runner {
@@ -85,52 +84,29 @@ impl Runner {
             .ok()
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs);
-        let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
         {
             let service = service.clone();
             tasks.spawn(async move { service.store().maintain().await });
         }
         for job in Job::ALL {
-            let (service, config, workers, mut stopped) = (
-                service.clone(),
-                config.clone(),
-                workers.clone(),
-                stopped.clone(),
-            );
+            let (service, config, workers) = (service.clone(), config.clone(), workers.clone());
             tasks.spawn(async move {
                 loop {
-                    if let Ok(_permit) = workers.acquire().await
-                        && !*stopped.borrow()
-                    {
+                    if let Ok(_permit) = workers.acquire().await {
                         run_once(job, &service, hold).await;
                     }
-                    let every = job.every(&config());
-                    tokio::select! {
-                        () = tokio::time::sleep(every) => {}
-                        _ = stopped.changed() => return,
-                    }
+                    tokio::time::sleep(job.every(&config())).await;
                 }
             });
         }
-        Runner { tasks, stop }
+        Runner { tasks }
     }
 
-    /// Stops the jobs: those between runs at once, a running one when it is done or `drain` has
-    /// passed (then it is cancelled: every job is safe to stop anywhere).
-    pub async fn stop(mut self, drain: Duration) {
-        let _ = self.stop.send(true);
-        // The store's maintenance never ends by itself: it is cancelled with what is left.
-        let wait_jobs = async {
-            while self.tasks.len() > 1 {
-                if self.tasks.join_next().await.is_none() {
-                    break;
-                }
-            }
-        };
-        if tokio::time::timeout(drain, wait_jobs).await.is_err() {
-            tracing::warn!("jobs still running after {} s: cancelled", drain.as_secs());
-        }
+    /// Stops the jobs and waits until they have: a running one is cancelled where it is, which
+    /// every job is built to survive (each step is one statement or one file, and a later run
+    /// carries on), so that stopping never waits on a long run.
+    pub async fn stop(mut self) {
         self.tasks.shutdown().await;
     }
 }

@@ -188,13 +188,13 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
         DRAIN,
     )
     .await;
-    jobs.stop(DRAIN).await;
+    jobs.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// On SIGTERM, how long requests in flight, then running jobs, may take to finish (well within
-/// systemd's default `TimeoutStopSec` of 90 s).
+/// On SIGTERM, how long requests in flight may take to finish (well within systemd's default
+/// `TimeoutStopSec` of 90 s); running jobs are cancelled at once.
 const DRAIN: Duration = Duration::from_secs(30);
 
 /// Every connection is a file descriptor, and systemd's default soft limit is 1024: raise the soft

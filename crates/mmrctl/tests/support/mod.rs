@@ -75,6 +75,17 @@ impl MediaRepo {
         homeservers: &[(&str, &str)],
         tweak: impl FnOnce(&mut Value),
     ) -> MediaRepo {
+        MediaRepo::spawn_with_env(db, db_url, homeservers, &[], tweak)
+    }
+
+    /// [`MediaRepo::spawn`] with extra environment variables for the server.
+    pub fn spawn_with_env(
+        db: Option<TestDb>,
+        db_url: &str,
+        homeservers: &[(&str, &str)],
+        env: &[(&str, &str)],
+        tweak: impl FnOnce(&mut Value),
+    ) -> MediaRepo {
         let dir = tempfile::tempdir().unwrap();
         // Both listeners are held while their ports are read, so the two ports differ.
         let (a, b) = (bind_any(), bind_any());
@@ -105,6 +116,7 @@ impl MediaRepo {
         let child = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
             .args(["serve", "--config"])
             .arg(&config_path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

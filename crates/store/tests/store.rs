@@ -1,0 +1,225 @@
+//! The store on a real PostgreSQL and file datastores: the upload pipeline's dedup and its
+//! nothing-left-behind failures, transfers between datastores, and the consistency check.
+
+#![allow(clippy::unwrap_used)] // Tests fail by panicking.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use config::{Config, MediaKind};
+use futures_util::stream;
+use store::{Limits, NewMedia, Store, Target};
+use testkit::TestDb;
+
+/// Two file datastores: `a` takes every kind, `b` none (a transfer target).
+fn config(db: &TestDb, dir: &Path) -> Config {
+    let yaml = format!(
+        "database: {{ postgres: '{}' }}\nhomeservers: [{{ name: example.test, csApi: 'http://127.0.0.1:9' }}]\n\
+         datastores:\n  - {{ type: file, id: a, forKinds: [all], opts: {{ path: '{}' }} }}\n  \
+         - {{ type: file, id: b, forKinds: [], opts: {{ path: '{}' }} }}\n",
+        db.url(),
+        dir.join("a").display(),
+        dir.join("b").display()
+    );
+    Config::from_yaml(&yaml, "test").unwrap().config
+}
+
+fn new_media() -> NewMedia {
+    NewMedia {
+        origin: "example.test".into(),
+        kind: MediaKind::LocalMedia,
+        content_type: "application/octet-stream".into(),
+        upload_name: None,
+        user_id: "@alice:example.test".into(),
+        requires_auth: false,
+        quarantined: false,
+        created_ts: None,
+    }
+}
+
+fn body(bytes: &[u8]) -> impl futures_util::Stream<Item = Result<Bytes, String>> + Send {
+    // Several pieces, as a network delivers them.
+    let pieces: Vec<Result<Bytes, String>> = bytes
+        .chunks(100_000)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    stream::iter(pieces)
+}
+
+fn files_in(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .map(|p| if p.is_dir() { files_in(&p) } else { 1 })
+        .sum()
+}
+
+fn sample(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn the_pipeline_dedups_and_a_failed_upload_leaves_nothing() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&config).await.unwrap();
+        let content = sample(3 * 1024 * 1024 + 17, 1);
+        let first = store
+            .upload(
+                new_media(),
+                Target::NewId,
+                body(&content),
+                Limits::default(),
+            )
+            .await
+            .unwrap();
+        let second = store
+            .upload(
+                new_media(),
+                Target::NewId,
+                body(&content),
+                Limits::default(),
+            )
+            .await
+            .unwrap();
+        assert!(!first.deduplicated && second.deduplicated);
+        assert_ne!(first.media.media_id, second.media.media_id);
+        assert_eq!(first.media.object, second.media.object);
+        assert_eq!(files_in(&dir.path().join("a")), 1, "one object for both");
+
+        // Broken off midway, over the size limit, or with the wrong content: nothing is left.
+        let broken = stream::iter([Ok(Bytes::from(sample(500_000, 2))), Err("reset".to_owned())]);
+        let e = store
+            .upload(new_media(), Target::NewId, broken, Limits::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, store::Error::Aborted(_)), "{e}");
+        let limits = Limits {
+            max_bytes: 1000,
+            ..Limits::default()
+        };
+        let e = store
+            .upload(new_media(), Target::NewId, body(&sample(5000, 3)), limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, store::Error::TooLarge { max: 1000 }), "{e}");
+        let limits = Limits {
+            expected_sha256: Some([0; 32]),
+            ..Limits::default()
+        };
+        let e = store
+            .upload(
+                new_media(),
+                Target::Id("fixedid".into()),
+                body(&sample(5000, 4)),
+                limits,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, store::Error::HashMismatch { .. }), "{e}");
+        assert_eq!(
+            files_in(&dir.path().join("a")),
+            1,
+            "no object, no temp file left"
+        );
+        assert!(
+            store
+                .media("example.test", "fixedid")
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        // The right expected hash passes.
+        let content = sample(5000, 4);
+        let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&content).into();
+        let limits = Limits {
+            expected_sha256: Some(sha),
+            ..Limits::default()
+        };
+        store
+            .upload(
+                new_media(),
+                Target::Id("fixedid".into()),
+                body(&content),
+                limits,
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.usage("@alice:example.test").await.unwrap().files, 3);
+    });
+}
+
+#[test]
+fn a_transfer_moves_every_object_and_the_check_finds_what_went_wrong() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&config).await.unwrap();
+        let mut uploaded = Vec::new();
+        for seed in 0..3 {
+            let content = sample(200_000 + usize::from(seed), seed);
+            let u = store
+                .upload(
+                    new_media(),
+                    Target::NewId,
+                    body(&content),
+                    Limits::default(),
+                )
+                .await
+                .unwrap();
+            uploaded.push((u.media.media_id, content));
+        }
+        let report = store.check_datastore("a").await.unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!((report.listed, report.rows), (3, 3));
+
+        let report = store.transfer("a", "b", |_, _| {}).await.unwrap();
+        assert_eq!((report.moved, report.total), (3, 3), "{report:?}");
+        assert!(report.failed.is_empty());
+        assert_eq!(files_in(&dir.path().join("a")), 0, "the source is emptied");
+        for (id, content) in &uploaded {
+            let media = store.media("example.test", id).await.unwrap().unwrap();
+            let object = media.object.unwrap();
+            assert_eq!(object.datastore_id, "b");
+            let mut reader = store.read(&object, 0, None).await.unwrap();
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(&got, content);
+        }
+        // A rerun finds nothing left to move.
+        let report = store.transfer("a", "b", |_, _| {}).await.unwrap();
+        assert_eq!((report.moved, report.total), (0, 0));
+
+        // An object lost from under its row, and a file no row knows, are both reported.
+        let b = dir.path().join("b");
+        let first = store
+            .media("example.test", &uploaded[0].0)
+            .await
+            .unwrap()
+            .unwrap()
+            .object
+            .unwrap();
+        std::fs::remove_file(b.join(&first.location)).unwrap();
+        let stray = b.join("ab/cd/abcd00");
+        std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
+        std::fs::write(&stray, b"stray").unwrap();
+        let report = store.check_datastore("b").await.unwrap();
+        assert!(!report.is_clean());
+        assert_eq!(report.missing.len(), 1, "{report:?}");
+        assert_eq!(report.missing[0].sha256, first.sha256);
+        assert_eq!(report.orphans.len(), 1, "{report:?}");
+        assert!(report.orphans[0].contains("abcd00"), "{report:?}");
+    });
+}
