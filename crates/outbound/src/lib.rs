@@ -244,6 +244,7 @@ fn literal_refused(filter: &dyn AddressFilter, url: &Url) -> Option<String> {
 }
 
 /// A response whose body is read within its purpose's bounds.
+#[derive(Debug)]
 pub struct Response {
     inner: reqwest::Response,
     purpose: Purpose,

@@ -43,10 +43,10 @@ pub enum Error {
     Database(tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(deadpool_postgres::PoolError),
-    /// The first connection at start-up failed; `retryable` is false when waiting cannot help
-    /// (no such database, authentication failed, not allowed to connect).
-    #[error("cannot connect to PostgreSQL at {target}: {detail}")]
-    Connect {
+    /// Connecting at start-up, or applying the schema, failed; `retryable` is false when waiting
+    /// cannot help (no such database, authentication failed, not allowed to connect or create).
+    #[error("PostgreSQL at {target}: {detail}")]
+    Setup {
         target: String,
         detail: String,
         retryable: bool,
@@ -104,7 +104,7 @@ impl Error {
         match self {
             Error::Database(e) => is_transient_pg(e),
             Error::Pool(_) => true,
-            Error::Connect { retryable, .. } => *retryable,
+            Error::Setup { retryable, .. } => *retryable,
             Error::Backend(e) => e.transient,
             _ => false,
         }
@@ -321,18 +321,21 @@ impl Store {
             .map_err(|e| Error::Config(format!("database pool: {e}")))?;
         let datastores = Arc::new(Datastores::from_config(config)?);
         {
-            let mut client = pool.get().await.map_err(|e| {
-                let e = Error::from(e);
-                Error::Connect {
-                    target: connect_target(&pg),
-                    retryable: connect_retryable(&e),
-                    detail: match &e {
-                        Error::Database(pg) => describe_pg(pg),
-                        other => other.to_string(),
-                    },
-                }
-            })?;
-            schema::migrate(&mut client).await?;
+            let setup = |doing: &str, e: Error| Error::Setup {
+                target: connect_target(&pg),
+                retryable: connect_retryable(&e),
+                detail: match &e {
+                    Error::Database(pg) => format!("{doing}: {}", describe_pg(pg)),
+                    other => format!("{doing}: {other}"),
+                },
+            };
+            let mut client = pool
+                .get()
+                .await
+                .map_err(|e| setup("cannot connect", e.into()))?;
+            schema::migrate(&mut client)
+                .await
+                .map_err(|e| setup("cannot apply the schema", e))?;
             let in_use = client
                 .query("SELECT DISTINCT datastore_id FROM objects", &[])
                 .await?;
