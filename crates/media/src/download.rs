@@ -53,14 +53,15 @@ impl Service {
     }
 
     async fn local(&self, origin: &str, media_id: &str, wait: Wait) -> Result<Media, Error> {
-        let not_found = || Error::NotFound("Not found".into());
+        let look = async || {
+            self.store
+                .media(origin, media_id)
+                .await?
+                .ok_or_else(|| Error::NotFound("Not found".into()))
+        };
         // Subscribed before the first look, so that a completion in between is not missed.
         let mut uploads = self.store.subscribe_uploads();
-        let media = self
-            .store
-            .media(origin, media_id)
-            .await?
-            .ok_or_else(not_found)?;
+        let media = look().await?;
         if media.object.is_some() {
             return Ok(media);
         }
@@ -75,11 +76,7 @@ impl Service {
                 Ok(Ok(done)) if done != key => continue,
                 // A match, or missed messages (lagged): look again.
                 Ok(_) => {
-                    let media = self
-                        .store
-                        .media(origin, media_id)
-                        .await?
-                        .ok_or_else(not_found)?;
+                    let media = look().await?;
                     if media.object.is_some() {
                         return Ok(media);
                     }

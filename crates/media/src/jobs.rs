@@ -103,6 +103,11 @@ impl Runner {
         Runner { tasks }
     }
 
+    /// Runs `task` beside the jobs, for as long as the server does (stopped with them).
+    pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
     /// Stops the jobs and waits until they have: a running one is cancelled where it is, which
     /// every job is built to survive (each step is one statement or one file, and a later run
     /// carries on), so that stopping never waits on a long run.

@@ -133,6 +133,12 @@ fn malformed_tokens_are_the_clients_error_and_never_back_off_the_homeserver() {
     assert_eq!(homeserver.count(), reached + 1);
 }
 
+/// The response in `read` has this status.
+fn assert_status(read: &[u8], status: &str) {
+    let text = String::from_utf8_lossy(read);
+    assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{text}");
+}
+
 /// Connects and sends `bytes` (possibly an unfinished request).
 fn connect(repo: &MediaRepo, bytes: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", repo.port)).unwrap();
@@ -211,15 +217,7 @@ fn stalled_headers_and_bodies_are_cut_off_by_their_own_timeouts() {
     assert!(text.contains("no data received for 2 s"), "{text}");
     assert_eq!(repo.objects(), 0);
     assert_eq!(repo.temp_files(), 0, "the stalled upload left a temp file");
-    let rows: i64 = repo
-        .db
-        .as_ref()
-        .unwrap()
-        .client()
-        .query_one("SELECT COUNT(*) FROM media", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 0);
+    assert_eq!(repo.media_rows(), 0);
 }
 
 #[test]
@@ -236,11 +234,7 @@ fn idle_connections_are_closed_by_the_idle_timeout() {
     );
     let read = read_until_closed(&mut keep_alive, CLOSED_WITHIN)
         .expect("an idle keep-alive connection stayed open");
-    assert!(
-        read.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&read)
-    );
+    assert_status(&read, "200");
 }
 
 #[test]
@@ -277,11 +271,7 @@ fn oversized_headers_are_refused_and_many_idle_connections_hold_little_memory() 
         .as_bytes(),
     );
     let read = read_until_closed(&mut big, CLOSED_WITHIN).expect("stayed open");
-    assert!(
-        read.starts_with(b"HTTP/1.1 431"),
-        "{}",
-        String::from_utf8_lossy(&read)
-    );
+    assert_status(&read, "431");
 
     // 1000 connections each holding nearly the most header bytes allowed (16 KiB by default).
     let before = rss_kib(&repo);
@@ -337,11 +327,7 @@ fn connections_beyond_the_cap_wait_until_one_closes() {
     }
     drop(held.pop());
     let read = read_until_closed(&mut fourth, CLOSED_WITHIN).expect("never served");
-    assert!(
-        read.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&read)
-    );
+    assert_status(&read, "200");
 }
 
 #[test]
@@ -386,15 +372,7 @@ fn concurrent_uploads_cannot_pass_a_quota_together() {
             );
             assert!(r.text().contains("quota"), "{}", r.text());
         }
-        let rows: i64 = repo
-            .db
-            .as_ref()
-            .unwrap()
-            .client()
-            .query_one("SELECT COUNT(*) FROM media", &[])
-            .unwrap()
-            .get(0);
-        assert_eq!(rows, expected as i64, "{quota}");
+        assert_eq!(repo.media_rows(), expected as i64, "{quota}");
         assert_eq!(repo.objects(), expected, "refused uploads leave no object");
         assert_eq!(repo.temp_files(), 0);
     }
@@ -411,14 +389,7 @@ fn concurrent_creates_cannot_pass_max_pending_together() {
             let (repo, barrier) = (repo.clone(), barrier.clone());
             thread::spawn(move || {
                 barrier.wait();
-                repo.send(
-                    "POST",
-                    "/_matrix/media/v1/create",
-                    &[("Host", HS), ("Authorization", AUTH)],
-                    Some("application/json"),
-                    b"{}",
-                )
-                .status
+                repo.create(HS).status
             })
         })
         .collect();

@@ -13,19 +13,8 @@ use serde_json::json;
 use support::MediaRepo;
 
 const HS: &str = "example.test";
-const AUTH: &str = "Bearer test-shared-secret";
 const HOLD_VAR: &str = "MMRCTL_TEST_JOB_HOLD_SECONDS";
 const JOB: &str = "expire-reservations";
-
-fn create(repo: &MediaRepo) -> testkit::http::Response {
-    repo.send(
-        "POST",
-        "/_matrix/media/v1/create",
-        &[("Host", HS), ("Authorization", AUTH)],
-        Some("application/json"),
-        b"{}",
-    )
-}
 
 fn pending_rows(repo: &MediaRepo) -> i64 {
     repo.db
@@ -50,8 +39,8 @@ fn expired_reservations_are_deleted_and_free_the_pending_quota() {
     let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
         c["uploads"] = json!({ "maxPending": 1, "maxAgeSeconds": 1 })
     });
-    assert_eq!(create(&repo).status, 200);
-    assert_eq!(create(&repo).status, 429, "one reservation at a time");
+    assert_eq!(repo.create(HS).status, 200);
+    assert_eq!(repo.create(HS).status, 429, "one reservation at a time");
     wait_until(
         "the expired reservation deleted",
         Duration::from_secs(20),
@@ -62,7 +51,7 @@ fn expired_reservations_are_deleted_and_free_the_pending_quota() {
         "{}",
         repo.log()
     );
-    assert_eq!(create(&repo).status, 200, "the quota is free again");
+    assert_eq!(repo.create(HS).status, 200, "the quota is free again");
 }
 
 #[test]

@@ -339,15 +339,7 @@ fn async_uploads_are_limited_by_max_pending() {
     let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
         c["uploads"] = serde_json::json!({ "maxPending": 2 })
     });
-    let create = || {
-        repo.send(
-            "POST",
-            "/_matrix/media/v1/create",
-            &[("Host", HS), ("Authorization", AUTH)],
-            Some("application/json"),
-            b"{}",
-        )
-    };
+    let create = || repo.create(HS);
     assert_eq!(create().status, 200);
     assert_eq!(create().status, 200);
     let r = create();
@@ -544,15 +536,7 @@ fn a_too_large_body_without_content_length_is_cut_off_and_leaves_nothing() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert_eq!(repo.objects(), 0);
     assert_eq!(repo.temp_files(), 0);
-    let rows: i64 = repo
-        .db
-        .as_ref()
-        .unwrap()
-        .client()
-        .query_one("SELECT COUNT(*) FROM media", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 0);
+    assert_eq!(repo.media_rows(), 0);
 }
 
 #[test]

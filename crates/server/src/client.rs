@@ -45,20 +45,7 @@ async fn proxy_logout(
     let token = token(&parts.headers, parts.uri.query())?;
     // Who the token belongs to, before it stops working (for /logout/all).
     let user = if all {
-        Some(
-            state
-                .auth
-                .authenticate(
-                    &ctx.config,
-                    &ctx.hs,
-                    &parts.headers,
-                    parts.uri.query(),
-                    &ctx.client_ip,
-                    true,
-                    &state.metrics,
-                )
-                .await?,
-        )
+        Some(ctx.authenticate(state, parts, true).await?)
     } else {
         None
     };

@@ -154,6 +154,29 @@ impl FromRequestParts<SharedState> for Ctx {
     }
 }
 
+impl Ctx {
+    /// The user the request's token belongs to, a user of the request's homeserver.
+    pub(crate) async fn authenticate(
+        &self,
+        state: &SharedState,
+        parts: &Parts,
+        allow_guests: bool,
+    ) -> Result<User, ApiError> {
+        state
+            .auth
+            .authenticate(
+                &self.config,
+                &self.hs,
+                &parts.headers,
+                parts.uri.query(),
+                &self.client_ip,
+                allow_guests,
+                &state.metrics,
+            )
+            .await
+    }
+}
+
 /// A request with its authenticated user, a user of the request's homeserver (guests only where
 /// `GUESTS`).
 pub(crate) struct Authed<const GUESTS: bool> {
@@ -169,18 +192,7 @@ impl<const GUESTS: bool> FromRequestParts<SharedState> for Authed<GUESTS> {
         state: &SharedState,
     ) -> Result<Self, Self::Rejection> {
         let ctx = Ctx::from_request_parts(parts, state).await?;
-        let user = state
-            .auth
-            .authenticate(
-                &ctx.config,
-                &ctx.hs,
-                &parts.headers,
-                parts.uri.query(),
-                &ctx.client_ip,
-                GUESTS,
-                &state.metrics,
-            )
-            .await?;
+        let user = ctx.authenticate(state, parts, GUESTS).await?;
         Ok(Authed { ctx, user })
     }
 }

@@ -155,6 +155,10 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
     tracing::info!(%addr, "media repository listening");
     let limits = crate::conn::Limits::from_config(&config.connections);
     raise_open_files_limit(limits.max_connections);
+    let mut background = {
+        let state = state.clone();
+        media::jobs::Runner::start(state.media.clone(), move || state.config())
+    };
     if config.metrics.enabled {
         let maddr = format!("{}:{}", config.metrics.bind_address, config.metrics.port);
         let mlistener = TcpListener::bind(&maddr)
@@ -166,7 +170,7 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
         tracing::info!(addr = %maddr, "metrics listening");
         let app = crate::metrics_router(state.clone());
         // Same bounds as the client listener: the role binds it on every interface.
-        tokio::spawn(crate::conn::serve(
+        background.spawn(crate::conn::serve(
             mlistener,
             app,
             limits,
@@ -174,12 +178,7 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
             DRAIN,
         ));
     }
-
-    tokio::spawn(reload_on_hangup(config_path, state.clone(), log));
-    let jobs = {
-        let state = state.clone();
-        media::jobs::Runner::start(state.media.clone(), move || state.config())
-    };
+    background.spawn(reload_on_hangup(config_path, state.clone(), log));
     crate::conn::serve(
         listener,
         crate::router(state),
@@ -188,7 +187,7 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
         DRAIN,
     )
     .await;
-    jobs.stop().await;
+    background.stop().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -24,6 +24,18 @@ fn config(db: &TestDb, dir: &Path) -> Config {
     Config::from_yaml(&yaml, "test").unwrap().config
 }
 
+/// Runs `test` on a store of its own (a new database and datastore directories).
+fn with_store(test: impl AsyncFnOnce(Store, &Path)) {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(&config).await.unwrap();
+        test(store, dir.path()).await;
+    });
+}
+
 fn new_media() -> NewMedia {
     NewMedia {
         origin: "example.test".into(),
@@ -64,12 +76,7 @@ fn sample(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn the_pipeline_dedups_and_a_failed_upload_leaves_nothing() {
-    let db = TestDb::new();
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, dir.path());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = Store::open(&config).await.unwrap();
+    with_store(async |store, dir| {
         let content = sample(3 * 1024 * 1024 + 17, 1);
         let first = store
             .upload(
@@ -92,7 +99,7 @@ fn the_pipeline_dedups_and_a_failed_upload_leaves_nothing() {
         assert!(!first.deduplicated && second.deduplicated);
         assert_ne!(first.media.media_id, second.media.media_id);
         assert_eq!(first.media.object, second.media.object);
-        assert_eq!(files_in(&dir.path().join("a")), 1, "one object for both");
+        assert_eq!(files_in(&dir.join("a")), 1, "one object for both");
 
         // Broken off midway, over the size limit, or with the wrong content: nothing is left.
         let broken = stream::iter([Ok(Bytes::from(sample(500_000, 2))), Err("reset".to_owned())]);
@@ -124,11 +131,7 @@ fn the_pipeline_dedups_and_a_failed_upload_leaves_nothing() {
             .await
             .unwrap_err();
         assert!(matches!(e, store::Error::HashMismatch { .. }), "{e}");
-        assert_eq!(
-            files_in(&dir.path().join("a")),
-            1,
-            "no object, no temp file left"
-        );
+        assert_eq!(files_in(&dir.join("a")), 1, "no object, no temp file left");
         assert!(
             store
                 .media("example.test", "fixedid")
@@ -159,12 +162,7 @@ fn the_pipeline_dedups_and_a_failed_upload_leaves_nothing() {
 
 #[test]
 fn a_transfer_moves_every_object_and_the_check_finds_what_went_wrong() {
-    let db = TestDb::new();
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, dir.path());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = Store::open(&config).await.unwrap();
+    with_store(async |store, dir| {
         let mut uploaded = Vec::new();
         for seed in 0..3 {
             let content = sample(200_000 + usize::from(seed), seed);
@@ -186,7 +184,7 @@ fn a_transfer_moves_every_object_and_the_check_finds_what_went_wrong() {
         let report = store.transfer("a", "b", |_, _| {}).await.unwrap();
         assert_eq!((report.moved, report.total), (3, 3), "{report:?}");
         assert!(report.failed.is_empty());
-        assert_eq!(files_in(&dir.path().join("a")), 0, "the source is emptied");
+        assert_eq!(files_in(&dir.join("a")), 0, "the source is emptied");
         for (id, content) in &uploaded {
             let media = store.media("example.test", id).await.unwrap().unwrap();
             let object = media.object.unwrap();
@@ -203,7 +201,7 @@ fn a_transfer_moves_every_object_and_the_check_finds_what_went_wrong() {
         assert_eq!((report.moved, report.total), (0, 0));
 
         // An object lost from under its row, and a file no row knows, are both reported.
-        let b = dir.path().join("b");
+        let b = dir.join("b");
         let first = store
             .media("example.test", &uploaded[0].0)
             .await

@@ -260,6 +260,29 @@ impl MediaRepo {
         )
     }
 
+    /// `POST /_matrix/media/v1/create` on `host` with the shared secret.
+    pub fn create(&self, host: &str) -> Response {
+        let auth = format!("Bearer {SHARED_SECRET}");
+        self.send(
+            "POST",
+            "/_matrix/media/v1/create",
+            &[("Host", host), ("Authorization", &auth)],
+            Some("application/json"),
+            b"{}",
+        )
+    }
+
+    /// Media rows in the repo's own database (pending ones included).
+    pub fn media_rows(&self) -> i64 {
+        self.db
+            .as_ref()
+            .expect("this repo does not own its database")
+            .client()
+            .query_one("SELECT COUNT(*) FROM media", &[])
+            .unwrap()
+            .get(0)
+    }
+
     /// Files in the datastore (objects), temp files excluded.
     pub fn objects(&self) -> usize {
         count_files(&self.dir.path().join("media"), true)
