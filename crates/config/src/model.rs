@@ -135,7 +135,8 @@ pub enum AdminApiKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Homeserver {
-    /// The server name; requests are matched to it by `Host` (port stripped).
+    /// The server name (it may carry a port); requests are matched to it by `Host` (or a trusted
+    /// proxy's `X-Forwarded-Host`): with the port when the name has one, else whatever the port.
     pub name: String,
     /// How the media repo reaches the homeserver's client-server API.
     pub cs_api: String,

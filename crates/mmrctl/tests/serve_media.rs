@@ -548,7 +548,7 @@ fn unknown_hosts_and_bad_media_ids() {
     );
     assert_eq!(r.status, 404);
     let error = r.json()["error"].as_str().unwrap().to_owned();
-    assert!(error.contains("`elsewhere.test`"), "{error}");
+    assert!(error.contains("`elsewhere.test:8448`"), "{error}");
     // X-Forwarded-Host names the homeserver when the proxy sets it.
     let r = repo.get(
         "/_matrix/media/v3/config",
@@ -697,4 +697,23 @@ fn instances_starting_together_migrate_once() {
     // Media uploaded through one instance is served by the others.
     let id = repos[1].upload(HS, SHARED_SECRET, "image/png", None, &sample(300, 31));
     assert_eq!(download(&repos[2], &id, "").status, 200);
+}
+
+#[test]
+fn server_names_with_a_port_are_served_by_that_name() {
+    const PORTED: &str = "localhost:20448";
+    let repo = MediaRepo::start(&[(PORTED, "http://127.0.0.1:9")], |_| {});
+    // The media repo sees the name as the proxy passes it, port included.
+    let id = repo.upload(PORTED, SHARED_SECRET, "text/plain", None, &sample(300, 40));
+    let r = repo.get(
+        &format!("/_matrix/client/v1/media/download/{PORTED}/{id}"),
+        &[("Host", PORTED), ("Authorization", AUTH)],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Without its port it is another name, not served here.
+    let r = repo.get(
+        "/_matrix/client/v1/media/config",
+        &[("Host", "localhost"), ("Authorization", AUTH)],
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
 }

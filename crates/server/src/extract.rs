@@ -25,7 +25,7 @@ impl FromRequestParts<SharedState> for Hs {
     ) -> Result<Self, Self::Rejection> {
         let config = state.config();
         let host = request_host(&config, parts)?;
-        match config.homeserver(&host) {
+        match served_homeserver(&config, &host) {
             Some(hs) => Ok(Hs(hs.clone())),
             None => {
                 // Which names are served is the operator's business: logged, not answered.
@@ -58,12 +58,35 @@ fn request_host(config: &Config, parts: &Parts) -> Result<String, ApiError> {
         .then(|| header_str("x-forwarded-host"))
         .flatten()
         .and_then(|h| h.split(',').next());
+    let authority = parts
+        .uri
+        .authority()
+        .and_then(|a| a.as_str().rsplit('@').next());
     let raw = forwarded
-        .or_else(|| parts.uri.host())
+        .or(authority)
         .or_else(|| header_str("host"))
         .unwrap_or("")
         .trim();
-    Ok(strip_port(raw).to_ascii_lowercase())
+    Ok(raw.to_ascii_lowercase())
+}
+
+/// The homeserver `host` (as the request names it, port included) stands for: the one named
+/// exactly so (a server name may carry a port: `localhost:20448`), else, the port left out, one whose
+/// name has no port (`example.org` behind a proxy that passes `example.org:8448`).
+fn served_homeserver<'a>(config: &'a Config, host: &str) -> Option<&'a Homeserver> {
+    let named = |name: &str| {
+        config
+            .homeservers
+            .iter()
+            .find(|hs| hs.name.eq_ignore_ascii_case(name))
+    };
+    named(host).or_else(|| {
+        let bare = strip_port(host);
+        (bare != host)
+            .then(|| named(bare))
+            .flatten()
+            .filter(|hs| strip_port(&hs.name) == hs.name)
+    })
 }
 
 fn peer(parts: &Parts) -> Option<IpAddr> {
@@ -259,9 +282,11 @@ mod tests {
         );
         assert_eq!(host(&config, &p), Ok("a.test".to_owned()));
         let p = request("/x", &[("Host", "A.test:8008")]);
-        assert_eq!(host(&config, &p), Ok("a.test".to_owned()));
+        assert_eq!(host(&config, &p), Ok("a.test:8008".to_owned()));
         let p = request("http://b.test/x", &[("Host", "a.test")]);
         assert_eq!(host(&config, &p), Ok("b.test".to_owned()), "RFC 9112 3.2.2");
+        let p = request("http://user@b.test:81/x", &[("Host", "a.test")]);
+        assert_eq!(host(&config, &p), Ok("b.test:81".to_owned()));
         let p = request(
             "http://b.test/x",
             &[("Host", "a.test"), ("X-Forwarded-Host", "c.test, d.test")],
@@ -320,6 +345,33 @@ mod tests {
             ip(&config, "198.51.100.9:5", Some("203.0.113.7")),
             "203.0.113.7"
         );
+    }
+
+    #[test]
+    fn server_names_with_a_port_are_matched_with_it() {
+        let mut config = Config::default();
+        for name in ["example.org", "localhost:20448", "[::1]:8448"] {
+            config.homeservers.push(Homeserver {
+                name: name.to_owned(),
+                cs_api: "http://127.0.0.1:9".to_owned(),
+                backoff_at: 10,
+                admin_api_kind: config::AdminApiKind::Synapse,
+                signing_key_path: String::new(),
+            });
+        }
+        let served = |host: &str| served_homeserver(&config, host).map(|hs| hs.name.as_str());
+        assert_eq!(served("example.org"), Some("example.org"));
+        assert_eq!(
+            served("EXAMPLE.org:8448"),
+            Some("example.org"),
+            "a port the name lacks"
+        );
+        assert_eq!(served("localhost:20448"), Some("localhost:20448"));
+        assert_eq!(served("localhost"), None, "the port is part of that name");
+        assert_eq!(served("localhost:20449"), None);
+        assert_eq!(served("[::1]:8448"), Some("[::1]:8448"));
+        assert_eq!(served("[::1]"), None);
+        assert_eq!(served("other.org"), None);
     }
 
     #[test]
