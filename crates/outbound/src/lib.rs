@@ -61,12 +61,10 @@ pub trait AddressFilter: Send + Sync + 'static {
 /// What a request is for, and the bounds that go with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Purpose {
-    /// Connecting (resolving included).
-    pub connect: Duration,
     /// The whole exchange, body included; `None` for bodies that may take long (imports of large
     /// files), which then have `read` between pieces.
     pub total: Option<Duration>,
-    /// The longest wait for the next piece of the response.
+    /// The longest wait for the response's head, and then for each next piece of its body.
     pub read: Duration,
     /// The most bytes the response body may have.
     pub max_bytes: Option<u64>,
@@ -78,7 +76,6 @@ impl Purpose {
     /// A call to a homeserver's client-server API with `timeout` (JSON answers, small).
     pub fn homeserver(timeout: Duration) -> Purpose {
         Purpose {
-            connect: timeout.min(Duration::from_secs(10)),
             total: Some(timeout),
             read: timeout,
             max_bytes: Some(1024 * 1024),
@@ -89,7 +86,6 @@ impl Purpose {
     /// A media file fetched for an import: as long as it takes, at most `max_bytes`.
     pub fn import(max_bytes: u64) -> Purpose {
         Purpose {
-            connect: Duration::from_secs(10),
             total: None,
             read: Duration::from_secs(60),
             max_bytes: Some(max_bytes),
@@ -144,6 +140,8 @@ pub struct Client {
 
 /// The most redirects any purpose may follow.
 const MAX_REDIRECTS: usize = 10;
+/// Connecting, name resolution included, whatever the purpose.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Client {
     /// `user_agent` names the caller (`mmrctl/<version>`); `filter`, when given, decides every
@@ -152,6 +150,7 @@ impl Client {
         let build = |redirect: reqwest::redirect::Policy| {
             let mut b = reqwest::Client::builder()
                 .user_agent(user_agent)
+                .connect_timeout(CONNECT_TIMEOUT)
                 .pool_max_idle_per_host(32)
                 .redirect(redirect);
             if let Some(f) = &filter {
@@ -214,13 +213,13 @@ impl Client {
             url: url.to_owned(),
             reason: format!("cannot build the request: {}", chain(&e)),
         })?;
-        let send = client.execute(request);
-        let response = tokio::time::timeout(purpose.connect.max(purpose.read), send)
+        let head_within = purpose.read + CONNECT_TIMEOUT;
+        let response = tokio::time::timeout(head_within, client.execute(request))
             .await
             .map_err(|_| {
                 Error::Http(format!(
                     "{url}: no answer within {} s",
-                    purpose.connect.max(purpose.read).as_secs()
+                    head_within.as_secs()
                 ))
             })?
             .map_err(|e| Error::http(&e))?;

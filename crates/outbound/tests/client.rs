@@ -44,7 +44,6 @@ fn serve(ip: &str, response: impl Fn(u16) -> Vec<u8> + Send + 'static, stall: bo
 
 fn purpose(max_bytes: Option<u64>, redirects: usize) -> Purpose {
     Purpose {
-        connect: Duration::from_secs(5),
         total: Some(Duration::from_secs(10)),
         read: Duration::from_secs(1),
         max_bytes,
