@@ -136,8 +136,7 @@ impl Fetcher {
             .map_err(|e| e.to_string())?;
         let status = response.status();
         if !status.is_success() {
-            let body = response.bytes().await.unwrap_or_default();
-            let body: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+            let body: String = response.snippet(4096).await.chars().take(200).collect();
             return Err(format!("{url}: HTTP {status}: {}", body.trim()));
         }
         Ok(response)

@@ -1,6 +1,6 @@
-//! Recurring work: a runner that `mmrctl serve` owns, with each job run by one instance at a time
-//! across every instance on the database, at most `tasks.numWorkers` jobs at once, and everything
-//! cancelled and awaited when the server stops.
+//! Recurring work: a runner that `mmrctl serve` owns, with each job that touches shared state run
+//! by one instance at a time across every instance on the database, at most `tasks.numWorkers`
+//! jobs at once (read at start), and everything cancelled and awaited when the server stops.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,12 @@ impl Job {
             Job::ExpireReservations => "expire-reservations",
             Job::StaleTempFiles => "stale-temp-files",
         }
+    }
+
+    /// Whether every instance runs the job for itself: temp files sit in each instance's own
+    /// directories, and deleting one twice is harmless.
+    fn everywhere(self) -> bool {
+        matches!(self, Job::StaleTempFiles)
     }
 
     /// How long from one run to the next.
@@ -116,27 +122,48 @@ impl Runner {
     }
 }
 
-/// One run, when this instance gets the job's lock (else another instance is running it).
+/// One run: when the job is one instance's at a time, only with its lock (else another instance
+/// is running it), and stopped if the lock is lost midway.
 async fn run_once(job: Job, service: &Service, hold: Option<Duration>) {
     let name = job.name();
-    let lock = match service.store().try_lock_job(name).await {
-        Ok(Some(lock)) => lock,
-        Ok(None) => {
-            tracing::debug!(job = name, "running on another instance");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(job = name, error = %e, "cannot take the job's lock; trying again later");
-            return;
+    let mut lock = if job.everywhere() {
+        None
+    } else {
+        match service.store().try_lock_job(name).await {
+            Ok(Some(lock)) => Some(lock),
+            Ok(None) => {
+                tracing::debug!(job = name, "running on another instance");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job = name, error = %e, "cannot take the job's lock; trying again later");
+                return;
+            }
         }
     };
     tracing::info!(job = name, "job started");
-    if let Some(hold) = hold {
-        tokio::time::sleep(hold).await;
+    let run = async {
+        if let Some(hold) = hold {
+            tokio::time::sleep(hold).await;
+        }
+        job.run(service).await
+    };
+    let lost = async {
+        match &mut lock {
+            Some(lock) => lock.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = run => match result {
+            Ok(did) => tracing::info!(job = name, result = %did, "job finished"),
+            Err(e) => tracing::warn!(job = name, error = %e, "job failed; it runs again later"),
+        },
+        () = lost => {
+            tracing::warn!(job = name, "the job's lock was lost (its database session ended): run stopped");
+        }
     }
-    match job.run(service).await {
-        Ok(did) => tracing::info!(job = name, result = %did, "job finished"),
-        Err(e) => tracing::warn!(job = name, error = %e, "job failed; it runs again later"),
+    if let Some(lock) = lock {
+        lock.release().await;
     }
-    drop(lock);
 }

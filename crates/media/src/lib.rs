@@ -16,8 +16,8 @@ pub use body::with_idle_timeout;
 pub use download::Wait;
 pub use upload::{Created, Upload};
 
-/// Why a media operation did not happen. `Store` errors keep their own meaning (limits, pending
-/// states, outages); the others are this layer's.
+/// Why a media operation did not happen. `Store` errors keep their own meaning (limits, quotas,
+/// pending states, outages); the others are this layer's.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -25,10 +25,6 @@ pub enum Error {
     /// A parameter is malformed; the message says which and why.
     #[error("{0}")]
     InvalidParam(String),
-    #[error("the user's quota of {0} files is reached")]
-    QuotaFiles(u64),
-    #[error("the upload would exceed the user's quota of {0} bytes")]
-    QuotaBytes(u64),
     /// No such media here (the message says what was looked for).
     #[error("{0}")]
     NotFound(String),

@@ -66,9 +66,7 @@ impl Service {
             .await
             .map_err(|e| match (e, limits.quota_bytes) {
                 // The quota, not `uploads.maxBytes`, cut the stream.
-                (store::Error::TooLarge { .. }, Some(q)) => Error::QuotaBytes(q),
-                (store::Error::QuotaFiles(n), _) => Error::QuotaFiles(n),
-                (store::Error::QuotaBytes(n), _) => Error::QuotaBytes(n),
+                (store::Error::TooLarge { .. }, Some(q)) => store::Error::QuotaBytes(q).into(),
                 (e, _) => Error::Store(e),
             })
     }
@@ -96,12 +94,12 @@ impl Service {
         };
         let usage = self.store.usage(&upload.user_id).await?;
         if quota.max_files > 0 && usage.files >= quota.max_files {
-            return Err(Error::QuotaFiles(quota.max_files));
+            return Err(store::Error::QuotaFiles(quota.max_files).into());
         }
         if quota.max_bytes > 0 {
             let left = quota.max_bytes.saturating_sub(usage.bytes);
             if upload.declared_len.unwrap_or(0) > left || left == 0 {
-                return Err(Error::QuotaBytes(quota.max_bytes));
+                return Err(store::Error::QuotaBytes(quota.max_bytes).into());
             }
             if max == 0 || left < max {
                 limits.store.max_bytes = left;

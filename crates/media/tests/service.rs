@@ -124,7 +124,10 @@ fn uploads_are_refused_before_their_body_when_they_cannot_fit() {
                 )
                 .await
                 .unwrap_err();
-            assert!(matches!(e, Error::QuotaFiles(2)), "{e}");
+            assert!(
+                matches!(e, Error::Store(store::Error::QuotaFiles(2))),
+                "{e}"
+            );
             // Another user's quota is their own; the byte quota cuts a body as it streams.
             let bob = "@bob:example.test";
             let e = media
@@ -136,7 +139,10 @@ fn uploads_are_refused_before_their_body_when_they_cannot_fit() {
                 )
                 .await
                 .unwrap_err();
-            assert!(matches!(e, Error::QuotaBytes(900)), "{e}");
+            assert!(
+                matches!(e, Error::Store(store::Error::QuotaBytes(900))),
+                "{e}"
+            );
             media
                 .upload(
                     config,

@@ -61,9 +61,9 @@ fn temp_files_a_crash_left_are_deleted_and_nothing_else() {
     std::fs::create_dir_all(&tmp).unwrap();
     let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
     for (name, modified) in [
-        ("upload-crashed", two_days_ago),
-        ("transfer-crashed", two_days_ago),
-        ("upload-in-progress", SystemTime::now()),
+        ("mmrctl-upload-crashed", two_days_ago),
+        ("mmrctl-transfer-crashed", two_days_ago),
+        ("mmrctl-upload-in-progress", SystemTime::now()),
         ("not-ours", two_days_ago),
     ] {
         std::fs::File::create(tmp.join(name))
@@ -83,7 +83,7 @@ fn temp_files_a_crash_left_are_deleted_and_nothing_else() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     left.sort();
-    assert_eq!(left, ["not-ours", "upload-in-progress"]);
+    assert_eq!(left, ["mmrctl-upload-in-progress", "not-ours"]);
 }
 
 /// `(started, finished)` of each run of `JOB` in a server log, as the log's timestamps (RFC 3339
@@ -180,7 +180,7 @@ fn a_job_runs_on_one_instance_at_a_time_and_another_takes_over_when_it_dies() {
 }
 
 #[test]
-fn sigterm_during_a_running_job_stops_the_server_at_once() {
+fn sigterm_cancels_a_running_job_at_once_while_requests_drain() {
     let db = testkit::TestDb::new();
     let url = db.url().to_owned();
     let mut repo = MediaRepo::spawn_with_env(
@@ -196,14 +196,39 @@ fn sigterm_during_a_running_job_stops_the_server_at_once() {
             .last()
             .is_some_and(|(_, end)| end.is_none())
     });
+    // A request in flight for 8 s: a download waiting for content that never comes.
+    let created = repo.create(HS).json();
+    let uri = created["content_uri"].as_str().unwrap();
+    let id = uri.rsplit('/').next().unwrap().to_owned();
+    let port = repo.port;
+    let waiting = thread::spawn(move || {
+        testkit::http::get(
+            &format!(
+                "http://127.0.0.1:{port}/_matrix/client/v1/media/download/{HS}/{id}?timeout_ms=8000"
+            ),
+            &[("Host", HS), ("Authorization", "Bearer test-shared-secret")],
+        )
+        .status
+    });
+    thread::sleep(Duration::from_millis(500));
     let asked = Instant::now();
-    let status = repo.stop();
-    assert!(status.success(), "{status}: {}", repo.log());
-    // The run would hold for 10 minutes; the drain of requests is 30 s at most.
+    repo.signal("TERM");
+    wait_until("the jobs stopped", Duration::from_secs(20), || {
+        repo.log().contains("background tasks stopped")
+    });
+    // The run would hold its lock for 10 minutes; the request is still waiting.
     assert!(
-        asked.elapsed() < Duration::from_secs(30),
-        "stopping waited for the job: {:?}",
+        asked.elapsed() < Duration::from_secs(5),
+        "stopping waited: {:?}",
         asked.elapsed()
     );
+    assert!(!waiting.is_finished(), "the request was cut, not drained");
+    assert_eq!(
+        waiting.join().unwrap(),
+        504,
+        "the drained request got its answer"
+    );
+    let status = repo.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {}", repo.log());
     assert!(repo.log().contains("stopped"), "{}", repo.log());
 }

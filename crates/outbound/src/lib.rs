@@ -131,15 +131,11 @@ impl Resolve for FilteringResolver {
 /// The client: cheap to clone, one connection pool for every purpose.
 #[derive(Clone)]
 pub struct Client {
-    /// Never follows redirects (most purposes).
-    direct: reqwest::Client,
-    /// Follows them, each checked like the first URL; the purpose's count is enforced per request.
-    following: reqwest::Client,
+    /// Never follows redirects by itself: [`Client::send`] does, counting them for the purpose.
+    http: reqwest::Client,
     filter: Option<Arc<dyn AddressFilter>>,
 }
 
-/// The most redirects any purpose may follow.
-const MAX_REDIRECTS: usize = 10;
 /// Connecting, name resolution included, whatever the purpose.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -147,38 +143,26 @@ impl Client {
     /// `user_agent` names the caller (`mmrctl/<version>`); `filter`, when given, decides every
     /// address connected to.
     pub fn new(user_agent: &str, filter: Option<Arc<dyn AddressFilter>>) -> Result<Client, Error> {
-        let build = |redirect: reqwest::redirect::Policy| {
-            let mut b = reqwest::Client::builder()
-                .user_agent(user_agent)
-                .connect_timeout(CONNECT_TIMEOUT)
-                .pool_max_idle_per_host(32)
-                .redirect(redirect);
-            if let Some(f) = &filter {
-                b = b.dns_resolver(Arc::new(FilteringResolver(f.clone())));
-            }
-            b.build().map_err(|e| Error::http(&e))
-        };
-        let check = filter.clone();
-        let following = build(reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > MAX_REDIRECTS {
-                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-            }
-            match check
-                .as_deref()
-                .and_then(|f| literal_refused(f, attempt.url()))
-            {
-                Some(why) => attempt.error(why),
-                None => attempt.follow(),
-            }
-        }))?;
+        let mut builder = reqwest::Client::builder()
+            .user_agent(user_agent)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_max_idle_per_host(32)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(f) = &filter {
+            // A proxy would resolve the names itself, out of the filter's sight.
+            builder = builder
+                .no_proxy()
+                .dns_resolver(Arc::new(FilteringResolver(f.clone())));
+        }
         Ok(Client {
-            direct: build(reqwest::redirect::Policy::none())?,
-            following,
+            http: builder.build().map_err(|e| Error::http(&e))?,
             filter,
         })
     }
 
-    /// Sends a request for `purpose`; `prepare` adds headers and a body.
+    /// Sends a request for `purpose`; `prepare` adds headers and a body. Redirects of `GET` and
+    /// `HEAD` are followed as far as the purpose allows, each target checked like the first URL;
+    /// credentials are not sent to another origin.
     pub async fn send(
         &self,
         method: Method,
@@ -186,35 +170,88 @@ impl Client {
         purpose: Purpose,
         prepare: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<Response, Error> {
-        let parsed = Url::parse(url).map_err(|e| Error::Denied {
+        let denied = |url: &str, reason: String| Error::Denied {
             url: url.to_owned(),
-            reason: format!("not a URL: {e}"),
-        })?;
-        if let Some(why) = self
-            .filter
-            .as_deref()
-            .and_then(|f| literal_refused(f, &parsed))
-        {
-            return Err(Error::Denied {
-                url: url.to_owned(),
-                reason: why,
-            });
-        }
-        let client = if purpose.redirects > 0 {
-            &self.following
-        } else {
-            &self.direct
+            reason,
         };
-        let mut request = client.request(method, parsed);
+        let mut target = Url::parse(url).map_err(|e| denied(url, format!("not a URL: {e}")))?;
+        self.check(&target)?;
+        let mut request = self.http.request(method.clone(), target.clone());
         if let Some(total) = purpose.total {
             request = request.timeout(total);
         }
-        let request = prepare(request).build().map_err(|e| Error::Denied {
-            url: url.to_owned(),
-            reason: format!("cannot build the request: {}", chain(&e)),
-        })?;
-        let head_within = purpose.read + CONNECT_TIMEOUT;
-        let response = tokio::time::timeout(head_within, client.execute(request))
+        let mut request = prepare(request)
+            .build()
+            .map_err(|e| denied(url, format!("cannot build the request: {}", chain(&e))))?;
+        let mut hops = 0;
+        loop {
+            // Kept for a redirect: the same request to the next URL.
+            let again = request.try_clone();
+            let response = self.execute(request, purpose.read).await?;
+            let location = response
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(str::to_owned);
+            let follow = purpose.redirects > 0
+                && response.status().is_redirection()
+                && (method == Method::GET || method == Method::HEAD);
+            let (Some(location), Some(mut next), true) = (location, again, follow) else {
+                return Ok(Response {
+                    inner: response,
+                    purpose,
+                });
+            };
+            hops += 1;
+            if hops > purpose.redirects {
+                return Err(Error::Http(format!(
+                    "{url}: more than {} redirects",
+                    purpose.redirects
+                )));
+            }
+            let to = target
+                .join(&location)
+                .map_err(|e| denied(&location, format!("not a URL: {e}")))?;
+            self.check(&to)?;
+            if to.origin() != target.origin() {
+                for h in [
+                    header::AUTHORIZATION,
+                    header::COOKIE,
+                    header::PROXY_AUTHORIZATION,
+                ] {
+                    next.headers_mut().remove(h);
+                }
+            }
+            *next.url_mut() = to.clone();
+            target = to;
+            request = next;
+        }
+    }
+
+    /// Refuses a URL that is not http(s), or whose IP literal the filter refuses.
+    fn check(&self, url: &Url) -> Result<(), Error> {
+        let reason = if !matches!(url.scheme(), "http" | "https") {
+            Some(format!("`{}` is not http or https", url.scheme()))
+        } else {
+            self.filter.as_deref().and_then(|f| literal_refused(f, url))
+        };
+        match reason {
+            Some(reason) => Err(Error::Denied {
+                url: url.to_string(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    async fn execute(
+        &self,
+        request: reqwest::Request,
+        read: Duration,
+    ) -> Result<reqwest::Response, Error> {
+        let url = request.url().to_string();
+        let head_within = read + CONNECT_TIMEOUT;
+        tokio::time::timeout(head_within, self.http.execute(request))
             .await
             .map_err(|_| {
                 Error::Http(format!(
@@ -222,11 +259,7 @@ impl Client {
                     head_within.as_secs()
                 ))
             })?
-            .map_err(|e| Error::http(&e))?;
-        Ok(Response {
-            inner: response,
-            purpose,
-        })
+            .map_err(|e| Error::http(&e))
     }
 }
 
@@ -295,6 +328,18 @@ impl Response {
                 Some((piece, (body, seen, true)))
             },
         ))
+    }
+
+    /// The start of the body as text, at most `max` bytes of it (for error messages).
+    pub async fn snippet(self, max: usize) -> String {
+        let mut out = Vec::new();
+        let mut stream = self.stream();
+        while out.len() < max
+            && let Some(Ok(piece)) = stream.next().await
+        {
+            out.extend_from_slice(&piece[..piece.len().min(max - out.len())]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// The whole body, within the purpose's bounds.

@@ -17,6 +17,8 @@ use outbound::{AddressFilter, Client, Error, Method, Purpose};
 struct Canned {
     port: u16,
     connections: Arc<AtomicUsize>,
+    /// The request heads received, in order.
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn serve(ip: &str, response: impl Fn(u16) -> Vec<u8> + Send + 'static, stall: bool) -> Canned {
@@ -24,6 +26,8 @@ fn serve(ip: &str, response: impl Fn(u16) -> Vec<u8> + Send + 'static, stall: bo
     let port = listener.local_addr().unwrap().port();
     let connections = Arc::new(AtomicUsize::new(0));
     let count = connections.clone();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -33,13 +37,20 @@ fn serve(ip: &str, response: impl Fn(u16) -> Vec<u8> + Send + 'static, stall: bo
             while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
                 head.push(byte[0]);
             }
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&head).into_owned());
             let _ = stream.write_all(&response(port));
             if stall {
                 std::thread::sleep(Duration::from_secs(30));
             }
         }
     });
-    Canned { port, connections }
+    Canned {
+        port,
+        connections,
+        heads,
+    }
 }
 
 fn purpose(max_bytes: Option<u64>, redirects: usize) -> Purpose {
@@ -249,5 +260,67 @@ fn refused_addresses_are_never_connected_to() {
         named.connections.load(Ordering::SeqCst),
         0,
         "a refused name was reached"
+    );
+}
+
+#[test]
+fn a_purpose_follows_as_many_redirects_as_it_allows_and_no_more() {
+    let end = serve(
+        "127.0.0.2",
+        |_| b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nend".to_vec(),
+        false,
+    );
+    let end_port = end.port;
+    // Redirects to itself forever, by a relative Location.
+    let endless = serve(
+        "127.0.0.1",
+        |_| b"HTTP/1.1 302 Found\r\nLocation: /again\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        false,
+    );
+    // One hop, to another origin.
+    let elsewhere = serve(
+        "127.0.0.1",
+        move |_| {
+            format!(
+                "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.2:{end_port}/\r\nContent-Length: 0\r\n\r\n"
+            )
+            .into_bytes()
+        },
+        false,
+    );
+    rt().block_on(async {
+        let c = client(&[]);
+        let url = format!("http://127.0.0.1:{}/", endless.port);
+        let e = c
+            .send(Method::GET, &url, purpose(None, 2), |r| r)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("more than 2 redirects"), "{e}");
+        assert_eq!(
+            endless.connections.load(Ordering::SeqCst) + endless.heads.lock().unwrap().len(),
+            2 * 3,
+            "the request and two hops, no more"
+        );
+        let url = format!("http://127.0.0.1:{}/", elsewhere.port);
+        let r = c
+            .send(Method::GET, &url, purpose(None, 1), |r| {
+                r.header("Authorization", "Bearer secret")
+            })
+            .await
+            .unwrap();
+        assert_eq!(&r.bytes().await.unwrap()[..], b"end");
+    });
+    let heads = end.heads.lock().unwrap();
+    assert_eq!(heads.len(), 1);
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("authorization"),
+        "credentials went to another origin: {}",
+        heads[0]
+    );
+    let first = elsewhere.heads.lock().unwrap();
+    assert!(
+        first[0]
+            .to_ascii_lowercase()
+            .contains("authorization: bearer secret")
     );
 }

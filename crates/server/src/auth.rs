@@ -294,8 +294,18 @@ impl Auth {
             }
         };
         let status = response.status();
-        if status.is_server_error() {
+        // Only 200, 401 and 403 are answers about the token. A redirect or another status means the
+        // request did not reach a working whoami (a wrong `csApi`, a failing homeserver): never a
+        // verdict that would log the user out.
+        let verdict = [200, 401, 403].contains(&status.as_u16());
+        if !verdict {
             self.record(&hs.name, hs.backoff_at, false);
+            let location = response
+                .headers()
+                .get(outbound::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or_default();
+            tracing::warn!(homeserver = %hs.name, %status, location, "whoami did not answer about the token");
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "M_UNKNOWN",

@@ -124,6 +124,12 @@ impl From<store::Error> for ApiError {
                 )
             }
             E::HashMismatch { .. } => ApiError::bad_request(e.to_string()),
+            E::QuotaFiles(n) => {
+                ApiError::forbidden(format!("You have reached your quota of {n} files"))
+            }
+            E::QuotaBytes(n) => {
+                ApiError::forbidden(format!("This upload would exceed your quota of {n} bytes"))
+            }
             e if e.is_invalid_input() => ApiError::bad_request(
                 "The request holds text that cannot be stored (such as a NUL character)",
             ),
@@ -147,12 +153,6 @@ impl From<media::Error> for ApiError {
         use media::Error as E;
         match e {
             E::InvalidParam(why) => ApiError::bad_request(why),
-            E::QuotaFiles(n) | E::Store(store::Error::QuotaFiles(n)) => {
-                ApiError::forbidden(format!("You have reached your quota of {n} files"))
-            }
-            E::QuotaBytes(n) | E::Store(store::Error::QuotaBytes(n)) => {
-                ApiError::forbidden(format!("This upload would exceed your quota of {n} bytes"))
-            }
             E::Store(e) => e.into(),
             E::NotFound(what) => ApiError::not_found(what),
             E::Quarantined => ApiError::not_found("This media has been quarantined"),

@@ -13,32 +13,22 @@ use crate::SharedState;
 use crate::auth::User;
 use crate::error::ApiError;
 
-/// The homeserver a request is for, from `Host` (or `X-Forwarded-Host` when `useForwardedHost`).
-pub(crate) struct Hs(pub(crate) Homeserver);
-
-impl FromRequestParts<SharedState> for Hs {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &SharedState,
-    ) -> Result<Self, Self::Rejection> {
-        let config = state.config();
-        let host = request_host(&config, parts)?;
-        match served_homeserver(&config, &host) {
-            Some(hs) => Ok(Hs(hs.clone())),
-            None => {
-                // Which names are served is the operator's business: logged, not answered.
-                tracing::debug!(%host, "request for a homeserver not served here");
-                Err(ApiError::new(
-                    axum::http::StatusCode::NOT_FOUND,
-                    "M_UNRECOGNIZED",
-                    format!(
-                        "This media repository does not serve `{host}`. The reverse proxy must pass the \
-                         homeserver's name in Host or X-Forwarded-Host."
-                    ),
-                ))
-            }
+/// The homeserver a request is for, in `config`.
+fn homeserver(config: &Config, parts: &Parts) -> Result<Homeserver, ApiError> {
+    let host = request_host(config, parts)?;
+    match served_homeserver(config, &host) {
+        Some(hs) => Ok(hs.clone()),
+        None => {
+            // Which names are served is the operator's business: logged, not answered.
+            tracing::debug!(%host, "request for a homeserver not served here");
+            Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "M_UNRECOGNIZED",
+                format!(
+                    "This media repository does not serve `{host}`. The reverse proxy must pass the \
+                     homeserver's name in Host or X-Forwarded-Host."
+                ),
+            ))
         }
     }
 }
@@ -166,8 +156,9 @@ impl FromRequestParts<SharedState> for Ctx {
         parts: &mut Parts,
         state: &SharedState,
     ) -> Result<Self, Self::Rejection> {
-        let Hs(hs) = Hs::from_request_parts(parts, state).await?;
+        // One snapshot for everything the request decides.
         let config = state.config();
+        let hs = homeserver(&config, parts)?;
         let client_ip = client_ip(&config, parts);
         Ok(Ctx {
             config,

@@ -179,15 +179,29 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
         ));
     }
     background.spawn(reload_on_hangup(config_path, state.clone(), log));
-    crate::conn::serve(
-        listener,
-        crate::router(state),
-        limits,
-        shutdown_signal(),
-        DRAIN,
-    )
-    .await;
-    background.stop().await;
+    // One signal stops both at once: requests drain while the jobs are cancelled.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::join!(
+        crate::conn::serve(
+            listener,
+            crate::router(state),
+            limits,
+            stopped(stopping.clone()),
+            DRAIN,
+        ),
+        async {
+            stopped(stopping).await;
+            background.stop().await;
+            tracing::info!("background tasks stopped");
+        }
+    );
     tracing::info!("stopped");
     Ok(())
 }
@@ -256,9 +270,10 @@ async fn reload_on_hangup(path: PathBuf, state: SharedState, log: LogHandle) {
                 if old.datastores != config.datastores
                     || old.database != config.database
                     || old.connections != config.connections
+                    || old.tasks != config.tasks
                 {
                     tracing::warn!(
-                        "datastore, database and connections changes take effect after a restart"
+                        "datastores, database, connections and tasks changes take effect after a restart"
                     );
                 }
                 if let Err(e) = log.reload(log_filter(&config.repo.log_level)) {

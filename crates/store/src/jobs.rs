@@ -10,19 +10,46 @@ use crate::{Error, Store, now_ms};
 
 /// Temp files of these prefixes are the pipeline's and transfers' (a datastore's `tempPath` may be
 /// a directory shared with other programs: nothing else in it is touched).
-const TEMP_PREFIXES: [&str; 2] = ["upload-", "transfer-"];
+pub(crate) const UPLOAD_PREFIX: &str = "mmrctl-upload-";
+pub(crate) const TRANSFER_PREFIX: &str = "mmrctl-transfer-";
+const TEMP_PREFIXES: [&str; 2] = [UPLOAD_PREFIX, TRANSFER_PREFIX];
 
-/// A job's lock, held by a database session of its own: released when this is dropped, and by
+/// A job's lock, held by a database session of its own: released by [`JobLock::release`], and by
 /// the database when the instance holding it dies (its connection closes), so that another
 /// instance takes the job over.
 pub struct JobLock {
-    client: tokio_postgres::Client,
+    /// Taken when released: dropping the client ends the session cleanly.
+    client: Option<tokio_postgres::Client>,
     connection: tokio::task::JoinHandle<()>,
+    key: String,
+    held: bool,
+}
+
+const LOCK_KEY: &str = "hashtextextended('mmrctl job ' || $1, 2)";
+
+impl JobLock {
+    /// Resolves when the lock's session has ended (the database went away, say): the lock is gone
+    /// then, and the run holding it must stop.
+    pub async fn lost(&mut self) {
+        let _ = (&mut self.connection).await;
+    }
+
+    /// Unlocks, and ends the session as a client should.
+    pub async fn release(mut self) {
+        if let Some(client) = self.client.take()
+            && self.held
+        {
+            let unlock = format!("SELECT pg_advisory_unlock({LOCK_KEY})");
+            let _ = client.execute(&unlock, &[&self.key]).await;
+        }
+        // The client is gone: the connection says goodbye and ends (else `drop` aborts it).
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.connection).await;
+    }
 }
 
 impl Drop for JobLock {
     fn drop(&mut self) {
-        // Ends the session, and with it the lock.
+        // Cancelled before `release`: ends the session, and with it the lock.
         self.connection.abort();
     }
 }
@@ -34,15 +61,25 @@ impl Store {
         let connection = tokio::spawn(async move {
             let _ = connection.await;
         });
-        let lock = JobLock { client, connection };
-        let row = lock
-            .client
+        let row = client
             .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended('mmrctl job ' || $1, 2))",
+                &format!("SELECT pg_try_advisory_lock({LOCK_KEY})"),
                 &[&name],
             )
-            .await?;
-        Ok(row.get::<_, bool>(0).then_some(lock))
+            .await;
+        let held = row?.get::<_, bool>(0);
+        let lock = JobLock {
+            client: Some(client),
+            connection,
+            key: name.to_owned(),
+            held,
+        };
+        if held {
+            Ok(Some(lock))
+        } else {
+            lock.release().await;
+            Ok(None)
+        }
     }
 
     /// Deletes the reservations of asynchronous uploads that expired without content; returns how
@@ -119,11 +156,11 @@ mod tests {
             let f = std::fs::File::create(dir.path().join(name)).unwrap();
             f.set_modified(modified).unwrap();
         };
-        make("upload-stale", old);
-        make("transfer-stale", old);
-        make("upload-fresh", SystemTime::now());
-        make("someone-elses", old);
-        std::fs::create_dir(dir.path().join("upload-dir")).unwrap();
+        make("mmrctl-upload-stale", old);
+        make("mmrctl-transfer-stale", old);
+        make("mmrctl-upload-fresh", SystemTime::now());
+        make("upload-someone-elses", old);
+        std::fs::create_dir(dir.path().join("mmrctl-upload-dir")).unwrap();
         let cutoff = SystemTime::now() - Duration::from_secs(86_400);
         assert_eq!(delete_stale_in(dir.path(), cutoff).unwrap(), 2);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
@@ -131,7 +168,14 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["someone-elses", "upload-dir", "upload-fresh"]);
+        assert_eq!(
+            left,
+            [
+                "mmrctl-upload-dir",
+                "mmrctl-upload-fresh",
+                "upload-someone-elses"
+            ]
+        );
         assert_eq!(
             delete_stale_in(&dir.path().join("gone"), cutoff).unwrap(),
             0

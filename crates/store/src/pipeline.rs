@@ -464,7 +464,7 @@ where
 
 fn temp_file(dir: &std::path::Path) -> Result<(std::fs::File, tempfile::TempPath), Error> {
     Ok(tempfile::Builder::new()
-        .prefix("upload-")
+        .prefix(crate::jobs::UPLOAD_PREFIX)
         .tempfile_in(dir)?
         .into_parts())
 }

@@ -139,7 +139,7 @@ async fn copy_to_temp(
     let dir = target.temp_dir().to_path_buf();
     let temp = tokio::task::spawn_blocking(move || {
         tempfile::Builder::new()
-            .prefix("transfer-")
+            .prefix(crate::jobs::TRANSFER_PREFIX)
             .tempfile_in(dir)
     })
     .await

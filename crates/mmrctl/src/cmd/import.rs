@@ -146,7 +146,9 @@ fn run_import(homeserver: Homeserver, args: &Common) -> anyhow::Result<ExitCode>
         );
     }
 
-    let config = config::Config::load_valid(&args.config.config)?.config;
+    let config = config::Config::load_valid(&args.config.config)
+        .context("the media repo's config")?
+        .config;
     let server_name = server_name(&config, args.server_name.as_deref())?;
     // Absolute, so that messages name the files unambiguously.
     let media_path = media_path(homeserver, args)?.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
