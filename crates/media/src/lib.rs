@@ -12,7 +12,6 @@ pub mod jobs;
 mod quota;
 mod upload;
 
-pub use body::with_idle_timeout;
 pub use download::Wait;
 pub use upload::{Created, Upload};
 
@@ -34,6 +33,9 @@ pub enum Error {
     Expired,
     #[error("this media has been quarantined")]
     Quarantined,
+    /// The client stopped sending the body for `connections.bodyTimeoutSeconds`.
+    #[error("no data received for {0} s")]
+    BodyStalled(u64),
 }
 
 /// The media operations, over one store.

@@ -2,11 +2,16 @@
 //! declared before a byte is read, enforced again while the body streams, and the quota once more
 //! when the store records it (under the user's lock); asynchronous uploads' reservations.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use bytes::Bytes;
 use config::{Config, MediaKind};
 use futures_util::Stream;
 use store::{Limits, NewMedia, Quota, Target, Uploaded};
 
+use crate::body::with_idle_timeout;
 use crate::quota::quota_for;
 use crate::{Error, Service};
 
@@ -35,7 +40,7 @@ pub struct Created {
 
 impl Service {
     /// Checks `upload` against the limits and quotas, then streams `body` into the store as
-    /// `target`.
+    /// `target`; a body that pauses for `connections.bodyTimeoutSeconds` fails.
     pub async fn upload<S, E>(
         &self,
         config: &Config,
@@ -51,6 +56,10 @@ impl Service {
             check_file_name(name)?;
         }
         let limits = self.limits(config, &upload).await?;
+        let timeout =
+            Duration::from_secs(u64::from(config.connections.body_timeout_seconds.max(1)));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let body = with_idle_timeout(body, timeout, stalled.clone());
         let new = NewMedia {
             origin: upload.origin,
             kind: MediaKind::LocalMedia,
@@ -65,6 +74,9 @@ impl Service {
             .upload(new, target, body, limits.store)
             .await
             .map_err(|e| match (e, limits.quota_bytes) {
+                (store::Error::Aborted(_), _) if stalled.load(Ordering::Relaxed) => {
+                    Error::BodyStalled(timeout.as_secs())
+                }
                 // The quota, not `uploads.maxBytes`, cut the stream.
                 (store::Error::TooLarge { .. }, Some(q)) => store::Error::QuotaBytes(q).into(),
                 (e, _) => Error::Store(e),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use config::Config;
-use futures_util::stream;
+use futures_util::{StreamExt as _, stream};
 use media::{Error, Service, Upload, Wait};
 use store::Target;
 use testkit::TestDb;
@@ -317,5 +317,35 @@ fn the_reservation_job_deletes_only_expired_reservations() {
                 .unwrap();
         },
         "uploads: { minBytes: 1, maxPending: 5 }",
+    );
+}
+
+#[test]
+fn a_body_that_stalls_fails_the_upload_as_stalled_and_leaves_nothing() {
+    run(
+        async |media, config| {
+            let stalls = stream::iter([Ok::<_, String>(Bytes::from_static(b"first piece"))])
+                .chain(stream::pending());
+            let e = media
+                .upload(
+                    config,
+                    upload("@alice:example.test", None, None),
+                    Target::NewId,
+                    stalls,
+                )
+                .await
+                .unwrap_err();
+            assert!(matches!(e, Error::BodyStalled(1)), "{e}");
+            assert_eq!(
+                media
+                    .store()
+                    .usage("@alice:example.test")
+                    .await
+                    .unwrap()
+                    .files,
+                0
+            );
+        },
+        "uploads: { minBytes: 1 }\nconnections: { bodyTimeoutSeconds: 1 }",
     );
 }

@@ -213,7 +213,7 @@ fn stalled_headers_and_bodies_are_cut_off_by_their_own_timeouts() {
 
     let read = read_until_closed(&mut upload, CLOSED_WITHIN).expect("a stalled upload stayed open");
     let text = String::from_utf8_lossy(&read);
-    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("no data received for 2 s"), "{text}");
     assert_eq!(repo.objects(), 0);
     assert_eq!(repo.temp_files(), 0, "the stalled upload left a temp file");

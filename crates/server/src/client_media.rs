@@ -54,9 +54,7 @@ async fn store_upload(
         file_name: query_param(query, "filename").filter(|n| !n.is_empty()),
         declared_len: content_length(headers),
     };
-    let timeout =
-        std::time::Duration::from_secs(u64::from(config.connections.body_timeout_seconds.max(1)));
-    let body = media::with_idle_timeout(body.into_data_stream(), timeout);
+    let body = body.into_data_stream();
     let started = Instant::now();
     let uploaded = state.media.upload(config, upload, target, body).await?;
     state

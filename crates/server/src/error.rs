@@ -159,6 +159,11 @@ impl From<media::Error> for ApiError {
             E::Expired => {
                 ApiError::not_found("This media id expired before any content was uploaded")
             }
+            E::BodyStalled(secs) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "M_UNKNOWN",
+                format!("The upload was interrupted: no data received for {secs} s"),
+            ),
             E::NotYetUploaded => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "M_NOT_YET_UPLOADED",
