@@ -143,14 +143,23 @@ fn describe_pg(e: &tokio_postgres::Error) -> String {
             db.code().code()
         );
     }
-    let mut text = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
+    error_chain(e)
+}
+
+/// An error and its sources, `: `-separated (what went wrong down to the socket, without an
+/// SDK's debug dumps).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
     }
-    text
+    out
 }
 
 /// Text the database refuses to store (a NUL, an invalid encoding): the request's fault.
@@ -181,14 +190,6 @@ fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
         cause = c.source();
     }
     e.is_closed() || e.to_string() == "timeout waiting for server"
-}
-
-/// Whether a failed first connection can succeed later without anyone changing something.
-fn connect_retryable(e: &Error) -> bool {
-    match e {
-        Error::Database(e) => is_transient_pg(e),
-        _ => true,
-    }
 }
 
 /// `host:port, database `name` as `user``, for errors about connecting.
@@ -323,7 +324,7 @@ impl Store {
         {
             let setup = |doing: &str, e: Error| Error::Setup {
                 target: connect_target(&pg),
-                retryable: connect_retryable(&e),
+                retryable: e.is_unavailable(),
                 detail: match &e {
                     Error::Database(pg) => format!("{doing}: {}", describe_pg(pg)),
                     other => format!("{doing}: {other}"),

@@ -297,7 +297,7 @@ impl S3Store {
                 .send()
                 .await
             {
-                tracing::warn!(datastore = %self.datastore, key, error = %chain(&e),
+                tracing::warn!(datastore = %self.datastore, key, error = %crate::error_chain(&e),
                     "could not abort a failed multipart upload");
             }
         }
@@ -468,22 +468,6 @@ async fn file_body(path: &Path, offset: u64, len: u64) -> Result<ByteStream, Err
         .map_err(|e| Error::Io(std::io::Error::other(e)))
 }
 
-/// An error and its sources, `: `-separated (what went wrong down to the socket, without the
-/// SDK's debug dumps).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
 fn status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
 }
@@ -527,8 +511,8 @@ where
             };
             format!("S3 answered {s} {code}: {detail}")
         }
-        (Some(s), None) => format!("S3 answered {s}: {}", chain(e)),
-        (None, _) => chain(e),
+        (Some(s), None) => format!("S3 answered {s}: {}", crate::error_chain(e)),
+        (None, _) => crate::error_chain(e),
     };
     BackendError {
         datastore: datastore.to_owned(),
