@@ -7,7 +7,7 @@ use anyhow::Result;
 use crate::util::{self, note};
 use crate::{postgres, tools};
 
-/// Provides what the suite needs (Postgres, the tools venv, systemd-analyze), then runs it with
+/// Provides what the suite needs (Postgres, the tools venv, systemd-analyze, nginx), then runs it with
 /// `extra` passed to the runner. Returns the runner's exit code.
 pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
     let target = util::target_dir();
@@ -15,10 +15,12 @@ pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
     let pg = postgres::provide(&target)?;
     let tools_bin = tools::ensure_venv(&target)?;
     tools::ensure_systemd_analyze()?;
+    let nginx = tools::ensure_nginx(&target)?;
 
     let with_env = |cmd: &mut Command| {
         cmd.env(postgres::URL_VAR, &pg.url)
-            .env(tools::TOOLS_BIN_VAR, &tools_bin);
+            .env(tools::TOOLS_BIN_VAR, &tools_bin)
+            .env(tools::NGINX_VAR, &nginx);
     };
 
     let nextest = util::cargo()

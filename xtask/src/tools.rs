@@ -1,5 +1,5 @@
 //! Outside programs the tests drive: the Python tools venv (everything pinned in
-//! `xtask/requirements-tools.txt`) and `systemd-analyze`.
+//! `xtask/requirements-tools.txt`), `systemd-analyze` and nginx.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +9,9 @@ use anyhow::{Context, Result, bail};
 use crate::util::{self, note};
 
 pub(crate) const TOOLS_BIN_VAR: &str = "MMRCTL_TOOLS_BIN";
+
+/// The nginx binary the federation tests put in front of their homeservers (testkit reads it).
+pub(crate) const NGINX_VAR: &str = "MMRCTL_NGINX";
 
 /// The pinned requirements; adding a tool is adding a line there.
 fn requirements_file() -> PathBuf {
@@ -161,6 +164,118 @@ pub(crate) fn ensure_systemd_analyze() -> Result<()> {
             std::env::var("PATH").unwrap_or_default()
         ),
     }
+}
+
+/// The nginx binary for the tests: the one on PATH, else Debian's `nginx` package unpacked under
+/// `<target>/nginx` (downloaded once with `apt-get download`, never installed: its postinst
+/// could start a system nginx on port 80).
+pub(crate) fn ensure_nginx(target: &Path) -> Result<PathBuf> {
+    if let Some(path) = util::find_on_path("nginx") {
+        note!("nginx at {}", path.display());
+        return Ok(path);
+    }
+    let root = target.join("nginx");
+    let nginx = root.join("usr").join("sbin").join("nginx");
+    if !util::is_executable(&nginx) {
+        unpack_nginx(target, &root)?;
+    }
+    if !util::is_executable(&nginx) {
+        bail!(
+            "unpacked Debian's nginx packages into {} but there is no {}; install nginx \
+             (`apt-get install nginx`) or put an nginx binary on PATH",
+            root.display(),
+            nginx.display()
+        );
+    }
+    let mut version = Command::new(&nginx);
+    version.arg("-v");
+    util::run_captured(
+        &mut version,
+        &format!(
+            "the unpacked nginx does not run (a shared library it needs may be missing; \
+             `ldd {}` shows which). Install nginx (`apt-get install nginx`) or put an nginx \
+             binary on PATH, or delete {} to unpack it again.",
+            nginx.display(),
+            root.display()
+        ),
+    )?;
+    note!("nginx at {} (unpacked, not installed)", nginx.display());
+    Ok(nginx)
+}
+
+/// `apt-get download nginx nginx-common` into `<target>/nginx-debs`, then `dpkg -x` each into
+/// `root`, both directories made afresh.
+fn unpack_nginx(target: &Path, root: &Path) -> Result<()> {
+    let how = "install nginx (`apt-get install nginx`) or put an nginx binary on PATH";
+    for tool in ["apt-get", "dpkg"] {
+        if util::find_on_path(tool).is_none() {
+            bail!(
+                "nginx is not on PATH and there is no {tool} to fetch Debian's nginx package \
+                 with; {how}"
+            );
+        }
+    }
+    let debs = target.join("nginx-debs");
+    for dir in [&debs, root] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    note!(
+        "nginx is not on PATH: downloading Debian's nginx packages into {} (not installing them)",
+        debs.display()
+    );
+    let download = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["download", "nginx", "nginx-common"])
+            .current_dir(&debs);
+        util::run_status(&mut cmd).is_ok_and(|s| s.success())
+    };
+    if !download() {
+        if !util::is_root() {
+            bail!(
+                "`apt-get download nginx nginx-common` failed (see its output above); the package \
+                 lists may be missing or stale: run `apt-get update` as root and try again, or {how}"
+            );
+        }
+        note!("apt-get download failed: running apt-get update and trying again");
+        let mut update = Command::new("apt-get");
+        update.arg("update");
+        let updated = util::run_status(&mut update).is_ok_and(|s| s.success());
+        if !updated || !download() {
+            bail!(
+                "`apt-get download nginx nginx-common` failed (see its output above), also after \
+                 `apt-get update`; {how}"
+            );
+        }
+    }
+    let mut packages: Vec<PathBuf> = std::fs::read_dir(&debs)
+        .with_context(|| format!("cannot list {}", debs.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    packages.sort();
+    if packages.is_empty() {
+        bail!(
+            "`apt-get download nginx nginx-common` left no .deb in {}; {how}",
+            debs.display()
+        );
+    }
+    for deb in &packages {
+        let mut cmd = Command::new("dpkg");
+        cmd.arg("-x").arg(deb).arg(root);
+        util::run_captured(
+            &mut cmd,
+            &format!(
+                "cannot unpack {}; delete {} and retry, or {how}",
+                deb.display(),
+                debs.display()
+            ),
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

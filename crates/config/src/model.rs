@@ -74,9 +74,22 @@ impl Default for Repo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct Federation {
+    /// Consecutive failures (not 404s) after which a remote server is not asked for a while.
     pub backoff_at: u32,
+    /// Servers whose media is never fetched and whose requests are refused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ignored_hosts: Vec<String>,
+    /// mmrctl: which addresses federation requests may connect to, with `urlPreviews`'
+    /// semantics (refused when in a disallowed network, else allowed when in an allowed one).
+    /// Unset: the built-in lists (public addresses only, as Synapse's `ip_range_blacklist`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_networks: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disallowed_networks: Option<Vec<String>>,
+    /// mmrctl: DNS servers (`ip:port`) for federation lookups (SRV, A/AAAA); empty uses
+    /// `/etc/resolv.conf` and `/etc/hosts`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
 }
 
 impl Default for Federation {
@@ -84,6 +97,9 @@ impl Default for Federation {
         Federation {
             backoff_at: 20,
             ignored_hosts: Vec::new(),
+            allowed_networks: None,
+            disallowed_networks: None,
+            nameservers: Vec::new(),
         }
     }
 }

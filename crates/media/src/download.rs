@@ -1,12 +1,12 @@
-//! Finding the media a download names: ours (waiting for a pending upload), and the place where
-//! remote media will be fetched over federation.
+//! Finding the media a download names: ours (waiting for a pending upload), or remote media
+//! (cached, else fetched over federation: `remote`).
 
 use std::time::Duration;
 
 use config::Config;
 use store::Media;
 
-use crate::{Error, Service};
+use crate::{Error, Fetch, Service};
 
 /// How long a download waits for a pending upload's content (`timeout_ms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,29 +27,52 @@ impl Wait {
 }
 
 impl Service {
-    /// The media `origin`/`media_id` with its content, waiting up to `wait` for a pending upload
-    /// to complete (woken at once when it does, on any instance).
+    /// The media `origin`/`media_id` with its content. Ours waits up to `wait` for a pending
+    /// upload to complete (woken at once when it does, on any instance); remote media comes from
+    /// the cache, or is fetched when `fetch` allows.
     pub async fn media(
         &self,
         config: &Config,
         origin: &str,
         media_id: &str,
         wait: Wait,
+        fetch: Fetch<'_>,
     ) -> Result<Media, Error> {
         if !store::ids::is_valid_server_name(origin) || !store::ids::is_valid_media_id(media_id) {
             return Err(Error::NotFound("Invalid server name or media id".into()));
         }
-        if config.homeserver(origin).is_none() {
-            // Remote media: fetched over federation here once that lands.
-            return Err(Error::NotFound(format!(
-                "Media from {origin} is not available here"
-            )));
-        }
-        let media = self.local(origin, media_id, wait).await?;
+        let media = if config.homeserver(origin).is_some() {
+            self.local(origin, media_id, wait).await?
+        } else {
+            self.remote_media(config, origin, media_id, fetch).await?
+        };
         if media.quarantined {
             return Err(Error::Quarantined);
         }
         Ok(media)
+    }
+
+    async fn remote_media(
+        &self,
+        config: &Config,
+        origin: &str,
+        media_id: &str,
+        fetch: Fetch<'_>,
+    ) -> Result<Media, Error> {
+        if let Some(media) = self.store.media(origin, media_id).await?
+            && media.object.is_some()
+        {
+            return Ok(media);
+        }
+        let not_here = || Error::NotFound(format!("Media from {origin} is not cached here"));
+        match (fetch, &self.remote) {
+            (Fetch::As(hs), Some(remote)) => {
+                remote
+                    .media(&self.store, config, origin, media_id, hs)
+                    .await
+            }
+            _ => Err(not_here()),
+        }
     }
 
     async fn local(&self, origin: &str, media_id: &str, wait: Wait) -> Result<Media, Error> {

@@ -10,9 +10,13 @@ mod body;
 mod download;
 pub mod jobs;
 mod quota;
+mod remote;
 mod upload;
 
+use std::sync::Arc;
+
 pub use download::Wait;
+pub use remote::{Fetch, load_signers};
 pub use upload::{Created, Upload};
 
 /// Why a media operation did not happen. `Store` errors keep their own meaning (limits, quotas,
@@ -36,17 +40,55 @@ pub enum Error {
     /// The client stopped sending the body for `connections.bodyTimeoutSeconds`.
     #[error("no data received for {0} s")]
     BodyStalled(u64),
+    /// Remote media could not be fetched (the message says from where and why).
+    #[error("{0}")]
+    Remote(String),
+    /// Remote media is larger than `downloads.maxBytes`.
+    #[error("the remote media is larger than {0} bytes")]
+    RemoteTooLarge(u64),
 }
 
 /// The media operations, over one store.
 #[derive(Clone)]
 pub struct Service {
     store: store::Store,
+    /// `None`: remote media is never fetched (tests of local media only).
+    remote: Option<Arc<remote::Remote>>,
 }
 
 impl Service {
     pub fn new(store: store::Store) -> Service {
-        Service { store }
+        Service {
+            store,
+            remote: None,
+        }
+    }
+
+    /// A service that fetches remote media with `client`, signed by `signers` (see
+    /// [`load_signers`]).
+    pub fn with_federation(
+        store: store::Store,
+        client: federation::Client,
+        signers: std::collections::HashMap<String, federation::Signer>,
+    ) -> Service {
+        Service {
+            store,
+            remote: Some(Arc::new(remote::Remote::new(client, signers))),
+        }
+    }
+
+    /// A reloaded config's signers; every remote server gets a fresh chance.
+    pub fn reconfigure(&self, signers: std::collections::HashMap<String, federation::Signer>) {
+        if let Some(r) = &self.remote {
+            r.reconfigure(signers);
+        }
+    }
+
+    /// `server` sent a request we verified: it is up, whatever its backoff said.
+    pub fn server_is_up(&self, server: &str) {
+        if let Some(r) = &self.remote {
+            r.server_is_up(server);
+        }
     }
 
     pub fn store(&self) -> &store::Store {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use config::Config;
 use futures_util::{StreamExt as _, stream};
-use media::{Error, Service, Upload, Wait};
+use media::{Error, Fetch, Service, Upload, Wait};
 use store::Target;
 use testkit::TestDb;
 
@@ -194,6 +194,7 @@ fn an_asynchronous_upload_from_reservation_to_download() {
                     "example.test",
                     &created.media_id,
                     Wait::from_millis(Some(200)),
+                    Fetch::CachedOnly,
                 )
                 .await
                 .unwrap_err();
@@ -209,6 +210,7 @@ fn an_asynchronous_upload_from_reservation_to_download() {
                             "example.test",
                             &id,
                             Wait::from_millis(Some(20_000)),
+                            Fetch::CachedOnly,
                         )
                         .await
                 })
@@ -244,7 +246,7 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
     run(
         async |media, config| {
             let e = media
-                .media(config, "other.test", "abcdef", Wait::from_millis(Some(0)))
+                .media(config, "other.test", "abcdef", Wait::from_millis(Some(0)), Fetch::As("example.test"))
                 .await
                 .unwrap_err();
             assert!(
@@ -252,7 +254,7 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
                 "{e}"
             );
             let e = media
-                .media(config, "example.test", "../etc", Wait::from_millis(Some(0)))
+                .media(config, "example.test", "../etc", Wait::from_millis(Some(0)), Fetch::CachedOnly)
                 .await
                 .unwrap_err();
             assert!(matches!(e, Error::NotFound(_)), "{e}");
@@ -267,7 +269,7 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
                 .unwrap();
             let id = up.media.media_id;
             let found = media
-                .media(config, "example.test", &id, Wait::from_millis(None))
+                .media(config, "example.test", &id, Wait::from_millis(None), Fetch::CachedOnly)
                 .await
                 .unwrap();
             assert_eq!(found.object.unwrap().size, 300);
@@ -279,7 +281,7 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
                     .unwrap()
             );
             let e = media
-                .media(config, "example.test", &id, Wait::from_millis(None))
+                .media(config, "example.test", &id, Wait::from_millis(None), Fetch::CachedOnly)
                 .await
                 .unwrap_err();
             assert!(matches!(e, Error::Quarantined), "{e}");

@@ -6,16 +6,24 @@
 //!   followed (not unless the purpose asks, and then a bounded number);
 //! - an [`AddressFilter`] decided at connect time: every address a name resolves to is checked
 //!   and only allowed ones are connected to (no second lookup a rebinding DNS could win), and an
-//!   IP literal in a URL, or in a redirect's `Location`, is checked before anything is sent.
+//!   IP literal in a URL, or in a redirect's `Location`, is checked before anything is sent
+//!   ([`NetworkFilter`] is the one configured from lists of networks);
+//! - optionally, its own DNS [`Resolver`] and a table of [`Overrides`] (host name to addresses,
+//!   consulted first: how federation reaches an SRV target under the server's name), built with
+//!   [`Client::builder`].
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
+pub mod dns;
+pub mod filter;
+
+pub use dns::{DnsError, Overrides, Resolver, SrvRecord};
+pub use filter::{BadNetwork, NetworkFilter, Refusal};
 pub use reqwest::{Method, RequestBuilder, StatusCode, Url, header};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,70 +102,130 @@ impl Purpose {
     }
 }
 
-/// Resolves with the system resolver, then keeps only the addresses the filter allows.
-struct FilteringResolver(Arc<dyn AddressFilter>);
-
-impl Resolve for FilteringResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let filter = self.0.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refusals = Vec::new();
-            let allowed: Vec<SocketAddr> = found
-                .into_iter()
-                .filter(|a| match filter.refuses(a.ip()) {
-                    None => true,
-                    Some(why) => {
-                        refusals.push(format!("{}: {why}", a.ip()));
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let why = if refusals.is_empty() {
-                    "no address".to_owned()
-                } else {
-                    refusals.join(", ")
-                };
-                return Err(format!("{host} resolves to no allowed address ({why})").into());
-            }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
-        })
-    }
-}
-
 /// The client: cheap to clone, one connection pool for every purpose.
 #[derive(Clone)]
 pub struct Client {
     /// Never follows redirects by itself: [`Client::send`] does, counting them for the purpose.
     http: reqwest::Client,
     filter: Option<Arc<dyn AddressFilter>>,
+    dns: Option<Resolver>,
+    overrides: Option<Overrides>,
+    user_agent: Arc<str>,
 }
 
 /// Connecting, name resolution included, whatever the purpose.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl Client {
-    /// `user_agent` names the caller (`mmrctl/<version>`); `filter`, when given, decides every
-    /// address connected to.
-    pub fn new(user_agent: &str, filter: Option<Arc<dyn AddressFilter>>) -> Result<Client, Error> {
+/// How a [`Client`] is made: [`Client::builder`].
+#[derive(Clone)]
+pub struct ClientBuilder {
+    user_agent: String,
+    filter: Option<Arc<dyn AddressFilter>>,
+    dns: Option<Resolver>,
+    overrides: Option<Overrides>,
+}
+
+impl ClientBuilder {
+    /// Every address connected to must pass `filter`: each one a name resolves to (overrides
+    /// included), and IP literals in URLs and redirects.
+    pub fn filter(mut self, filter: Arc<dyn AddressFilter>) -> ClientBuilder {
+        self.filter = Some(filter);
+        self
+    }
+
+    /// Names are resolved with `dns` (else with the system's `getaddrinfo`).
+    pub fn resolver(mut self, dns: Resolver) -> ClientBuilder {
+        self.dns = Some(dns);
+        self
+    }
+
+    /// Names in `overrides` connect to the addresses given there, before any DNS. A client
+    /// built with a resolver gets an empty table of its own unless one is given here.
+    pub fn overrides(mut self, overrides: Overrides) -> ClientBuilder {
+        self.overrides = Some(overrides);
+        self
+    }
+
+    pub fn build(mut self) -> Result<Client, Error> {
+        let overrides = match (self.overrides.take(), &self.dns) {
+            (Some(o), _) => Some(o),
+            (None, Some(_)) => Some(Overrides::default()),
+            (None, None) => None,
+        };
+        self.finish(overrides)
+    }
+
+    fn finish(self, overrides: Option<Overrides>) -> Result<Client, Error> {
         let mut builder = reqwest::Client::builder()
-            .user_agent(user_agent)
+            .user_agent(&self.user_agent)
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(32)
             .redirect(reqwest::redirect::Policy::none());
-        if let Some(f) = &filter {
-            // A proxy would resolve the names itself, out of the filter's sight.
-            builder = builder
-                .no_proxy()
-                .dns_resolver(Arc::new(FilteringResolver(f.clone())));
+        if self.filter.is_some() || self.dns.is_some() || overrides.is_some() {
+            // A proxy would resolve the names itself, out of the filter's and the overrides'
+            // sight.
+            builder = builder.no_proxy().dns_resolver(Arc::new(dns::NameResolver {
+                filter: self.filter.clone(),
+                dns: self.dns.clone(),
+                overrides: overrides.clone(),
+            }));
         }
         Ok(Client {
             http: builder.build().map_err(|e| Error::http(&e))?,
-            filter,
+            filter: self.filter,
+            dns: self.dns,
+            overrides,
+            user_agent: Arc::from(self.user_agent),
         })
+    }
+}
+
+impl Client {
+    /// `user_agent` names the caller (`mmrctl/<version>`); `filter`, when given, decides every
+    /// address connected to. Names are resolved by the system (`getaddrinfo`).
+    pub fn new(user_agent: &str, filter: Option<Arc<dyn AddressFilter>>) -> Result<Client, Error> {
+        let builder = Client::builder(user_agent);
+        match filter {
+            Some(f) => builder.filter(f),
+            None => builder,
+        }
+        .build()
+    }
+
+    /// A client for `user_agent`, to configure: [`ClientBuilder::filter`],
+    /// [`ClientBuilder::resolver`], [`ClientBuilder::overrides`].
+    pub fn builder(user_agent: &str) -> ClientBuilder {
+        ClientBuilder {
+            user_agent: user_agent.to_owned(),
+            filter: None,
+            dns: None,
+            overrides: None,
+        }
+    }
+
+    /// The DNS resolver the client was built with.
+    pub fn resolver(&self) -> Option<&Resolver> {
+        self.dns.as_ref()
+    }
+
+    /// The override table the client consults first (every client built with a resolver has
+    /// one).
+    pub fn overrides(&self) -> Option<&Overrides> {
+        self.overrides.as_ref()
+    }
+
+    /// The same client (user agent, filter, resolver) with no overrides and a connection pool
+    /// of its own: for requests to a host that must reach what DNS says even when the
+    /// overrides send federation elsewhere (`.well-known/matrix/server` is on port 443 of the
+    /// server name, whatever its SRV records say).
+    pub fn without_overrides(&self) -> Result<Client, Error> {
+        ClientBuilder {
+            user_agent: self.user_agent.to_string(),
+            filter: self.filter.clone(),
+            dns: self.dns.clone(),
+            overrides: None,
+        }
+        .finish(None)
     }
 
     /// Sends a request for `purpose`; `prepare` adds headers and a body. Redirects of `GET` and
@@ -214,10 +282,12 @@ impl Client {
                 .map_err(|e| denied(&location, format!("not a URL: {e}")))?;
             self.check(&to)?;
             if to.origin() != target.origin() {
+                // `Host` too: a caller that set it (federation) set it for the first origin.
                 for h in [
                     header::AUTHORIZATION,
                     header::COOKIE,
                     header::PROXY_AUTHORIZATION,
+                    header::HOST,
                 ] {
                     next.headers_mut().remove(h);
                 }

@@ -170,9 +170,19 @@ async fn download(
     let wait = media::Wait::from_millis(
         query_param(query, "timeout_ms").and_then(|t| t.parse::<u64>().ok()),
     );
+    // Remote media is fetched for the authenticated endpoint; the legacy one fetches only what
+    // it may serve (not when unauthenticated media is frozen) and not with `allow_remote=false`.
+    let fetch = if authenticated
+        || (!ctx.config.repo.freeze_unauthenticated_media
+            && query_param(query, "allow_remote").is_none_or(|v| v != "false"))
+    {
+        media::Fetch::As(&ctx.hs.name)
+    } else {
+        media::Fetch::CachedOnly
+    };
     let media = state
         .media
-        .media(&ctx.config, &path.server, &path.media_id, wait)
+        .media(&ctx.config, &path.server, &path.media_id, wait, fetch)
         .await?;
     if !authenticated && media.requires_auth {
         return Err(ApiError::not_found(

@@ -164,6 +164,19 @@ impl From<media::Error> for ApiError {
                 "M_UNKNOWN",
                 format!("The upload was interrupted: no data received for {secs} s"),
             ),
+            E::Remote(why) => {
+                tracing::info!(reason = %why, "remote media not fetched");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "M_UNKNOWN",
+                    format!("Failed to fetch remote media: {why}"),
+                )
+            }
+            E::RemoteTooLarge(max) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "M_TOO_LARGE",
+                format!("Remote media is larger than this server serves ({max} bytes)"),
+            ),
             E::NotYetUploaded => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "M_NOT_YET_UPLOADED",

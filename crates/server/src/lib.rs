@@ -13,8 +13,10 @@ mod client_media;
 mod conn;
 mod error;
 mod extract;
+mod federation_media;
 mod headers;
 mod metrics;
+mod peer;
 mod range;
 mod serve;
 
@@ -38,19 +40,26 @@ pub struct AppState {
     config: ArcSwap<Config>,
     media: media::Service,
     auth: auth::Auth,
+    /// The origins' keys, for requests other servers sign.
+    keyring: federation::keyring::Keyring,
     metrics: metrics::Metrics,
 }
 
 pub type SharedState = Arc<AppState>;
 
+const USER_AGENT: &str = concat!("mmrctl/", env!("CARGO_PKG_VERSION"));
+
 impl AppState {
     pub fn new(config: Config, store: store::Store) -> Result<AppState, Error> {
-        let http = outbound::Client::new(concat!("mmrctl/", env!("CARGO_PKG_VERSION")), None)
+        let http = outbound::Client::new(USER_AGENT, None)
             .map_err(|e| Error::Startup(format!("HTTP client: {e}")))?;
+        let federation = federation_client(&config)?;
+        let signers = media::load_signers(&config).map_err(Error::Startup)?;
         Ok(AppState {
             auth: auth::Auth::new(http, &config),
+            keyring: federation::keyring::Keyring::new(federation.clone()),
+            media: media::Service::with_federation(store, federation, signers),
             config: ArcSwap::from_pointee(config),
-            media: media::Service::new(store),
             metrics: metrics::Metrics::new(),
         })
     }
@@ -62,6 +71,10 @@ impl AppState {
     /// Applies a reloaded config: limits, homeservers, token settings; the token cache is flushed.
     pub fn reload(&self, config: Config) {
         self.auth.reconfigure(&config);
+        match media::load_signers(&config) {
+            Ok(signers) => self.media.reconfigure(signers),
+            Err(e) => tracing::error!(error = %e, "signing keys not reloaded; the previous ones stay in use"),
+        }
         self.config.store(Arc::new(config));
     }
 
@@ -95,6 +108,10 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/_matrix/client/v1/media/download/{server}/{media_id}/{file_name}",
             get(m::download_authenticated),
+        )
+        .route(
+            "/_matrix/federation/v1/media/download/{media_id}",
+            get(federation_media::download),
         )
         .route("/_matrix/media/{version}/config", get(m::config_legacy))
         .route("/_matrix/client/v1/media/config", get(m::config))
@@ -202,4 +219,49 @@ pub fn metrics_router(state: SharedState) -> Router {
             }),
         )
         .with_state(state)
+}
+
+/// The federation client: its addresses filtered by `federation.allowedNetworks` /
+/// `disallowedNetworks` (built-in lists when unset), names resolved with `federation.nameservers`
+/// (else the system's configuration), and server discovery on top.
+fn federation_client(config: &Config) -> Result<federation::Client, Error> {
+    let setup = |what: &str, e: &dyn std::fmt::Display| Error::Startup(format!("{what}: {e}"));
+    let fed = &config.federation;
+    let defaults = outbound::NetworkFilter::federation_defaults();
+    let networks = |key: &str, list: &Option<Vec<String>>, default: &[_]| match list {
+        None => Ok(default.to_vec()),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                outbound::filter::parse_network(entry)
+                    .map_err(|e| setup(&format!("federation.{key}[{i}]"), &e))
+            })
+            .collect::<Result<Vec<_>, _>>(),
+    };
+    let filter = outbound::NetworkFilter::from_networks(
+        networks("allowedNetworks", &fed.allowed_networks, defaults.allowed())?,
+        networks("disallowedNetworks", &fed.disallowed_networks, defaults.disallowed())?,
+    );
+    let dns = if fed.nameservers.is_empty() {
+        outbound::Resolver::system().map_err(|e| setup("DNS (/etc/resolv.conf)", &e))?
+    } else {
+        let servers = fed
+            .nameservers
+            .iter()
+            .map(|s| {
+                s.parse::<std::net::SocketAddr>()
+                    .map_err(|e| setup(&format!("federation.nameservers: `{s}` (want ip:port)"), &e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        outbound::Resolver::nameservers(&servers).map_err(|e| setup("federation.nameservers", &e))?
+    };
+    let http = outbound::Client::builder(USER_AGENT)
+        .filter(Arc::new(filter))
+        .resolver(dns)
+        .build()
+        .map_err(|e| setup("federation HTTP client", &e))?;
+    let discovery =
+        federation::discovery::Discovery::new(http.clone()).map_err(|e| setup("server discovery", &e))?;
+    Ok(federation::Client::new(http, discovery))
 }

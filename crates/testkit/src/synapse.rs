@@ -35,6 +35,8 @@ pub struct SynapseBuilder {
     database: Database,
     overrides: Vec<(String, Value)>,
     start_timeout: Duration,
+    x_forwarded: bool,
+    extra_signing_keys: Vec<String>,
 }
 
 impl SynapseBuilder {
@@ -72,6 +74,22 @@ impl SynapseBuilder {
         self
     }
 
+    /// The listener's `x_forwarded`: trust `X-Forwarded-For`/`-Proto` from a reverse proxy in
+    /// front (default false).
+    pub fn x_forwarded(mut self, x_forwarded: bool) -> Self {
+        self.x_forwarded = x_forwarded;
+        self
+    }
+
+    /// Appends a key line in Synapse's format (`ed25519 <version> <unpadded base64 seed>`) to the
+    /// signing key file before Synapse starts, after the keys already there: Synapse publishes
+    /// every key of the file and signs its own requests with the first. This is how a media
+    /// repo's key is merged into its homeserver's key file.
+    pub fn append_signing_key(mut self, line: &str) -> Self {
+        self.extra_signing_keys.push(line.trim().to_owned());
+        self
+    }
+
     /// How long to wait for `/health` (default 90 s).
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
@@ -96,7 +114,9 @@ pub struct Synapse {
     config: Value,
 }
 
-fn free_port() -> u16 {
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it; it can be taken again
+/// before it is used, which is unlikely).
+pub fn free_port() -> u16 {
     let listener =
         TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
     listener
@@ -187,6 +207,8 @@ impl Synapse {
             database: Database::Sqlite,
             overrides: Vec::new(),
             start_timeout: Duration::from_secs(90),
+            x_forwarded: false,
+            extra_signing_keys: Vec::new(),
         }
     }
 
@@ -249,7 +271,7 @@ impl Synapse {
                 "bind_addresses": ["127.0.0.1"],
                 "type": "http",
                 "tls": false,
-                "x_forwarded": false,
+                "x_forwarded": b.x_forwarded,
                 "resources": [{"names": ["client", "federation"], "compress": false}],
             }]),
         );
@@ -281,6 +303,9 @@ impl Synapse {
         let config = Value::Object(config);
         // JSON is YAML: no second serializer to trust.
         write_json(&config_path, &config);
+        if !b.extra_signing_keys.is_empty() {
+            append_keys(&config, &b.extra_signing_keys);
+        }
 
         let log_path = d.join("synapse.log");
         let child = spawn(&config_path, d, &log_path);
@@ -489,6 +514,23 @@ impl Drop for Synapse {
             );
         }
     }
+}
+
+/// Appends `lines` to the signing key file `config` names, each on a line of its own.
+fn append_keys(config: &Value, lines: &[String]) {
+    let path = config["signing_key_path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no signing_key_path in the config"));
+    let mut text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read the key file {path}: {e}"));
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    for line in lines {
+        text.push_str(line);
+        text.push('\n');
+    }
+    fs::write(path, text).unwrap_or_else(|e| panic!("cannot write the key file {path}: {e}"));
 }
 
 fn path_value(path: &Path) -> Value {

@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::print_stderr)] // Each test file uses a part; helpers panic to fail tests.
 
+pub mod remote;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -110,6 +112,8 @@ impl MediaRepo {
             "rateLimit": { "enabled": false },
         });
         tweak(&mut config);
+        // A test may have chosen the port (one a proxy in front already points at).
+        let port = config["repo"]["port"].as_u64().map_or(port, |p| p as u16);
         let config_path = dir.path().join("media-repo.yaml");
         fs::write(&config_path, serde_norway::to_string(&config).unwrap()).unwrap();
         let log = fs::File::create(dir.path().join("server.log")).unwrap();

@@ -1,0 +1,324 @@
+//! Remote media for our users: served from the cache when we have it, else fetched over
+//! federation once, however many ask at the same time, and streamed through the store pipeline
+//! (de-duplicated with everything else, never whole in memory).
+//!
+//! What failed is remembered: the media for `downloads.failureCacheMinutes`, the server after
+//! `federation.backoffAt` consecutive failures (not asked again for a while; one success, an
+//! authenticated request from it, or a reload clears that). Both are per instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use config::{Config, MediaKind};
+use federation::Signer;
+use federation::remote::{FetchError, Limits};
+use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
+use futures_util::future::{BoxFuture, Shared};
+use store::{Media, NewMedia, Target};
+
+use crate::Error;
+
+/// Servers and media whose failures are remembered; beyond that the oldest are forgotten.
+const MAX_REMEMBERED: u64 = 100_000;
+/// The first pause of a failing server, doubled with each further failure up to `MAX_PAUSE`.
+const FIRST_PAUSE: Duration = Duration::from_secs(30);
+const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// What a fetch ended with, shared by everyone who waited for it.
+#[derive(Debug, Clone)]
+pub(crate) enum Failure {
+    Fetch(FetchError),
+    /// Our side failed (database, datastore): not remembered, not the remote's fault.
+    Local(Arc<store::Error>),
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        match f {
+            Failure::Fetch(FetchError::NotFound(why)) => Error::NotFound(why),
+            Failure::Fetch(FetchError::NotYetUploaded) => Error::NotYetUploaded,
+            Failure::Fetch(FetchError::TooLarge { max }) => Error::RemoteTooLarge(max),
+            Failure::Fetch(e) => Error::Remote(e.to_string()),
+            Failure::Local(e) => match Arc::try_unwrap(e) {
+                Ok(e) => Error::Store(e),
+                Err(e) => Error::Remote(format!("storing the remote media failed: {e}")),
+            },
+        }
+    }
+}
+
+/// Which remote media a request may have fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch<'a> {
+    /// Only what is cached (legacy `allow_remote=false`, or unauthenticated media frozen).
+    CachedOnly,
+    /// Fetched if needed, signed as our homeserver `0`.
+    As(&'a str),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    failures: u32,
+    paused_until: Option<Instant>,
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<Media, Failure>>>;
+
+pub(crate) struct Remote {
+    client: federation::Client,
+    /// Our homeservers' signers, from their `signingKeyPath` (reloaded with the config).
+    signers: ArcSwap<HashMap<String, Signer>>,
+    inflight: Mutex<HashMap<(String, String), SharedFetch>>,
+    failed: moka::sync::Cache<(String, String), (FetchError, Instant)>,
+    health: moka::sync::Cache<String, Health>,
+}
+
+/// Reads each homeserver's signing key (the media repo's own key, MMR's PEM or any format `keys`
+/// reads; the first key of the file).
+pub fn load_signers(config: &Config) -> Result<HashMap<String, Signer>, String> {
+    let mut signers = HashMap::new();
+    for hs in config.homeservers.iter().filter(|h| !h.signing_key_path.is_empty()) {
+        let path = &hs.signing_key_path;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!("homeservers[{}].signingKeyPath {path}: {e}", hs.name)
+        })?;
+        let file = keys::KeyFile::parse(&text, path).map_err(|e| e.to_string())?;
+        let key = file.first().ok_or_else(|| format!("{path} holds no key"))?;
+        signers.insert(
+            hs.name.clone(),
+            Signer {
+                origin: hs.name.clone(),
+                key: key.clone(),
+            },
+        );
+    }
+    Ok(signers)
+}
+
+impl Remote {
+    pub(crate) fn new(client: federation::Client, signers: HashMap<String, Signer>) -> Remote {
+        Remote {
+            client,
+            signers: ArcSwap::from_pointee(signers),
+            inflight: Mutex::new(HashMap::new()),
+            failed: moka::sync::Cache::builder().max_capacity(MAX_REMEMBERED).build(),
+            health: moka::sync::Cache::builder().max_capacity(MAX_REMEMBERED).build(),
+        }
+    }
+
+    /// A reload: new signers, and every server gets a fresh chance.
+    pub(crate) fn reconfigure(&self, signers: HashMap<String, Signer>) {
+        self.signers.store(Arc::new(signers));
+        self.health.invalidate_all();
+    }
+
+    /// `server` just proved it is up (it sent us a request we verified).
+    pub(crate) fn server_is_up(&self, server: &str) {
+        self.health.invalidate(server);
+    }
+
+    pub(crate) async fn media(
+        self: &Arc<Self>,
+        store: &store::Store,
+        config: &Config,
+        origin: &str,
+        media_id: &str,
+        signer_hs: &str,
+    ) -> Result<Media, Error> {
+        if config
+            .federation
+            .ignored_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(origin))
+        {
+            return Err(Error::NotFound(format!(
+                "Media from {origin} is not fetched here (federation.ignoredHosts)"
+            )));
+        }
+        let key = (origin.to_owned(), media_id.to_owned());
+        let remember = Duration::from_secs(u64::from(config.downloads.failure_cache_minutes) * 60);
+        if let Some((failure, at)) = self.failed.get(&key) {
+            if at.elapsed() < remember {
+                return Err(Failure::Fetch(failure).into());
+            }
+            self.failed.invalidate(&key);
+        }
+        if let Some(Health {
+            paused_until: Some(until),
+            ..
+        }) = self.health.get(origin)
+            && until > Instant::now()
+        {
+            return Err(Error::Remote(format!(
+                "{origin} failed {} times in a row; it is not asked again for {} s",
+                config.federation.backoff_at,
+                until.saturating_duration_since(Instant::now()).as_secs() + 1
+            )));
+        }
+        let signer = self.signers.load().get(signer_hs).cloned();
+        let limits = Limits {
+            max_bytes: config.downloads.max_bytes,
+            timeout: Duration::from_secs(u64::from(
+                config.timeouts.federation_timeout_seconds.max(1),
+            )),
+        };
+        let requires_auth = config.repo.freeze_unauthenticated_media;
+        let fetch = self.fetch_once(key.clone(), || {
+            let client = self.client.clone();
+            let store = store.clone();
+            async move {
+                fetch(&client, &store, &key.0, &key.1, signer.as_ref(), limits, requires_auth).await
+            }
+            .boxed()
+        });
+        let result = fetch.await;
+        self.record(origin, media_id, &result, config.federation.backoff_at, remember);
+        result.map_err(Into::into)
+    }
+
+    /// Joins the fetch of `key` in progress, or starts one (a task of its own, so that it
+    /// finishes for the others when the first client goes away).
+    fn fetch_once(
+        self: &Arc<Self>,
+        key: (String, String),
+        start: impl FnOnce() -> BoxFuture<'static, Result<Media, Failure>>,
+    ) -> SharedFetch {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(running) = inflight.get(&key) {
+            return running.clone();
+        }
+        let this = self.clone();
+        let task_key = key.clone();
+        let task = tokio::spawn(start().map(move |result| {
+            // Taken after the insert below: the lock is held until then.
+            this.inflight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&task_key);
+            result
+        }));
+        let shared = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Failure::Fetch(FetchError::Failed(format!(
+                    "the fetch stopped: {e}"
+                ))))
+            })
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, shared.clone());
+        shared
+    }
+
+    fn record(
+        &self,
+        origin: &str,
+        media_id: &str,
+        result: &Result<Media, Failure>,
+        backoff_at: u32,
+        remember: Duration,
+    ) {
+        let failure = match result {
+            Ok(_) => None,
+            Err(Failure::Fetch(e)) => Some(e),
+            Err(Failure::Local(_)) => return,
+        };
+        match failure {
+            Some(e) if e.is_server_failure() => {
+                let mut health = self.health.get(origin).unwrap_or(Health {
+                    failures: 0,
+                    paused_until: None,
+                });
+                health.failures = health.failures.saturating_add(1);
+                if backoff_at > 0 && health.failures >= backoff_at {
+                    let doublings = (health.failures - backoff_at).min(10);
+                    let pause = (FIRST_PAUSE * 2u32.pow(doublings)).min(MAX_PAUSE);
+                    health.paused_until = Some(Instant::now() + pause);
+                    tracing::warn!(server = origin, failures = health.failures, pause_s = pause.as_secs(), "remote server failing: pausing requests to it");
+                }
+                self.health.insert(origin.to_owned(), health);
+            }
+            // It answered: whatever it said, it is up.
+            _ => self.health.invalidate(origin),
+        }
+        if let Some(e) = failure
+            && !matches!(e, FetchError::NotYetUploaded | FetchError::Denied(_))
+            && !remember.is_zero()
+        {
+            self.failed.insert(
+                (origin.to_owned(), media_id.to_owned()),
+                (e.clone(), Instant::now()),
+            );
+        }
+    }
+}
+
+/// One fetch: download, stream into the store as `mxc://origin/media_id`.
+async fn fetch(
+    client: &federation::Client,
+    store: &store::Store,
+    origin: &str,
+    media_id: &str,
+    signer: Option<&Signer>,
+    limits: Limits,
+    requires_auth: bool,
+) -> Result<Media, Failure> {
+    let fetched = client
+        .download(origin, media_id, signer, limits)
+        .await
+        .map_err(Failure::Fetch)?;
+    tracing::debug!(origin, media_id, content_type = %fetched.content_type, "fetching remote media");
+    // The body's own error (the remote's fault) is kept; the store only sees that it stopped.
+    let cause: Arc<Mutex<Option<FetchError>>> = Arc::default();
+    let slot = cause.clone();
+    let body = fetched.body.map(move |piece| {
+        piece.map_err(|e| {
+            let text = e.to_string();
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+            text
+        })
+    });
+    let new = NewMedia {
+        origin: origin.to_owned(),
+        kind: MediaKind::RemoteMedia,
+        content_type: fetched.content_type,
+        upload_name: fetched.file_name.filter(|n| usable_file_name(n)),
+        user_id: String::new(),
+        requires_auth,
+        quarantined: false,
+        created_ts: None,
+    };
+    let store_limits = store::Limits {
+        max_bytes: limits.max_bytes,
+        ..store::Limits::default()
+    };
+    match store
+        .upload(new, Target::Id(media_id.to_owned()), body, store_limits)
+        .await
+    {
+        Ok(uploaded) => {
+            tracing::info!(mxc = %uploaded.media.mxc(), bytes = uploaded.size, dedup = uploaded.deduplicated, "remote media cached");
+            Ok(uploaded.media)
+        }
+        // Another instance stored it first: theirs is the same media.
+        Err(store::Error::MediaIdTaken) => match store.media(origin, media_id).await {
+            Ok(Some(media)) if media.object.is_some() => Ok(media),
+            Ok(_) => Err(Failure::Local(Arc::new(store::Error::MediaIdTaken))),
+            Err(e) => Err(Failure::Local(Arc::new(e))),
+        },
+        Err(store::Error::TooLarge { max }) => Err(Failure::Fetch(FetchError::TooLarge { max })),
+        Err(store::Error::Aborted(why)) => {
+            let cause = cause.lock().unwrap_or_else(PoisonError::into_inner).take();
+            Err(Failure::Fetch(cause.unwrap_or(FetchError::Failed(why))))
+        }
+        Err(e) => Err(Failure::Local(Arc::new(e))),
+    }
+}
+
+/// A remote's file name is kept when it is one we could have accepted from a local upload.
+fn usable_file_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && !name.chars().any(char::is_control)
+}

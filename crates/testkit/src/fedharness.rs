@@ -1,0 +1,267 @@
+//! Two federating homeservers on loopback, each a real Synapse behind its own nginx TLS listener,
+//! optionally with its media routed to a media repo under test.
+//!
+//! Synapse federates over TLS only and finds a peer from its server name, so each homeserver is
+//! named `localhost:<port>` and nginx listens on exactly that port with a certificate from a test
+//! CA both Synapses trust. Clients use that port too, so a test talks to the same front a peer
+//! does, and nginx's access log shows every request that reached a homeserver.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::nginx::Nginx;
+use crate::synapse::{Synapse, free_port};
+use crate::tls::TestCerts;
+
+/// How one homeserver of a [`Federation`] is set up; the default is a stock Synapse serving its
+/// own media.
+#[derive(Debug, Clone, Default)]
+pub struct HomeserverSetup {
+    media_upstream: Option<u16>,
+    extra_signing_key: Option<String>,
+}
+
+impl HomeserverSetup {
+    /// Routes `/_matrix/media/`, `/_matrix/client/v1/media/` and `/_matrix/federation/v1/media/`
+    /// to `http://127.0.0.1:<port>` (the media repo under test, which the test starts there after
+    /// the harness, typically on a [`free_port`]) and turns Synapse's own media repo off, so a
+    /// request routed to Synapse by mistake fails loudly (404 `M_UNRECOGNIZED`).
+    pub fn media_upstream(mut self, port: u16) -> Self {
+        self.media_upstream = Some(port);
+        self
+    }
+
+    /// Appends a signing key line in Synapse's format (`ed25519 <version> <unpadded base64
+    /// seed>`) after the homeserver's own generated key: the media repo's key merged into its
+    /// homeserver's key file, so peers fetching the homeserver's keys also get the repo's. The
+    /// homeserver's key stays first because Synapse signs with the first.
+    pub fn extra_signing_key(mut self, line: &str) -> Self {
+        self.extra_signing_key = Some(line.to_owned());
+        self
+    }
+}
+
+/// How to start a [`Federation`]; [`FederationBuilder::start`] starts it.
+#[derive(Debug, Clone, Default)]
+pub struct FederationBuilder {
+    a: HomeserverSetup,
+    b: HomeserverSetup,
+}
+
+impl FederationBuilder {
+    /// How homeserver A is set up.
+    pub fn a(mut self, setup: HomeserverSetup) -> Self {
+        self.a = setup;
+        self
+    }
+
+    /// How homeserver B is set up.
+    pub fn b(mut self, setup: HomeserverSetup) -> Self {
+        self.b = setup;
+        self
+    }
+
+    /// Makes the certificates, starts both Synapses (concurrently) and both nginx, and returns
+    /// once all four answer: a federation request made earlier would be refused and start
+    /// Synapse's backoff toward that peer.
+    pub fn start(self) -> Federation {
+        let certs = TestCerts::new();
+        let a_port = free_port();
+        let b_port = std::iter::repeat_with(free_port)
+            .find(|&p| p != a_port)
+            .unwrap_or_default();
+        let ports = [a_port, b_port];
+        let synapse = |setup: &HomeserverSetup, port: u16| {
+            let mut builder = Synapse::builder(&format!("localhost:{port}"))
+                .x_forwarded(true)
+                .config(
+                    "public_baseurl",
+                    json!(format!("https://localhost:{port}/")),
+                )
+                .config("federation_verify_certificates", json!(true))
+                .config(
+                    "federation_custom_ca_list",
+                    json!([certs.ca_path().to_string_lossy()]),
+                )
+                .config("ip_range_whitelist", json!(["127.0.0.0/8", "::1/128"]))
+                .config("max_upload_size", json!("200M"))
+                // By default a failed request backs off the peer for 10 min, doubling each time.
+                // 1 ms is the shortest that works: at 0 a later success never clears the failure.
+                .config(
+                    "federation",
+                    json!({
+                        "destination_min_retry_interval": 1,
+                        "destination_max_retry_interval": "1s",
+                    }),
+                )
+                // Remote media is rate-limited apart from rc_* (87 KiB/s after 500 MiB).
+                .config("remote_media_download_burst_count", json!("100G"))
+                .config("remote_media_download_per_second", json!("100G"));
+            if setup.media_upstream.is_some() {
+                builder = builder.config("enable_media_repo", json!(false));
+            }
+            if let Some(line) = &setup.extra_signing_key {
+                builder = builder.append_signing_key(line);
+            }
+            builder
+        };
+        let (a, b) = (synapse(&self.a, ports[0]), synapse(&self.b, ports[1]));
+        // Each takes a few seconds, mostly Python starting up.
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| a.start());
+            let b = s.spawn(|| b.start());
+            let (a, b) = (a.join(), b.join());
+            match (a, b) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(panic), _) | (_, Err(panic)) => std::panic::resume_unwind(panic),
+            }
+        });
+        let front = |setup: &HomeserverSetup, synapse: Synapse, port: u16| Homeserver {
+            nginx: Nginx::start(
+                &server_block(port, synapse.port(), setup.media_upstream, &certs),
+                &[port],
+            ),
+            synapse,
+            port,
+        };
+        let a = front(&self.a, a, ports[0]);
+        let b = front(&self.b, b, ports[1]);
+        Federation { a, b, certs }
+    }
+}
+
+/// nginx's `server` block for one homeserver: TLS on `port`, media to `media` when given, the
+/// rest to Synapse on `synapse`.
+fn server_block(port: u16, synapse: u16, media: Option<u16>, certs: &TestCerts) -> String {
+    // proxy_pass with no URI part passes the request target exactly as received, which X-Matrix
+    // signatures cover; `Host $http_host` keeps the port, which is part of the server name.
+    let media_locations = media
+        .map(|media| {
+            [
+                "/_matrix/media/",
+                "/_matrix/client/v1/media/",
+                "/_matrix/federation/v1/media/",
+            ]
+            .iter()
+            .map(|prefix| {
+                format!(
+                    "        location {prefix} {{ proxy_pass http://127.0.0.1:{media}; \
+                     proxy_buffering off; }}\n"
+                )
+            })
+            .collect::<String>()
+        })
+        .unwrap_or_default();
+    format!(
+        r#"    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        ssl_certificate "{cert}";
+        ssl_certificate_key "{key}";
+        client_max_body_size 200m;
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-Host $http_host;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_set_header X-Forwarded-Proto $scheme;
+{media_locations}        location / {{ proxy_pass http://127.0.0.1:{synapse}; }}
+    }}
+"#,
+        cert = certs.cert_path().display(),
+        key = certs.key_path().display(),
+    )
+}
+
+/// Two homeservers, A and B, that federate with each other over TLS on loopback (see the module
+/// docs). Everything is stopped and removed when dropped.
+pub struct Federation {
+    a: Homeserver,
+    b: Homeserver,
+    certs: TestCerts,
+}
+
+impl Federation {
+    /// A builder; both homeservers are stock unless set up otherwise.
+    pub fn builder() -> FederationBuilder {
+        FederationBuilder::default()
+    }
+
+    /// Two stock homeservers.
+    pub fn start() -> Self {
+        Self::builder().start()
+    }
+
+    pub fn a(&self) -> &Homeserver {
+        &self.a
+    }
+
+    pub fn b(&self) -> &Homeserver {
+        &self.b
+    }
+
+    /// The test CA's certificate (PEM), which both Synapses trust: a media repo's outbound
+    /// client must trust it too.
+    pub fn ca_path(&self) -> PathBuf {
+        self.certs.ca_path()
+    }
+
+    /// The certificates, and an HTTPS client that trusts the CA ([`TestCerts::get`],
+    /// [`TestCerts::send`]).
+    pub fn certs(&self) -> &TestCerts {
+        &self.certs
+    }
+}
+
+/// One homeserver of a [`Federation`]: a Synapse and the nginx in front of it.
+pub struct Homeserver {
+    nginx: Nginx,
+    synapse: Synapse,
+    port: u16,
+}
+
+impl Homeserver {
+    /// `localhost:<port>`: the port is nginx's, where peers and clients connect.
+    pub fn server_name(&self) -> &str {
+        self.synapse.server_name()
+    }
+
+    /// nginx's TLS port on 127.0.0.1, the port of the server name.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `https://localhost:<port>`: the homeserver as clients and peers reach it (through nginx).
+    pub fn base_url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:<port>`: Synapse's own listener, bypassing nginx (and the media
+    /// upstream).
+    pub fn client_url(&self) -> String {
+        self.synapse.base_url()
+    }
+
+    /// nginx's access log so far: `<client> "<request line>" <status> <bytes> "<Host>"`, one
+    /// request a line, with the request target as received. A line is written once the request
+    /// is answered, which can be just after the requester got the response.
+    pub fn access_log(&self) -> Vec<String> {
+        self.nginx.access_log()
+    }
+
+    /// Registers a user through Synapse's shared-secret API; returns the user id and an access
+    /// token.
+    pub fn register_user(&self, name: &str, admin: bool) -> (String, String) {
+        self.synapse.register_user(name, admin)
+    }
+
+    /// The signing key file Synapse reads: its own key first, then the extra key, if any.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.synapse.signing_key_path()
+    }
+
+    /// The Synapse, for its config, log and directory.
+    pub fn synapse(&self) -> &Synapse {
+        &self.synapse
+    }
+}

@@ -1,0 +1,180 @@
+//! nginx in a temp dir, for one test: the TLS reverse proxy the federation harness puts in front
+//! of each homeserver, as production does. Run from the binary `cargo xtask test` provides, never
+//! installed.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NGINX_VAR: &str = "MMRCTL_NGINX";
+
+/// The nginx binary, from `MMRCTL_NGINX` (set by `cargo xtask test`).
+pub fn nginx_bin() -> PathBuf {
+    let Some(path) = std::env::var_os(NGINX_VAR).filter(|v| !v.is_empty()) else {
+        panic!(
+            "{NGINX_VAR} is not set: run the tests with `cargo xtask test`, which finds nginx on \
+             PATH or unpacks Debian's nginx package under target/ and sets it"
+        );
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "{NGINX_VAR}={} is not a file: run `cargo xtask test`, which provides nginx",
+        path.display()
+    );
+    path
+}
+
+/// A running nginx (master and one worker) with its config, pid file, logs and temp files in a
+/// temp dir; stopped (`SIGQUIT`, then `SIGKILL`) and removed when dropped.
+///
+/// Every request is logged to [`Nginx::access_log`] as
+/// `<client> "<request line>" <status> <bytes sent> "<Host>"`, so a test can assert which requests
+/// reached it (or that none did).
+pub struct Nginx {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx with `http` as the body of its `http {}` block (`server` blocks, with
+    /// absolute paths) and waits until it accepts connections on 127.0.0.1 at every one of
+    /// `ports`. testkit supplies the rest: `daemon off`, pid, logs and temp paths in the temp dir.
+    pub fn start(http: &str, ports: &[u16]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-nginx-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
+        let d = dir.path();
+        let p = |name: &str| d.join(name).to_string_lossy().into_owned();
+        let config = format!(
+            r#"daemon off;
+worker_processes 1;
+# Workers write the temp files in this (0700) temp dir; the directive is ignored unless root.
+user root;
+pid "{pid}";
+error_log "{error_log}" notice;
+events {{ worker_connections 1024; }}
+http {{
+    client_body_temp_path "{client_body}";
+    proxy_temp_path "{proxy}";
+    fastcgi_temp_path "{fastcgi}";
+    uwsgi_temp_path "{uwsgi}";
+    scgi_temp_path "{scgi}";
+    default_type application/octet-stream;
+    log_format testkit '$remote_addr "$request" $status $body_bytes_sent "$http_host"';
+    access_log "{access_log}" testkit;
+{http}
+}}
+"#,
+            pid = p("nginx.pid"),
+            error_log = p("error.log"),
+            client_body = p("client_body_temp"),
+            proxy = p("proxy_temp"),
+            fastcgi = p("fastcgi_temp"),
+            uwsgi = p("uwsgi_temp"),
+            scgi = p("scgi_temp"),
+            access_log = p("access.log"),
+        );
+        let config_path = d.join("nginx.conf");
+        fs::write(&config_path, config)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let output = |name: &str| {
+            fs::File::create(d.join(name))
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", d.join(name).display()))
+        };
+        let bin = nginx_bin();
+        // `-e`: the compiled-in error log (/var/log/nginx) is opened before the config is read.
+        let child = Command::new(&bin)
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(&config_path)
+            .arg("-e")
+            .arg(d.join("error.log"))
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(output("stdout.log"))
+            .stderr(output("stderr.log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut nginx = Self { child, dir };
+        nginx.wait_listening(ports, Duration::from_secs(20));
+        nginx
+    }
+
+    fn wait_listening(&mut self, ports: &[u16], timeout: Duration) {
+        let start = Instant::now();
+        for &port in ports {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!(
+                        "nginx exited ({status}) before it listened on {addr}:\n{}",
+                        self.error_log()
+                    );
+                }
+                assert!(
+                    start.elapsed() < timeout,
+                    "nginx did not listen on {addr} within {} s:\n{}",
+                    timeout.as_secs(),
+                    self.error_log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The temp dir holding `nginx.conf`, the logs and the temp files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The access log so far, one request a line (see [`Nginx`]). nginx writes a line when the
+    /// request has been answered, which may be just after the client saw the response.
+    pub fn access_log(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The error log and nginx's stderr so far.
+    pub fn error_log(&self) -> String {
+        let read = |name: &str| fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        format!("{}{}", read("error.log"), read("stderr.log"))
+    }
+
+    /// Stops nginx: `SIGQUIT` (graceful), then `SIGKILL` after 10 s. Dropping it stops it too.
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("testkit: nginx's error log:\n{}", self.error_log());
+        }
+    }
+}
