@@ -17,7 +17,10 @@ use libfuzzer_sys::fuzz_target;
 /// The test streams are always ready, so one poll finishes any future here.
 fn block_on<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
-    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
         Poll::Ready(output) => output,
         Poll::Pending => panic!("a ready stream made the future wait"),
     }
@@ -31,7 +34,10 @@ fn read(content_type: &str, chunks: Vec<Bytes>) -> Result<(MediaPart, Vec<u8>), 
         while let Some(item) = body.next().await {
             file.extend_from_slice(&item?);
         }
-        assert!(body.next().await.is_none(), "the stream went on after its end");
+        assert!(
+            body.next().await.is_none(),
+            "the stream went on after its end"
+        );
         Ok((part, file))
     })
 }

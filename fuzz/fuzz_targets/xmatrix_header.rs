@@ -9,6 +9,10 @@ fuzz_target!(|data: &[u8]| {
     let value = String::from_utf8_lossy(data);
     if let Ok(parsed) = xmatrix::parse(&value) {
         let written = parsed.to_string();
-        assert_eq!(xmatrix::parse(&written).as_ref(), Ok(&parsed), "{written:?}");
+        assert_eq!(
+            xmatrix::parse(&written).as_ref(),
+            Ok(&parsed),
+            "{written:?}"
+        );
     }
 });

@@ -110,6 +110,28 @@ pub(crate) async fn download(
     expected: u64,
     timeout: Duration,
 ) -> Result<Duration> {
+    Ok(download_timed(client, target, media_id, expected, timeout)
+        .await?
+        .last_byte)
+}
+
+/// How long a download took.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timed {
+    /// From sending the request to the response's headers.
+    pub(crate) headers: Duration,
+    /// From sending the request to the last byte of the body.
+    pub(crate) last_byte: Duration,
+}
+
+/// [`download`], also telling when the response's headers came.
+pub(crate) async fn download_timed(
+    client: &reqwest::Client,
+    target: &Target,
+    media_id: &str,
+    expected: u64,
+    timeout: Duration,
+) -> Result<Timed> {
     let start = Instant::now();
     let mut request = client
         .get(format!(
@@ -125,24 +147,31 @@ pub(crate) async fn download(
         .send()
         .await
         .with_context(|| format!("{} download", target.label))?;
+    let headers = start.elapsed();
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
         bail!("{} download: {status}: {text}", target.label);
     }
-    let mut stream = response.bytes_stream();
-    let mut received = 0u64;
-    while let Some(chunk) = stream.next().await {
-        received += chunk
-            .with_context(|| format!("{} download", target.label))?
-            .len() as u64;
-    }
-    let elapsed = start.elapsed();
+    let received = drain(response)
+        .await
+        .with_context(|| format!("{} download", target.label))?;
+    let last_byte = start.elapsed();
     if received != expected {
         bail!(
             "{} download: {received} bytes, expected {expected}",
             target.label
         );
     }
-    Ok(elapsed)
+    Ok(Timed { headers, last_byte })
+}
+
+/// Reads a response's whole body, counting it (bytes discarded): its length.
+pub(crate) async fn drain(response: reqwest::Response) -> reqwest::Result<u64> {
+    let mut stream = response.bytes_stream();
+    let mut received = 0u64;
+    while let Some(chunk) = stream.next().await {
+        received += chunk?.len() as u64;
+    }
+    Ok(received)
 }

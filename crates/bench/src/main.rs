@@ -6,11 +6,13 @@
 //! Progress goes to stderr; the result is one flat JSON object on the last line of stdout.
 //!
 //! ```text
-//! mmrctl-bench [--mmrctl PATH] [--quick]
+//! mmrctl-bench [--mmrctl PATH] [--quick] [--federation]
 //! ```
 //!
 //! `--mmrctl` defaults to the `mmrctl` beside this binary; `--quick` shrinks every size for a smoke
-//! run (its figures mean nothing).
+//! run (its figures mean nothing). `--federation` runs the federation bench instead
+//! ([`federation`]: remote media fetched by mmrctl and by Synapse from a static remote behind
+//! nginx, which it needs: `MMRCTL_NGINX`).
 #![allow(clippy::print_stdout, clippy::print_stderr)] // Printing is this binary's job.
 
 /// A progress line on stderr.
@@ -20,6 +22,7 @@ macro_rules! progress {
     };
 }
 
+mod federation;
 mod limits;
 mod load;
 mod procfs;
@@ -121,6 +124,9 @@ struct Options {
     /// Leave Synapse out (for profiling mmrctl): no comparison, no targets.
     mmrctl_only: bool,
     phases: Phases,
+    /// The federation bench instead of the serve one.
+    federation: bool,
+    quick: bool,
 }
 
 /// Which phases run (all of them unless `--phases` says otherwise).
@@ -133,12 +139,14 @@ struct Phases {
 }
 
 const USAGE: &str = "usage: mmrctl-bench [--mmrctl PATH] [--quick] [--mmrctl-only] \
-                     [--phases upload,download,small,clients]";
+                     [--phases upload,download,small,clients] | [--federation]";
 
 fn options() -> Result<Options> {
     let mut mmrctl = None;
     let mut sizes = FULL;
     let mut mmrctl_only = false;
+    let mut federation = false;
+    let mut quick = false;
     let mut phases = Phases {
         upload: true,
         download: true,
@@ -151,7 +159,11 @@ fn options() -> Result<Options> {
             Some("--mmrctl") => {
                 mmrctl = Some(PathBuf::from(args.next().context(USAGE)?));
             }
-            Some("--quick") => sizes = QUICK,
+            Some("--quick") => {
+                sizes = QUICK;
+                quick = true;
+            }
+            Some("--federation") => federation = true,
             Some("--mmrctl-only") => mmrctl_only = true,
             Some("--phases") => {
                 let list = args.next().context(USAGE)?;
@@ -190,6 +202,8 @@ fn options() -> Result<Options> {
         sizes,
         mmrctl_only,
         phases,
+        federation,
+        quick,
     })
 }
 
@@ -239,7 +253,17 @@ fn run() -> Result<()> {
         sizes,
         mmrctl_only,
         phases,
+        federation,
+        quick,
     } = options()?;
+    if federation {
+        let sizes = if quick {
+            federation::QUICK
+        } else {
+            federation::FULL
+        };
+        return federation::run(&mmrctl, sizes);
+    }
     let busy_start = wait_until_quiet();
     let loadavg_start = loadavg();
     let dir = tempfile::Builder::new().prefix("mmrctl-bench-").tempdir()?;

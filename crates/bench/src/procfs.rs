@@ -82,6 +82,24 @@ pub(crate) fn find_pid(needle: &str) -> Option<u32> {
         })
 }
 
+/// The direct children of process `parent` (from the parent pid in each `/proc/<pid>/stat`).
+pub(crate) fn children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // The parent pid is the second field after the command name's `)`.
+                stat.rfind(')')
+                    .and_then(|at| stat[at + 1..].split_whitespace().nth(1)?.parse().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
 /// Samples a process's RSS every 10 ms on a thread, and its `VmHWM` (reset when sampling starts),
 /// until [`PeakRss::stop`]; reports the larger of the two.
 pub(crate) struct PeakRss {
@@ -136,6 +154,13 @@ mod tests {
         assert!(rss > MIB, "{rss}");
         assert!(status_bytes(me, "VmHWM").expect("VmHWM") >= rss / 2);
         assert!(cpu_seconds(me).is_some());
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(children(me), vec![child.id()]);
+        child.kill().unwrap();
+        child.wait().unwrap();
         let peak = PeakRss::start(me);
         let big = vec![1u8; 64 * MIB as usize];
         std::thread::sleep(Duration::from_millis(50));

@@ -55,9 +55,22 @@ impl MediaRepo {
         server_name: &str,
         cs_api: &str,
     ) -> Result<MediaRepo> {
+        Self::start_with(binary, dir, server_name, cs_api, |_| {}, &[])
+    }
+
+    /// [`MediaRepo::start`], with the config edited by `tweak` before it is written and `env`
+    /// added to the server's environment.
+    pub(crate) fn start_with(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        server_name: &str,
+        cs_api: &str,
+        tweak: impl FnOnce(&mut serde_json::Value),
+        env: &[(&str, &Path)],
+    ) -> Result<MediaRepo> {
         let db = TestDb::new();
         let port = free_port()?;
-        let config = json!({
+        let mut config = json!({
             "repo": {
                 "bindAddress": "127.0.0.1", "port": port, "logDirectory": "-", "logLevel": "warn",
             },
@@ -72,6 +85,7 @@ impl MediaRepo {
             "rateLimit": { "enabled": false },
             "urlPreviews": { "enabled": false },
         });
+        tweak(&mut config);
         // JSON is YAML.
         let config_path = dir.path().join("media-repo.yaml");
         fs::write(&config_path, serde_json::to_string_pretty(&config)?)
@@ -80,6 +94,7 @@ impl MediaRepo {
         let child = Command::new(binary)
             // As the generated systemd unit runs it.
             .env("GLIBC_TUNABLES", unit_malloc_tunables()?)
+            .envs(env.iter().copied())
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -208,21 +223,26 @@ impl SynapseServer {
         }
     }
 
-    /// Synapse's version, as its federation API reports it (without the build details that
-    /// follow the number).
+    /// Synapse's version (see [`synapse_version`]).
     pub(crate) fn version(&self) -> String {
-        let r = self.synapse.get("/_matrix/federation/v1/version", None);
-        let json = if r.status == 200 {
-            r.json()
-        } else {
-            json!(null)
-        };
-        json["server"]["version"]
-            .as_str()
-            .and_then(|v| v.split_whitespace().next())
-            .unwrap_or("(unknown version)")
-            .to_owned()
+        synapse_version(&self.synapse)
     }
+}
+
+/// A Synapse's version, as its federation API reports it (without the build details that follow
+/// the number).
+pub(crate) fn synapse_version(synapse: &Synapse) -> String {
+    let r = synapse.get("/_matrix/federation/v1/version", None);
+    let json = if r.status == 200 {
+        r.json()
+    } else {
+        json!(null)
+    };
+    json["server"]["version"]
+        .as_str()
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or("(unknown version)")
+        .to_owned()
 }
 
 /// The allocator settings the generated systemd unit gives the server (its `GLIBC_TUNABLES`).

@@ -94,18 +94,11 @@ impl Client {
         let dest = self.resolve(destination).await?;
         let authorization = signer
             .map(|s| {
-                keys::sign_request(
-                    &s.key,
-                    &s.origin,
-                    destination,
-                    "GET",
-                    path_and_query,
-                    None,
-                )
-                .map_err(|e| Error::Signing {
-                    server: destination.to_owned(),
-                    reason: e.to_string(),
-                })
+                keys::sign_request(&s.key, &s.origin, destination, "GET", path_and_query, None)
+                    .map_err(|e| Error::Signing {
+                        server: destination.to_owned(),
+                        reason: e.to_string(),
+                    })
             })
             .transpose()?;
         let url = format!("{}{path_and_query}", dest.base_url);

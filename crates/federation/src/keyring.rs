@@ -39,7 +39,9 @@ pub enum KeyError {
     BadAnswer { server: String, reason: String },
     #[error("{server} publishes no key {key_id} valid now")]
     UnknownKey { server: String, key_id: String },
-    #[error("the signature does not match the request (method, URI with its query, origin, destination)")]
+    #[error(
+        "the signature does not match the request (method, URI with its query, origin, destination)"
+    )]
     BadSignature,
 }
 
@@ -80,8 +82,7 @@ pub fn parse_server_keys(body: &[u8], server: &str, now_ms: i64) -> Result<Serve
         server: server.to_owned(),
         reason,
     };
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| bad(format!("not JSON: {e}")))?;
     let Value::Object(object) = &value else {
         return Err(bad("not a JSON object".into()));
     };
@@ -111,7 +112,11 @@ pub fn parse_server_keys(body: &[u8], server: &str, now_ms: i64) -> Result<Serve
             .and_then(|k| STANDARD_NO_PAD.decode(k.trim_end_matches('=')).ok())
             .and_then(|raw| <[u8; 32]>::try_from(raw.as_slice()).ok())
             .and_then(|raw| ed25519_dalek::VerifyingKey::from_bytes(&raw).ok())
-            .ok_or_else(|| bad(format!("`verify_keys.{id}.key` is not an ed25519 public key")))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "`verify_keys.{id}.key` is not an ed25519 public key"
+                ))
+            })?;
         keys.insert(key_id.to_string(), (key_id, public));
     }
     let signed_by: Vec<&String> = match object.get("signatures").and_then(|s| s.get(server)) {
@@ -209,8 +214,7 @@ impl Keyring {
             request.uri,
             None,
         );
-        signed["signatures"] =
-            serde_json::json!({ origin: { request.key_id: request.sig } });
+        signed["signatures"] = serde_json::json!({ origin: { request.key_id: request.sig } });
         keys::verify_json(&signed, origin, &key_id, public).map_err(|_| KeyError::BadSignature)
     }
 
@@ -281,15 +285,33 @@ mod tests {
         let b = SigningKey::generate().unwrap();
         let now = 1_000_000;
         let day = 24 * 3600 * 1000;
-        let keys = parse_server_keys(&bytes(&answer("s", &[&a, &b], &[&a, &b], now + day)), "s", now)
-            .unwrap();
+        let keys = parse_server_keys(
+            &bytes(&answer("s", &[&a, &b], &[&a, &b], now + day)),
+            "s",
+            now,
+        )
+        .unwrap();
         assert_eq!(keys.keys.len(), 2);
         assert_eq!(keys.cache_for(), Duration::from_millis(day as u64));
         let long = parse_server_keys(&bytes(&answer("s", &[&a], &[&a], now + 30 * day)), "s", now)
             .unwrap();
         assert_eq!(long.cache_for(), MAX_CACHE);
         assert!(long.key(&a.id().to_string(), now).is_some());
-        assert!(long.key(&a.id().to_string(), now + 30 * day).is_none(), "expired keys never work");
+        assert!(
+            long.key(&a.id().to_string(), now + 30 * day).is_none(),
+            "expired keys never work"
+        );
+    }
+
+    #[test]
+    fn reads_an_answer_signed_by_an_independent_implementation() {
+        // Made with Python's signedjson (the library Synapse signs with).
+        let body = include_bytes!("../../../fuzz/seeds/server_keys/signed.json");
+        let keys = parse_server_keys(body, "example.org", 1_700_000_000_000).unwrap();
+        assert!(keys.key("ed25519:abc", 1_700_000_000_000).is_some());
+        let mut tampered: Value = serde_json::from_slice(body).unwrap();
+        tampered["valid_until_ts"] = json!(1_800_000_000_001_i64);
+        assert!(parse_server_keys(&bytes(&tampered), "example.org", 0).is_err());
     }
 
     #[test]

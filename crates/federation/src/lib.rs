@@ -8,10 +8,10 @@
 //! - `client`: signed requests to other servers, remote media fetched with the spec's fallbacks.
 
 pub mod discovery;
-pub mod multipart;
-pub mod xmatrix;
 pub mod keyring;
+pub mod multipart;
 pub mod remote;
+pub mod xmatrix;
 
 mod client;
 

@@ -101,16 +101,19 @@ impl Client {
         signer: Option<&Signer>,
         limits: Limits,
     ) -> Result<Fetched, FetchError> {
-        let path = format!(
-            "/_matrix/federation/v1/media/download/{media_id}?timeout_ms={REMOTE_WAIT_MS}"
-        );
+        let path =
+            format!("/_matrix/federation/v1/media/download/{media_id}?timeout_ms={REMOTE_WAIT_MS}");
         if signer.is_some() {
             let (dest, response) = self
                 .get(server, &path, signer, limits.purpose(0, ENVELOPE_ALLOWANCE))
                 .await
                 .map_err(FetchError::from_client)?;
             match response.status() {
-                StatusCode::OK => return self.from_multipart(&dest.base_url, &path, response, limits).await,
+                StatusCode::OK => {
+                    return self
+                        .read_multipart(&dest.base_url, &path, response, limits)
+                        .await;
+                }
                 status => {
                     let answer = ErrorAnswer::read(status, response).await;
                     if !answer.unknown_endpoint() {
@@ -120,12 +123,15 @@ impl Client {
                 }
             }
         } else {
-            tracing::warn!(server, "no signing key for this homeserver: using the legacy download, which current servers refuse for authenticated media");
+            tracing::warn!(
+                server,
+                "no signing key for this homeserver: using the legacy download, which current servers refuse for authenticated media"
+            );
         }
         self.legacy_download(server, media_id, signer, limits).await
     }
 
-    async fn from_multipart(
+    async fn read_multipart(
         &self,
         base_url: &str,
         path: &str,
@@ -137,7 +143,9 @@ impl Client {
             && limits.max_bytes > 0
             && len > limits.max_bytes.saturating_add(ENVELOPE_ALLOWANCE)
         {
-            return Err(FetchError::TooLarge { max: limits.max_bytes });
+            return Err(FetchError::TooLarge {
+                max: limits.max_bytes,
+            });
         }
         let body = response.stream().map(|r| r.map_err(Error::from_outbound));
         let (part, body) = multipart::read_media(&content_type, body)
@@ -152,7 +160,12 @@ impl Client {
                 .map_err(|e| FetchError::Failed(format!("bad Location `{location}`: {e}")))?;
             let response = self
                 .http()
-                .send(Method::GET, url.as_str(), limits.purpose(MAX_REDIRECTS, 0), |r| r)
+                .send(
+                    Method::GET,
+                    url.as_str(),
+                    limits.purpose(MAX_REDIRECTS, 0),
+                    |r| r,
+                )
                 .await
                 .map_err(|e| FetchError::from_client(Error::from_outbound(e)))?;
             if !response.status().is_success() {
@@ -214,7 +227,9 @@ fn plain_file(response: outbound::Response, limits: Limits) -> Result<Fetched, F
         && limits.max_bytes > 0
         && len > limits.max_bytes
     {
-        return Err(FetchError::TooLarge { max: limits.max_bytes });
+        return Err(FetchError::TooLarge {
+            max: limits.max_bytes,
+        });
     }
     let headers = response.headers();
     let content_type = header_str(headers, header::CONTENT_TYPE)
@@ -278,10 +293,15 @@ impl ErrorAnswer {
     fn into_error(self, server: &str) -> FetchError {
         let text: String = self.snippet.chars().take(200).collect();
         match (self.status, self.errcode.as_deref()) {
-            (StatusCode::NOT_FOUND, _) => FetchError::NotFound(format!("{server} has no such media")),
+            (StatusCode::NOT_FOUND, _) => {
+                FetchError::NotFound(format!("{server} has no such media"))
+            }
             (StatusCode::GATEWAY_TIMEOUT, Some("M_NOT_YET_UPLOADED")) => FetchError::NotYetUploaded,
             (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN, _) => {
-                FetchError::NotAllowed(format!("{server} refused the request (HTTP {}): {text}", self.status))
+                FetchError::NotAllowed(format!(
+                    "{server} refused the request (HTTP {}): {text}",
+                    self.status
+                ))
             }
             (StatusCode::PAYLOAD_TOO_LARGE, _) | (_, Some("M_TOO_LARGE")) => {
                 FetchError::Failed(format!("{server}: the media is too large to serve: {text}"))
@@ -347,7 +367,11 @@ fn unquote(value: &str) -> String {
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
-        out.push(if c == '\\' { chars.next().unwrap_or('\\') } else { c });
+        out.push(if c == '\\' {
+            chars.next().unwrap_or('\\')
+        } else {
+            c
+        });
     }
     out
 }
@@ -376,15 +400,30 @@ mod tests {
     #[test]
     fn file_names_as_synapse_reads_them() {
         assert_eq!(file_name("inline"), None);
-        assert_eq!(file_name("attachment; filename=a.png").as_deref(), Some("a.png"));
-        assert_eq!(file_name("inline; filename=\"a \\\"b\\\"; c.txt\"").as_deref(), Some("a \"b\"; c.txt"));
         assert_eq!(
-            file_name("inline; filename=x.png; filename*=utf-8''%E6%97%A5%E6%9C%AC%20%E2%98%95.png").as_deref(),
+            file_name("attachment; filename=a.png").as_deref(),
+            Some("a.png")
+        );
+        assert_eq!(
+            file_name("inline; filename=\"a \\\"b\\\"; c.txt\"").as_deref(),
+            Some("a \"b\"; c.txt")
+        );
+        assert_eq!(
+            file_name(
+                "inline; filename=x.png; filename*=utf-8''%E6%97%A5%E6%9C%AC%20%E2%98%95.png"
+            )
+            .as_deref(),
             Some("日本 ☕.png")
         );
-        assert_eq!(file_name("inline; FILENAME*=UTF-8''caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(
+            file_name("inline; FILENAME*=UTF-8''caf%C3%A9").as_deref(),
+            Some("café")
+        );
         // A broken extended name falls back to the plain one.
-        assert_eq!(file_name("inline; filename*=utf-8''%ZZ; filename=b").as_deref(), Some("b"));
+        assert_eq!(
+            file_name("inline; filename*=utf-8''%ZZ; filename=b").as_deref(),
+            Some("b")
+        );
         assert_eq!(file_name("inline; filename=\"\"").as_deref(), None);
     }
 
@@ -392,7 +431,11 @@ mod tests {
         let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
         ErrorAnswer {
             status: StatusCode::from_u16(status).unwrap(),
-            errcode: json.as_ref().and_then(|j| j.get("errcode")).and_then(|e| e.as_str()).map(str::to_owned),
+            errcode: json
+                .as_ref()
+                .and_then(|j| j.get("errcode"))
+                .and_then(|e| e.as_str())
+                .map(str::to_owned),
             is_json: json.as_ref().is_some_and(serde_json::Value::is_object),
             snippet: body.to_owned(),
         }
@@ -410,8 +453,17 @@ mod tests {
         assert!(!unknown(400, "not json"));
         assert!(!unknown(500, r#"{"errcode":"M_UNRECOGNIZED"}"#));
         assert!(!unknown(401, r#"{"errcode":"M_UNAUTHORIZED"}"#));
-        assert!(matches!(answer(404, r#"{"errcode":"M_NOT_FOUND"}"#).into_error("s"), FetchError::NotFound(_)));
-        assert!(matches!(answer(403, "{}").into_error("s"), FetchError::NotAllowed(_)));
-        assert!(matches!(answer(502, "").into_error("s"), FetchError::Failed(_)));
+        assert!(matches!(
+            answer(404, r#"{"errcode":"M_NOT_FOUND"}"#).into_error("s"),
+            FetchError::NotFound(_)
+        ));
+        assert!(matches!(
+            answer(403, "{}").into_error("s"),
+            FetchError::NotAllowed(_)
+        ));
+        assert!(matches!(
+            answer(502, "").into_error("s"),
+            FetchError::Failed(_)
+        ));
     }
 }

@@ -80,11 +80,14 @@ pub(crate) struct Remote {
 /// reads; the first key of the file).
 pub fn load_signers(config: &Config) -> Result<HashMap<String, Signer>, String> {
     let mut signers = HashMap::new();
-    for hs in config.homeservers.iter().filter(|h| !h.signing_key_path.is_empty()) {
+    for hs in config
+        .homeservers
+        .iter()
+        .filter(|h| !h.signing_key_path.is_empty())
+    {
         let path = &hs.signing_key_path;
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            format!("homeservers[{}].signingKeyPath {path}: {e}", hs.name)
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("homeservers[{}].signingKeyPath {path}: {e}", hs.name))?;
         let file = keys::KeyFile::parse(&text, path).map_err(|e| e.to_string())?;
         let key = file.first().ok_or_else(|| format!("{path} holds no key"))?;
         signers.insert(
@@ -104,8 +107,12 @@ impl Remote {
             client,
             signers: ArcSwap::from_pointee(signers),
             inflight: Mutex::new(HashMap::new()),
-            failed: moka::sync::Cache::builder().max_capacity(MAX_REMEMBERED).build(),
-            health: moka::sync::Cache::builder().max_capacity(MAX_REMEMBERED).build(),
+            failed: moka::sync::Cache::builder()
+                .max_capacity(MAX_REMEMBERED)
+                .build(),
+            health: moka::sync::Cache::builder()
+                .max_capacity(MAX_REMEMBERED)
+                .build(),
         }
     }
 
@@ -170,12 +177,27 @@ impl Remote {
             let client = self.client.clone();
             let store = store.clone();
             async move {
-                fetch(&client, &store, &key.0, &key.1, signer.as_ref(), limits, requires_auth).await
+                fetch(
+                    &client,
+                    &store,
+                    &key.0,
+                    &key.1,
+                    signer.as_ref(),
+                    limits,
+                    requires_auth,
+                )
+                .await
             }
             .boxed()
         });
         let result = fetch.await;
-        self.record(origin, media_id, &result, config.federation.backoff_at, remember);
+        self.record(
+            origin,
+            media_id,
+            &result,
+            config.federation.backoff_at,
+            remember,
+        );
         result.map_err(Into::into)
     }
 
@@ -237,7 +259,12 @@ impl Remote {
                     let doublings = (health.failures - backoff_at).min(10);
                     let pause = (FIRST_PAUSE * 2u32.pow(doublings)).min(MAX_PAUSE);
                     health.paused_until = Some(Instant::now() + pause);
-                    tracing::warn!(server = origin, failures = health.failures, pause_s = pause.as_secs(), "remote server failing: pausing requests to it");
+                    tracing::warn!(
+                        server = origin,
+                        failures = health.failures,
+                        pause_s = pause.as_secs(),
+                        "remote server failing: pausing requests to it"
+                    );
                 }
                 self.health.insert(origin.to_owned(), health);
             }

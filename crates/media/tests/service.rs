@@ -246,7 +246,13 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
     run(
         async |media, config| {
             let e = media
-                .media(config, "other.test", "abcdef", Wait::from_millis(Some(0)), Fetch::As("example.test"))
+                .media(
+                    config,
+                    "other.test",
+                    "abcdef",
+                    Wait::from_millis(Some(0)),
+                    Fetch::As("example.test"),
+                )
                 .await
                 .unwrap_err();
             assert!(
@@ -254,7 +260,13 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
                 "{e}"
             );
             let e = media
-                .media(config, "example.test", "../etc", Wait::from_millis(Some(0)), Fetch::CachedOnly)
+                .media(
+                    config,
+                    "example.test",
+                    "../etc",
+                    Wait::from_millis(Some(0)),
+                    Fetch::CachedOnly,
+                )
                 .await
                 .unwrap_err();
             assert!(matches!(e, Error::NotFound(_)), "{e}");
@@ -269,7 +281,13 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
                 .unwrap();
             let id = up.media.media_id;
             let found = media
-                .media(config, "example.test", &id, Wait::from_millis(None), Fetch::CachedOnly)
+                .media(
+                    config,
+                    "example.test",
+                    &id,
+                    Wait::from_millis(None),
+                    Fetch::CachedOnly,
+                )
                 .await
                 .unwrap();
             assert_eq!(found.object.unwrap().size, 300);
@@ -281,7 +299,13 @@ fn downloads_find_only_what_is_ours_and_not_quarantined() {
                     .unwrap()
             );
             let e = media
-                .media(config, "example.test", &id, Wait::from_millis(None), Fetch::CachedOnly)
+                .media(
+                    config,
+                    "example.test",
+                    &id,
+                    Wait::from_millis(None),
+                    Fetch::CachedOnly,
+                )
                 .await
                 .unwrap_err();
             assert!(matches!(e, Error::Quarantined), "{e}");

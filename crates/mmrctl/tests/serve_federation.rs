@@ -2,6 +2,8 @@
 //! `mmrctl serve` through `SSL_CERT_FILE`): remote media for our users with the spec's fallbacks,
 //! faults and backoff, and our media for other servers behind X-Matrix.
 
+#![allow(clippy::unwrap_used)] // Test helpers panic: that is how a test fails.
+
 mod support;
 
 use std::net::TcpListener;
@@ -27,7 +29,10 @@ struct Setup {
 /// Our repo for `HS` (signing with a key of its own) and one fake remote; loopback allowed for
 /// federation, small limits so that faults show quickly.
 fn setup(tweak: impl FnOnce(&mut Value, &FakeRemote)) -> Setup {
-    let remote = FakeRemote::start();
+    setup_with(FakeRemote::start(), tweak)
+}
+
+fn setup_with(remote: FakeRemote, tweak: impl FnOnce(&mut Value, &FakeRemote)) -> Setup {
     let key = SigningKey::generate().unwrap();
     let key_dir = tempfile::tempdir().unwrap();
     let key_path = key_dir.path().join("mmr.signing.key");
@@ -96,12 +101,18 @@ fn assert_signed_by(key: &SigningKey, seen: &support::remote::Seen, destination:
         .first()
         .unwrap_or_else(|| panic!("{} was not signed", seen.target));
     let x = federation::xmatrix::parse(header).unwrap();
-    assert_eq!((x.origin.as_str(), x.destination.as_deref()), (HS, Some(destination)));
+    assert_eq!(
+        (x.origin.as_str(), x.destination.as_deref()),
+        (HS, Some(destination))
+    );
     assert_eq!(x.key, key.id().to_string());
     let mut signed = keys::request_json(HS, destination, "GET", &seen.target, None);
     signed["signatures"] = json!({ HS: { x.key.clone(): x.sig } });
     keys::verify_json(&signed, HS, key.id(), &key.verifying_key()).unwrap();
-    assert_eq!(seen.host, destination, "Host names the server, port included");
+    assert_eq!(
+        seen.host, destination,
+        "Host names the server, port included"
+    );
 }
 
 #[test]
@@ -121,7 +132,10 @@ fn remote_media_is_fetched_signed_once_and_cached() {
     assert_eq!(r.body, file);
     assert_eq!(r.header("content-type"), Some("img/png"));
     let disposition = r.header("content-disposition").unwrap();
-    assert!(disposition.contains("%E6%97%A5%E6%9C%AC%20%E2%98%95.png"), "{disposition}");
+    assert!(
+        disposition.contains("%E6%97%A5%E6%9C%AC%20%E2%98%95.png"),
+        "{disposition}"
+    );
     let fetches: Vec<_> = s
         .remote
         .seen()
@@ -129,7 +143,11 @@ fn remote_media_is_fetched_signed_once_and_cached() {
         .filter(|r| r.path() == FakeRemote::federation_path("good"))
         .collect();
     assert_eq!(fetches.len(), 1);
-    assert!(fetches[0].target.contains("timeout_ms="), "{}", fetches[0].target);
+    assert!(
+        fetches[0].target.contains("timeout_ms="),
+        "{}",
+        fetches[0].target
+    );
     assert_signed_by(&s.key, &fetches[0], &s.remote.name);
 
     // Cached: served again with no request to the remote.
@@ -154,7 +172,11 @@ fn remote_media_is_fetched_signed_once_and_cached() {
     );
     let gone = s.download("gone");
     assert_eq!((gone.status, errcode(&gone)), (404, "M_NOT_FOUND".into()));
-    assert_eq!(s.remote.count(&s.remote.legacy_path("gone")), 0, "no fallback on M_NOT_FOUND");
+    assert_eq!(
+        s.remote.count(&s.remote.legacy_path("gone")),
+        0,
+        "no fallback on M_NOT_FOUND"
+    );
 }
 
 #[test]
@@ -163,7 +185,11 @@ fn legacy_fallback_only_for_an_unknown_endpoint() {
     // Unknown endpoint (the remote's default answer is 404 M_UNRECOGNIZED): the legacy download.
     s.remote.route(
         &s.remote.legacy_path("old"),
-        Action::file("text/plain", Some("attachment; filename=\"old.txt\""), b"legacy bytes"),
+        Action::file(
+            "text/plain",
+            Some("attachment; filename=\"old.txt\""),
+            b"legacy bytes",
+        ),
     );
     let r = s.download("old");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -176,7 +202,11 @@ fn legacy_fallback_only_for_an_unknown_endpoint() {
         .filter(|r| r.path() == s.remote.legacy_path("old"))
         .collect();
     assert_eq!(legacy.len(), 1);
-    assert!(legacy[0].target.contains("allow_remote=false"), "{}", legacy[0].target);
+    assert!(
+        legacy[0].target.contains("allow_remote=false"),
+        "{}",
+        legacy[0].target
+    );
     assert_signed_by(&s.key, &legacy[0], &s.remote.name);
 
     // A 404 that is not JSON means the same (an old server's router).
@@ -202,10 +232,17 @@ fn legacy_fallback_only_for_an_unknown_endpoint() {
     ] {
         s.remote
             .route(&FakeRemote::federation_path(id), Action::json(status, body));
-        s.remote
-            .route(&s.remote.legacy_path(id), Action::file("text/plain", None, b"wrong"));
+        s.remote.route(
+            &s.remote.legacy_path(id),
+            Action::file("text/plain", None, b"wrong"),
+        );
         let r = s.download(id);
-        assert_eq!(r.status, if status == 404 { 404 } else { 502 }, "{id}: {}", r.text());
+        assert_eq!(
+            r.status,
+            if status == 404 { 404 } else { 502 },
+            "{id}: {}",
+            r.text()
+        );
         assert_eq!(s.remote.count(&s.remote.legacy_path(id)), 0, "{id}");
     }
 }
@@ -213,23 +250,52 @@ fn legacy_fallback_only_for_an_unknown_endpoint() {
 #[test]
 fn location_parts_relative_and_absolute() {
     let s = setup(|_, _| {});
-    s.remote.route(&FakeRemote::federation_path("rel"), Action::location("/cdn/rel.txt"));
+    s.remote.route(
+        &FakeRemote::federation_path("rel"),
+        Action::location("/cdn/rel.txt"),
+    );
     s.remote.route(
         "/cdn/rel.txt",
-        Action::file("text/x-cdn", Some("inline; filename=\"cdn.txt\""), b"from the cdn"),
+        Action::file(
+            "text/x-cdn",
+            Some("inline; filename=\"cdn.txt\""),
+            b"from the cdn",
+        ),
     );
     let abs = format!("https://{}/cdn/abs.bin", s.remote.name);
-    s.remote.route(&FakeRemote::federation_path("abs"), Action::location(&abs));
     s.remote
-        .route("/cdn/abs.bin", Action::file("application/x-abs", None, b"absolute"));
+        .route(&FakeRemote::federation_path("abs"), Action::location(&abs));
+    s.remote.route(
+        "/cdn/abs.bin",
+        Action::file("application/x-abs", None, b"absolute"),
+    );
     let rel = s.download("rel");
-    assert_eq!((rel.status, rel.body.as_slice()), (200, &b"from the cdn"[..]), "{}", rel.text());
+    assert_eq!(
+        (rel.status, rel.body.as_slice()),
+        (200, &b"from the cdn"[..]),
+        "{}",
+        rel.text()
+    );
     assert_eq!(rel.header("content-type"), Some("text/x-cdn"));
-    assert!(rel.header("content-disposition").unwrap().contains("cdn.txt"));
+    assert!(
+        rel.header("content-disposition")
+            .unwrap()
+            .contains("cdn.txt")
+    );
     let abs = s.download("abs");
-    assert_eq!((abs.status, abs.body.as_slice()), (200, &b"absolute"[..]), "{}", abs.text());
+    assert_eq!(
+        (abs.status, abs.body.as_slice()),
+        (200, &b"absolute"[..]),
+        "{}",
+        abs.text()
+    );
     // The CDN URL is fetched without our signature.
-    let cdn: Vec<_> = s.remote.seen().into_iter().filter(|r| r.path().starts_with("/cdn/")).collect();
+    let cdn: Vec<_> = s
+        .remote
+        .seen()
+        .into_iter()
+        .filter(|r| r.path().starts_with("/cdn/"))
+        .collect();
     assert_eq!(cdn.len(), 2);
     assert!(cdn.iter().all(|r| r.authorization.is_empty()));
 }
@@ -245,12 +311,14 @@ fn broken_remotes_fail_and_leave_nothing() {
     )
     .into_bytes();
     stalled.extend_from_slice(&body[..body.len() / 2]);
-    s.remote.route(&FakeRemote::federation_path("half"), Action::Stall(stalled));
+    s.remote
+        .route(&FakeRemote::federation_path("half"), Action::Stall(stalled));
     s.remote.route(
         &FakeRemote::federation_path("huge"),
         Action::multipart("text/plain", None, &sample((1 << 20) + 1, 3)),
     );
-    s.remote.route(&FakeRemote::federation_path("hang"), Action::Hang);
+    s.remote
+        .route(&FakeRemote::federation_path("hang"), Action::Hang);
     // The part's bytes end without the delimiter that closes it: a truncated transfer.
     let mut cut = body.clone();
     cut.truncate(body.len() - 40);
@@ -262,9 +330,19 @@ fn broken_remotes_fail_and_leave_nothing() {
             body: cut,
         },
     );
-    for (id, code) in [("half", "M_UNKNOWN"), ("huge", "M_TOO_LARGE"), ("hang", "M_UNKNOWN"), ("cut", "M_UNKNOWN")] {
+    for (id, code) in [
+        ("half", "M_UNKNOWN"),
+        ("huge", "M_TOO_LARGE"),
+        ("hang", "M_UNKNOWN"),
+        ("cut", "M_UNKNOWN"),
+    ] {
         let r = s.download(id);
-        assert_eq!((r.status, errcode(&r)), (502, code.to_owned()), "{id}: {}", r.text());
+        assert_eq!(
+            (r.status, errcode(&r)),
+            (502, code.to_owned()),
+            "{id}: {}",
+            r.text()
+        );
     }
     assert_eq!(s.repo.media_rows(), 0);
     assert_eq!(s.repo.objects(), 0);
@@ -275,8 +353,10 @@ fn broken_remotes_fail_and_leave_nothing() {
 fn a_failing_server_is_paused_and_a_signed_request_from_it_resumes_it() {
     let s = setup(|c, _| c["federation"]["backoffAt"] = json!(2));
     for id in ["e1", "e2"] {
-        s.remote
-            .route(&FakeRemote::federation_path(id), Action::json(502, json!({})));
+        s.remote.route(
+            &FakeRemote::federation_path(id),
+            Action::json(502, json!({})),
+        );
         assert_eq!(s.download(id).status, 502);
     }
     s.remote.route(
@@ -285,11 +365,17 @@ fn a_failing_server_is_paused_and_a_signed_request_from_it_resumes_it() {
     );
     let paused = s.download("ok");
     assert_eq!(paused.status, 502);
-    assert!(paused.text().contains("not asked again"), "{}", paused.text());
+    assert!(
+        paused.text().contains("not asked again"),
+        "{}",
+        paused.text()
+    );
     assert_eq!(s.remote.count(&FakeRemote::federation_path("ok")), 0);
 
     // The remote asks us for something, signed: it is up again.
-    let id = s.repo.upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
     let uri = format!("/_matrix/federation/v1/media/download/{id}");
     let r = s.inbound(&uri, &[&s.remote.sign(HS, &uri)]);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -306,11 +392,17 @@ fn ignored_hosts_are_neither_asked_nor_answered() {
     );
     assert_eq!(s.download("x").status, 404);
     assert_eq!(s.remote.seen().len(), 0);
-    let id = s.repo.upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
     let uri = format!("/_matrix/federation/v1/media/download/{id}");
     let r = s.inbound(&uri, &[&s.remote.sign(HS, &uri)]);
     assert_eq!((r.status, errcode(&r)), (403, "M_FORBIDDEN".into()));
-    assert_eq!(s.remote.count("/_matrix/key"), 0, "not even its keys are fetched");
+    assert_eq!(
+        s.remote.count("/_matrix/key"),
+        0,
+        "not even its keys are fetched"
+    );
 }
 
 /// Counts connections to `addr`; never answers.
@@ -391,8 +483,13 @@ fn parse_ours(r: &testkit::http::Response) -> (String, String, Vec<u8>) {
         .unwrap_or_else(|| panic!("{content_type}"))
         .to_owned();
     assert!(boundary.len() == 32 && boundary.bytes().all(|b| b.is_ascii_hexdigit()));
-    assert_eq!(r.header("content-length").unwrap(), r.body.len().to_string());
-    let part1 = format!("\r\n--{boundary}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{boundary}\r\n");
+    assert_eq!(
+        r.header("content-length").unwrap(),
+        r.body.len().to_string()
+    );
+    let part1 = format!(
+        "\r\n--{boundary}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{boundary}\r\n"
+    );
     assert!(r.body.starts_with(part1.as_bytes()), "{}", r.text());
     let rest = &r.body[part1.len()..];
     let end = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
@@ -407,7 +504,9 @@ fn parse_ours(r: &testkit::http::Response) -> (String, String, Vec<u8>) {
 fn our_media_for_servers_that_sign() {
     let s = setup(|_, _| {});
     let file = sample(70_000, 5);
-    let id = s.repo.upload(HS, SHARED_SECRET, "text/plain", Some("notes ☕.txt"), &file);
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "text/plain", Some("notes ☕.txt"), &file);
     let uri = format!("/_matrix/federation/v1/media/download/{id}");
     let r = s.inbound(&uri, &[&s.remote.sign(HS, &uri)]);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -427,8 +526,14 @@ fn our_media_for_servers_that_sign() {
     // Synapse's own header form, and liberal variants of it.
     let x = federation::xmatrix::parse(&s.remote.sign(HS, &uri)).unwrap();
     let variants = [
-        format!("X-Matrix origin=\"{}\",key=\"{}\",sig=\"{}\",destination=\"{HS}\"", x.origin, x.key, x.sig),
-        format!("x-matrix  SIG=\"{}\" , Key={},\tdestination={HS}, Origin={}", x.sig, x.key, x.origin),
+        format!(
+            "X-Matrix origin=\"{}\",key=\"{}\",sig=\"{}\",destination=\"{HS}\"",
+            x.origin, x.key, x.sig
+        ),
+        format!(
+            "x-matrix  SIG=\"{}\" , Key={},\tdestination={HS}, Origin={}",
+            x.sig, x.key, x.origin
+        ),
         format!("X-Matrix origin={},key={},sig={}", x.origin, x.key, x.sig),
     ];
     for v in &variants {
@@ -437,12 +542,26 @@ fn our_media_for_servers_that_sign() {
     }
 
     let unauthorized = |r: testkit::http::Response, why: &str| {
-        assert_eq!((r.status, errcode(&r)), (401, "M_UNAUTHORIZED".to_owned()), "{why}: {}", r.text());
+        assert_eq!(
+            (r.status, errcode(&r)),
+            (401, "M_UNAUTHORIZED".to_owned()),
+            "{why}: {}",
+            r.text()
+        );
     };
     unauthorized(s.inbound(&uri, &[]), "no header");
-    unauthorized(s.inbound(&uri, &[&format!("Bearer {SHARED_SECRET}")]), "a client token");
-    unauthorized(s.inbound(&uri, &[&s.remote.sign("other.test", &uri)]), "wrong destination");
-    unauthorized(s.inbound(&uri, &[&s.remote.sign(HS, &uri0)]), "signature over another URI");
+    unauthorized(
+        s.inbound(&uri, &[&format!("Bearer {SHARED_SECRET}")]),
+        "a client token",
+    );
+    unauthorized(
+        s.inbound(&uri, &[&s.remote.sign("other.test", &uri)]),
+        "wrong destination",
+    );
+    unauthorized(
+        s.inbound(&uri, &[&s.remote.sign(HS, &uri0)]),
+        "signature over another URI",
+    );
     unauthorized(
         s.inbound(&format!("{uri}?timeout_ms=1"), &[&s.remote.sign(HS, &uri)]),
         "query not signed",
@@ -450,9 +569,17 @@ fn our_media_for_servers_that_sign() {
     let stranger = SigningKey::generate().unwrap();
     let unknown = keys::sign_request(&stranger, &s.remote.name, HS, "GET", &uri, None).unwrap();
     unauthorized(s.inbound(&uri, &[&unknown]), "unknown key");
-    let forged = s.remote.sign(HS, &uri).replace(&x.sig, &x.sig.chars().rev().collect::<String>());
+    let forged = s
+        .remote
+        .sign(HS, &uri)
+        .replace(&x.sig, &x.sig.chars().rev().collect::<String>());
     unauthorized(s.inbound(&uri, &[&forged]), "bad signature");
-    for malformed in ["X-Matrix", "X-Matrix origin=", "X-Matrix origin=\"a,key=b", "X-Matrix key=\"ed25519:a\",sig=\"x\""] {
+    for malformed in [
+        "X-Matrix",
+        "X-Matrix origin=",
+        "X-Matrix origin=\"a,key=b",
+        "X-Matrix key=\"ed25519:a\",sig=\"x\"",
+    ] {
         unauthorized(s.inbound(&uri, &[malformed]), malformed);
     }
     // Unknown media, and the thumbnail path until thumbnails exist.
@@ -472,11 +599,19 @@ fn a_key_past_its_validity_never_authenticates() {
         "valid_until_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 60_000,
     });
     keys::sign_json(&mut expired, &s.remote.name, &s.remote.key).unwrap();
-    s.remote.route("/_matrix/key/v2/server", Action::json(200, expired));
-    let id = s.repo.upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
+    s.remote
+        .route("/_matrix/key/v2/server", Action::json(200, expired));
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
     let uri = format!("/_matrix/federation/v1/media/download/{id}");
     let r = s.inbound(&uri, &[&s.remote.sign(HS, &uri)]);
-    assert_eq!((r.status, errcode(&r)), (401, "M_UNAUTHORIZED".into()), "{}", r.text());
+    assert_eq!(
+        (r.status, errcode(&r)),
+        (401, "M_UNAUTHORIZED".into()),
+        "{}",
+        r.text()
+    );
 
     // A newly published key is fetched on first sight of its id.
     let fresh = SigningKey::generate().unwrap();
@@ -487,7 +622,8 @@ fn a_key_past_its_validity_never_authenticates() {
         "valid_until_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 3_600_000,
     });
     keys::sign_json(&mut answer, &s.remote.name, &fresh).unwrap();
-    s.remote.route("/_matrix/key/v2/server", Action::json(200, answer));
+    s.remote
+        .route("/_matrix/key/v2/server", Action::json(200, answer));
     let signed = keys::sign_request(&fresh, &s.remote.name, HS, "GET", &uri, None).unwrap();
     let r = s.inbound(&uri, &[&signed]);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -519,4 +655,85 @@ fn a_server_waits_for_a_pending_upload() {
     let r = waiter.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(parse_ours(&r).2, b"arrived later");
+}
+
+#[test]
+fn servers_are_found_through_well_known_and_srv() {
+    // wk.test delegates to deleg.test (well-known on 127.0.0.21:443), whose SRV record points at
+    // the remote's nginx; DNS is a server the test runs, and nothing here leaves loopback.
+    let dns = testkit::DnsServer::start();
+    let remote = FakeRemote::start_with_names(&["wk.test", "deleg.test"]);
+    dns.add_a("wk.test", std::net::Ipv4Addr::new(127, 0, 0, 21));
+    dns.add_srv(
+        "_matrix-fed._tcp.deleg.test",
+        10,
+        5,
+        remote.port,
+        "fed.test.",
+    );
+    dns.add_a("fed.test", std::net::Ipv4Addr::LOCALHOST);
+    let well_known = testkit::Nginx::start(
+        &format!(
+            r#"server {{
+  listen 127.0.0.21:443 ssl;
+  ssl_certificate "{cert}";
+  ssl_certificate_key "{key}";
+  location = /.well-known/matrix/server {{
+    default_type application/json;
+    add_header Cache-Control "max-age=3600";
+    return 200 '{{"m.server": "deleg.test"}}';
+  }}
+}}"#,
+            cert = remote.certs.cert_path().display(),
+            key = remote.certs.key_path().display(),
+        ),
+        &[],
+    );
+    // Nginx::start waits on 127.0.0.1 ports only.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect("127.0.0.21:443").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            well_known.error_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = setup_with(remote, |c, _| {
+        c["federation"]["nameservers"] = json!([dns.addr().to_string()]);
+    });
+    for id in ["one", "two"] {
+        s.remote.route(
+            &FakeRemote::federation_path(id),
+            Action::multipart("text/plain", None, id.as_bytes()),
+        );
+        let r = s.client_download("wk.test", id);
+        assert_eq!(
+            (r.status, r.text()),
+            (200, id.to_owned()),
+            "{}",
+            s.repo.log()
+        );
+    }
+    let fetched: Vec<_> = s
+        .remote
+        .seen()
+        .into_iter()
+        .filter(|r| r.path().starts_with("/_matrix/federation/"))
+        .collect();
+    assert_eq!(fetched.len(), 2);
+    for seen in &fetched {
+        // Host and certificate are the delegated name; the signature names the server.
+        assert_eq!(seen.host, "deleg.test");
+        let x = federation::xmatrix::parse(&seen.authorization[0]).unwrap();
+        assert_eq!(x.destination.as_deref(), Some("wk.test"));
+    }
+    // Cached: one well-known fetch, one SRV lookup for both downloads.
+    let wk_requests = well_known
+        .access_log()
+        .iter()
+        .filter(|l| l.contains("/.well-known/matrix/server"))
+        .count();
+    assert_eq!(wk_requests, 1, "{:#?}", well_known.access_log());
+    assert_eq!(dns.queries_of("_matrix-fed._tcp.deleg.test", "SRV"), 1);
 }

@@ -181,7 +181,12 @@ impl Overrides {
     /// A table of at most `capacity` host names.
     pub fn new(capacity: u64) -> Overrides {
         Overrides {
-            table: moka::sync::Cache::new(capacity),
+            // LRU, not moka's default TinyLFU: that may refuse a new entry when full, and a
+            // name just set must be there when the client connects a moment later.
+            table: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
         }
     }
 

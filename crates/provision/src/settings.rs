@@ -49,6 +49,12 @@ const CONFIG_KEYS: &[(&str, &str)] = &[
     ),
     ("federation.backoffAt", "federation_backoff_at"),
     ("federation.ignoredHosts", "federation_ignored_hosts"),
+    ("federation.allowedNetworks", "federation_allowed_networks"),
+    (
+        "federation.disallowedNetworks",
+        "federation_disallowed_networks",
+    ),
+    ("federation.nameservers", "federation_nameservers"),
     ("database.postgres", "database_postgres"),
     ("database.pool.maxConnections", "database_max_connections"),
     (

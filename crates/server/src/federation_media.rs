@@ -71,11 +71,7 @@ pub(crate) async fn download(
     let body = if file_len == 0 {
         Body::from_stream(head.chain(tail))
     } else {
-        let reader = state
-            .media
-            .store()
-            .read(&object, 0, Some(file_len))
-            .await?;
+        let reader = state.media.store().read(&object, 0, Some(file_len)).await?;
         state.metrics.bytes_out.inc_by(file_len);
         let file = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
         Body::from_stream(head.chain(file).chain(tail))

@@ -73,7 +73,9 @@ impl AppState {
         self.auth.reconfigure(&config);
         match media::load_signers(&config) {
             Ok(signers) => self.media.reconfigure(signers),
-            Err(e) => tracing::error!(error = %e, "signing keys not reloaded; the previous ones stay in use"),
+            Err(e) => {
+                tracing::error!(error = %e, "signing keys not reloaded; the previous ones stay in use")
+            }
         }
         self.config.store(Arc::new(config));
     }
@@ -241,7 +243,11 @@ fn federation_client(config: &Config) -> Result<federation::Client, Error> {
     };
     let filter = outbound::NetworkFilter::from_networks(
         networks("allowedNetworks", &fed.allowed_networks, defaults.allowed())?,
-        networks("disallowedNetworks", &fed.disallowed_networks, defaults.disallowed())?,
+        networks(
+            "disallowedNetworks",
+            &fed.disallowed_networks,
+            defaults.disallowed(),
+        )?,
     );
     let dns = if fed.nameservers.is_empty() {
         outbound::Resolver::system().map_err(|e| setup("DNS (/etc/resolv.conf)", &e))?
@@ -250,18 +256,20 @@ fn federation_client(config: &Config) -> Result<federation::Client, Error> {
             .nameservers
             .iter()
             .map(|s| {
-                s.parse::<std::net::SocketAddr>()
-                    .map_err(|e| setup(&format!("federation.nameservers: `{s}` (want ip:port)"), &e))
+                s.parse::<std::net::SocketAddr>().map_err(|e| {
+                    setup(&format!("federation.nameservers: `{s}` (want ip:port)"), &e)
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        outbound::Resolver::nameservers(&servers).map_err(|e| setup("federation.nameservers", &e))?
+        outbound::Resolver::nameservers(&servers)
+            .map_err(|e| setup("federation.nameservers", &e))?
     };
     let http = outbound::Client::builder(USER_AGENT)
         .filter(Arc::new(filter))
         .resolver(dns)
         .build()
         .map_err(|e| setup("federation HTTP client", &e))?;
-    let discovery =
-        federation::discovery::Discovery::new(http.clone()).map_err(|e| setup("server discovery", &e))?;
+    let discovery = federation::discovery::Discovery::new(http.clone())
+        .map_err(|e| setup("server discovery", &e))?;
     Ok(federation::Client::new(http, discovery))
 }

@@ -79,7 +79,11 @@ impl Action {
     }
 }
 
-pub fn multipart_body(content_type: &str, disposition: Option<&str>, file: &[u8]) -> (String, Vec<u8>) {
+pub fn multipart_body(
+    content_type: &str,
+    disposition: Option<&str>,
+    file: &[u8],
+) -> (String, Vec<u8>) {
     let b = "0123456789abcdef0123456789abcdef";
     let mut body = format!(
         "\r\n--{b}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{b}\r\nContent-Type: {content_type}\r\n"
@@ -124,12 +128,17 @@ pub struct FakeRemote {
 
 impl FakeRemote {
     pub fn start() -> FakeRemote {
+        FakeRemote::start_with_names(&[])
+    }
+
+    /// A remote whose certificate is also valid for `dns_names` (delegation tests).
+    pub fn start_with_names(dns_names: &[&str]) -> FakeRemote {
         let backend = TcpListener::bind("127.0.0.1:0").unwrap();
         let backend_port = backend.local_addr().unwrap().port();
         let port = super::free_port();
         let name = format!("localhost:{port}");
         let key = SigningKey::generate().unwrap();
-        let certs = TestCerts::new();
+        let certs = TestCerts::with_dns_names(dns_names);
         let routes: Routes = Arc::default();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let keys_answer = {
@@ -142,10 +151,10 @@ impl FakeRemote {
             keys::sign_json(&mut v, &name, &key).unwrap();
             v
         };
-        routes
-            .lock()
-            .unwrap()
-            .insert("/_matrix/key/v2/server".into(), Action::json(200, keys_answer));
+        routes.lock().unwrap().insert(
+            "/_matrix/key/v2/server".into(),
+            Action::json(200, keys_answer),
+        );
         {
             let (routes, seen) = (routes.clone(), seen.clone());
             std::thread::spawn(move || {
@@ -197,7 +206,10 @@ impl FakeRemote {
 
     /// Requests whose path starts with `prefix`.
     pub fn count(&self, prefix: &str) -> usize {
-        self.seen().iter().filter(|s| s.path().starts_with(prefix)).count()
+        self.seen()
+            .iter()
+            .filter(|s| s.path().starts_with(prefix))
+            .count()
     }
 
     pub fn federation_path(media_id: &str) -> String {
@@ -248,9 +260,17 @@ fn serve(stream: TcpStream, routes: &Routes, seen: &Mutex<Vec<Seen>>) {
         host,
         authorization,
     });
-    let action = routes.lock().unwrap().get(&path).cloned().unwrap_or_else(|| {
-        Action::json(404, json!({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}))
-    });
+    let action = routes
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_else(|| {
+            Action::json(
+                404,
+                json!({"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}),
+            )
+        });
     let mut stream = stream;
     let mut action = action;
     while let Action::After(pause, then) = action {
@@ -263,7 +283,10 @@ fn serve(stream: TcpStream, routes: &Routes, seen: &Mutex<Vec<Seen>>) {
             headers,
             body,
         } => {
-            let mut head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+            let mut head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
             for (k, v) in headers {
                 head.push_str(&format!("{k}: {v}\r\n"));
             }
