@@ -2,7 +2,8 @@
 //!
 //! Each benchmark owns one section of that file, between `<!-- bench:NAME:start -->` and
 //! `<!-- bench:NAME:end -->`, and rewrites only that. To add one, write a function that runs it and
-//! returns a [`Section`], and list it in [`BENCHES`].
+//! returns a [`Section`], and list it in [`BENCHES`] under its section's name (what
+//! `cargo xtask bench NAME...` selects).
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
@@ -16,8 +17,15 @@ use crate::{postgres, tools};
 #[path = "bench_import.rs"]
 mod import;
 
-/// Every benchmark, in the order they run and first appear in the document.
-const BENCHES: &[Bench] = &[render, serve, s3, import::import];
+/// Every benchmark with its section's name, in the order they run and first appear in the
+/// document.
+const BENCHES: &[(&str, Bench)] = &[
+    ("render", render),
+    ("serve", serve),
+    ("s3", s3),
+    ("import", import::import),
+    ("federation", federation),
+];
 
 type Bench = fn(&Run) -> Result<Section>;
 
@@ -47,14 +55,25 @@ struct Section {
     missed: Vec<String>,
 }
 
-pub(crate) fn bench() -> Result<ExitCode> {
+/// Runs the benchmarks named in `only` (all of them when it is empty), in [`BENCHES`]' order.
+pub(crate) fn bench(only: &[String]) -> Result<ExitCode> {
+    if let Some(unknown) = only
+        .iter()
+        .find(|name| !BENCHES.iter().any(|(known, _)| known == name))
+    {
+        let names: Vec<&str> = BENCHES.iter().map(|(name, _)| *name).collect();
+        bail!("no benchmark `{unknown}`; there are: {}", names.join(", "));
+    }
     let run = Run {
         date: today_utc(),
         machine: machine(),
     };
     let path = util::workspace_root().join(DOC);
     let mut missed = Vec::new();
-    for bench in BENCHES {
+    for (name, bench) in BENCHES {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
         let section = bench(&run)?;
         // Written after each benchmark, so a later one failing keeps the earlier results.
         update_doc(&path, section.name, &section.markdown)?;
@@ -137,16 +156,7 @@ fn serve(run: &Run) -> Result<Section> {
     // Stopped when this goes out of scope, whatever the bench did.
     let pg = postgres::provide(&target)?;
     let tools_bin = tools::ensure_venv(&target)?;
-
-    // Both binaries are built before anything is measured, so that no build runs meanwhile.
-    let mut build = util::cargo();
-    build.args(["build", "--release", "-p", "mmrctl", "-p", "bench"]);
-    note!("running `{}`", util::display_cargo(&build));
-    let status = util::run_status(&mut build)?;
-    if !status.success() {
-        bail!("`{}` failed ({status})", util::display_cargo(&build));
-    }
-    let release = target.join("release");
+    let release = build_release()?;
     let mut cmd = Command::new(release.join("mmrctl-bench"));
     cmd.arg("--mmrctl")
         .arg(release.join("mmrctl"))
@@ -314,6 +324,209 @@ fn serve(run: &Run) -> Result<Section> {
     );
     Ok(Section {
         name: "serve",
+        markdown,
+        missed,
+    })
+}
+
+/// Builds the release `mmrctl` and `mmrctl-bench` (before anything is measured, so that no build
+/// runs meanwhile); returns the directory they are in.
+fn build_release() -> Result<std::path::PathBuf> {
+    let mut build = util::cargo();
+    build.args(["build", "--release", "-p", "mmrctl", "-p", "bench"]);
+    note!("running `{}`", util::display_cargo(&build));
+    let status = util::run_status(&mut build)?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", util::display_cargo(&build));
+    }
+    Ok(util::target_dir().join("release"))
+}
+
+/// Remote media over federation: `mmrctl-bench --federation` (a static remote behind nginx, the
+/// raw TLS transfer, `mmrctl serve` and a stock Synapse fetching from it), with what the serve
+/// bench has plus nginx. The bench decides what passes; this renders its figures.
+fn federation(run: &Run) -> Result<Section> {
+    let target = util::target_dir();
+    let pg = postgres::provide(&target)?;
+    let tools_bin = tools::ensure_venv(&target)?;
+    let nginx = tools::ensure_nginx(&target)?;
+    let release = build_release()?;
+    let mut cmd = Command::new(release.join("mmrctl-bench"));
+    cmd.arg("--federation")
+        .arg("--mmrctl")
+        .arg(release.join("mmrctl"))
+        .env(postgres::URL_VAR, &pg.url)
+        .env(tools::TOOLS_BIN_VAR, &tools_bin)
+        .env(tools::NGINX_VAR, &nginx);
+    let shown = util::display_command(&cmd);
+    let line = json_line(&mut cmd, &shown)?;
+    federation_section(run, &line)
+}
+
+/// The federation section from `mmrctl-bench --federation`'s JSON line.
+fn federation_section(run: &Run, line: &str) -> Result<Section> {
+    let n = |key: &str| {
+        json_number(line, key)
+            .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
+    };
+    let pass = |key: &str| {
+        json_bool(line, &format!("pass_{key}"))
+            .with_context(|| format!("no boolean `pass_{key}` in the bench's JSON line: {line}"))
+    };
+    let synapse = json_string(line, "synapse_version").unwrap_or_else(|| "?".to_owned());
+    let runs = n("runs")?;
+    let mut missed = Vec::new();
+    // A table cell for targets: "pass", or "**fail**: why" for each one missed.
+    let mut result = |checks: &[(&str, String)]| -> Result<String> {
+        let mut failed = Vec::new();
+        for (key, why) in checks {
+            if !pass(key)? {
+                missed.push(format!("federation: {key}: {why}"));
+                failed.push(why.clone());
+            }
+        }
+        Ok(if failed.is_empty() {
+            "pass".to_owned()
+        } else {
+            format!("**fail**: {}", failed.join("; "))
+        })
+    };
+
+    let mut rows = String::new();
+    let mut notes = Vec::new();
+    for size in ["small", "large"] {
+        let mib = n(&format!("{size}_bytes"))? / MIB;
+        let [limit, ours, theirs] = [
+            n(&format!("limit_{size}_mb_s"))?,
+            n(&format!("mmrctl_{size}_mb_s"))?,
+            n(&format!("synapse_{size}_mb_s"))?,
+        ];
+        let checks = result(&[
+            (
+                &format!("cold_limit_{size}"),
+                format!("{:.0}% of the limit", 100.0 * ours / limit),
+            ),
+            (
+                &format!("cold_synapse_{size}"),
+                format!("{:.2}× Synapse", ours / theirs),
+            ),
+        ])?;
+        rows.push_str(&format!(
+            "| {mib:.0} MiB, cold (p50 of {runs:.0}) | {limit:.0} MB/s | {ours:.0} MB/s ({:.0}%) \
+             | {theirs:.0} MB/s | ≥ 60% of the limit ({:.0} MB/s) and ≥ 2× Synapse ({:.0} MB/s) \
+             | {checks} |\n",
+            100.0 * ours / limit,
+            n(&format!("target_cold_limit_{size}"))?,
+            n(&format!("target_cold_synapse_{size}"))?,
+        ));
+        let bytes = n(&format!("{size}_bytes"))?;
+        let ms = |who: &str, key: &str| n(&format!("{who}_{size}_{key}"));
+        // MB/s over a span of milliseconds.
+        let rate = |span_ms: f64| bytes / 1e3 / span_ms.max(1e-6);
+        let (raw, ours_headers, ours_total) = (
+            ms("limit", "p50_ms")?,
+            ms("mmrctl", "headers_ms")?,
+            ms("mmrctl", "p50_ms")?,
+        );
+        let (theirs_headers, theirs_total) =
+            (ms("synapse", "headers_ms")?, ms("synapse", "p50_ms")?);
+        notes.push(format!(
+            "{mib:.0} MiB: the raw transfer takes {raw:.0} ms (CPU: nginx {:.0} ms, client \
+             {:.0} ms). mmrctl answers after {ours_headers:.0} ms, once the file is stored \
+             (fetched, parsed, hashed, written, fsynced, recorded: {:.0} MB/s, {:.0}% of the \
+             limit), and sends it in {:.0} ms more ({:.0} MB/s), {ours_total:.0} ms in all; its \
+             CPU {:.0} ms per fetch, nginx's {:.0} ms, the client's {:.0} ms. Synapse answers \
+             after {theirs_headers:.0} ms ({:.0} MB/s) and ends after {theirs_total:.0} ms, with \
+             {:.0} ms of its CPU",
+            ms("limit", "remote_cpu_ms")?,
+            ms("limit", "client_cpu_ms")?,
+            rate(ours_headers),
+            100.0 * rate(ours_headers) / limit,
+            ours_total - ours_headers,
+            rate(ours_total - ours_headers),
+            ms("mmrctl", "server_cpu_ms")?,
+            ms("mmrctl", "remote_cpu_ms")?,
+            ms("mmrctl", "client_cpu_ms")?,
+            rate(theirs_headers),
+            ms("synapse", "server_cpu_ms")?,
+        ));
+    }
+    let large_mib = n("large_bytes")? / MIB;
+    let small_mib = n("small_bytes")? / MIB;
+    let (cached, local) = (n("mmrctl_cached_mb_s")?, n("mmrctl_local_mb_s")?);
+    let cached_result = result(&[(
+        "cached",
+        format!("{:.0}% of a local download", 100.0 * cached / local),
+    )])?;
+    rows.push_str(&format!(
+        "| {large_mib:.0} MiB, cached (p50 of {runs:.0}) | | {cached:.0} MB/s | | ≥ 90% of a local \
+         download of the same size in the same run: {:.0} MB/s (local {local:.0} MB/s) \
+         | {cached_result} |\n",
+        n("target_cached")?,
+    ));
+    let [hwm_small, hwm_large] = [n("mmrctl_hwm_small_mib")?, n("mmrctl_hwm_large_mib")?];
+    let rss_result = result(&[(
+        "rss_flat",
+        format!(
+            "{:.2}× after the {small_mib:.0} MiB fetches",
+            hwm_large / hwm_small
+        ),
+    )])?;
+    rows.push_str(&format!(
+        "| peak RSS (`VmHWM`) after the {small_mib:.0} MiB fetches → after the {large_mib:.0} MiB \
+         ones | | {hwm_small:.1} → {hwm_large:.1} MiB (idle {:.1} MiB) | {:.1} → {:.1} MiB (idle {:.1} MiB) \
+         | flat: ≤ 1.5× ({:.1} MiB) | {rss_result} |",
+        n("mmrctl_idle_rss_mib")?,
+        n("synapse_hwm_small_mib")?,
+        n("synapse_hwm_large_mib")?,
+        n("synapse_idle_rss_mib")?,
+        n("target_rss_flat")?,
+    ));
+
+    let markdown = format!(
+        "## Federation\n\n\
+         Remote media fetched over federation (`GET /_matrix/federation/v1/media/download/<id>`, \
+         signed; a `multipart/mixed` answer) for a local user's \
+         `/_matrix/client/v1/media/download/<remote>/<id>`, in one run of `mmrctl-bench \
+         --federation` (`crates/bench`). The remote is static: nginx over TLS on loopback \
+         (server name `localhost:<port>`) serving prebuilt answers laid out as Synapse writes \
+         them, from files in the page cache; every file is distinct (pseudo-random) under its \
+         own id, so nothing is de-duplicated. The limit is the raw transfer of the same answers \
+         over the same TLS by a rustls client (reqwest, as mmrctl's outbound client), bytes \
+         discarded. `mmrctl serve` (release build, a file datastore, PostgreSQL) and then \
+         Synapse {synapse} (stock, its own media repo, SQLite; homeserver B of \
+         `testkit::Federation`, the other one idle) fetch the same files, each alone, after one \
+         untimed warm-up fetch that checks the bytes; the client asks each on its own \
+         plain-HTTP loopback listener and times from the request to the last byte. Cold: \
+         nothing cached; cached: the same URLs again, alternating with downloads of a local \
+         upload of the same size.\n\n\
+         Run on {} (UTC), {}. The bench starts once the machine is quiet (CPU {:.0}% busy \
+         then); load average {:.2} at the start and {:.2} at the end.\n\n\
+         | measure | limit (raw TLS) | mmrctl | Synapse | target | result |\n\
+         | --- | --- | --- | --- | --- | --- |\n\
+         {rows}\n\n\
+         Where the time goes (p50s per fetch; CPU per fetch from `/proc/<pid>/stat`, in 10 ms \
+         ticks; 2 cores give twice the wall time). {}. A cached {large_mib:.0} MiB file goes \
+         out at {cached:.0} MB/s.",
+        run.date,
+        cell(&run.machine),
+        n("busy_start_pct")?,
+        n("loadavg_start")?,
+        n("loadavg_end")?,
+        notes.join(". "),
+    );
+    note!(
+        "bench federation: cold {:.0}/{:.0} MB/s (limit {:.0}/{:.0}, Synapse {:.0}/{:.0}), \
+         cached {cached:.0} MB/s (local {local:.0}), peak RSS {hwm_small:.1} → {hwm_large:.1} MiB",
+        n("mmrctl_small_mb_s")?,
+        n("mmrctl_large_mb_s")?,
+        n("limit_small_mb_s")?,
+        n("limit_large_mb_s")?,
+        n("synapse_small_mb_s")?,
+        n("synapse_large_mb_s")?,
+    );
+    Ok(Section {
+        name: "federation",
         markdown,
         missed,
     })
@@ -532,6 +745,23 @@ mod tests {
         assert_eq!(json_bool(line, "pass_a"), Some(true));
         assert_eq!(json_bool(line, "pass_b"), Some(false));
         assert_eq!(json_bool(line, "n"), None);
+    }
+
+    #[test]
+    fn renders_the_federation_section() {
+        let line = r#"{"name":"federation","synapse_version":"1.163.2","busy_start_pct":0.5,"loadavg_start":1.55,"loadavg_end":1.4,"small_bytes":10485760.0,"large_bytes":104857600.0,"runs":5.0,"mmrctl_cached_mb_s":2379.439304040508,"mmrctl_local_mb_s":2372.5567236970464,"mmrctl_idle_rss_mib":17.33984375,"mmrctl_hwm_small_mib":30.8359375,"mmrctl_hwm_large_mib":31.36328125,"synapse_idle_rss_mib":121.515625,"synapse_hwm_small_mib":128.65234375,"synapse_hwm_large_mib":138.80859375,"limit_small_mb_s":865.4218022715039,"limit_small_p50_ms":12.116554,"limit_small_headers_ms":0.38353200000000004,"limit_small_server_cpu_ms":0.0,"limit_small_remote_cpu_ms":12.0,"limit_small_client_cpu_ms":10.000000000000009,"mmrctl_small_mb_s":307.7266483143598,"mmrctl_small_p50_ms":34.074917000000006,"mmrctl_small_headers_ms":25.674833,"mmrctl_small_server_cpu_ms":32.0,"mmrctl_small_remote_cpu_ms":10.000000000000009,"mmrctl_small_client_cpu_ms":2.000000000000046,"synapse_small_mb_s":96.90949776589198,"synapse_small_p50_ms":108.201572,"synapse_small_headers_ms":56.838225,"synapse_small_server_cpu_ms":121.99999999999997,"synapse_small_remote_cpu_ms":8.0,"synapse_small_client_cpu_ms":8.000000000000007,"limit_large_mb_s":880.5669224855035,"limit_large_p50_ms":119.079842,"limit_large_headers_ms":0.43433700000000003,"limit_large_server_cpu_ms":0.0,"limit_large_remote_cpu_ms":133.99999999999997,"limit_large_client_cpu_ms":98.0,"mmrctl_large_mb_s":316.29161593749035,"mmrctl_large_p50_ms":331.521908,"mmrctl_large_headers_ms":203.64927699999998,"mmrctl_large_server_cpu_ms":406.0,"mmrctl_large_remote_cpu_ms":98.0,"mmrctl_large_client_cpu_ms":20.000000000000018,"synapse_large_mb_s":113.75295381232115,"synapse_large_p50_ms":921.801118,"synapse_large_headers_ms":441.13732799999997,"synapse_large_server_cpu_ms":1044.0,"synapse_large_remote_cpu_ms":96.0,"synapse_large_client_cpu_ms":70.00000000000001,"target_cold_limit_small":519.2530813629023,"pass_cold_limit_small":false,"target_cold_synapse_small":193.81899553178397,"pass_cold_synapse_small":true,"target_cold_limit_large":528.3401534913021,"pass_cold_limit_large":false,"target_cold_synapse_large":227.5059076246423,"pass_cold_synapse_large":true,"target_cached":2135.301051327342,"pass_cached":true,"target_rss_flat":46.25390625,"pass_rss_flat":true}"#;
+        let run = Run {
+            date: "2026-12-01".to_owned(),
+            machine: "2 cores, X".to_owned(),
+        };
+        let section = federation_section(&run, line).unwrap();
+        assert_eq!(section.name, "federation");
+        assert!(
+            section
+                .markdown
+                .contains("| 100 MiB, cold (p50 of 5) | 881 MB/s | 316 MB/s (36%) |")
+        );
+        assert_eq!(section.missed.len(), 2, "{:?}", section.missed);
     }
 
     #[test]

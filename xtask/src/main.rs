@@ -21,8 +21,10 @@ Commands:
                   Debian's package unpacked into <target>/nginx, not installed; MMRCTL_NGINX).
                   ARGS go to the test runner.
   ci              cargo fmt --check, cargo clippy -D warnings, then `test` (what .ci/run runs).
-  bench           Run the benchmarks and rewrite their sections of docs/benchmarks.md (the serve
-                  bench uses PostgreSQL and the tools venv as `test` does, and a release build).
+  bench [NAME...] Run the benchmarks (or only those named: render, serve, s3, import,
+                  federation) and rewrite their sections of docs/benchmarks.md (the serve and
+                  federation benches use PostgreSQL and the tools venv as `test` does, nginx
+                  too for federation, and a release build).
   help            Show this message.
 ";
 
@@ -38,12 +40,12 @@ fn main() -> ExitCode {
             let extra = rest.strip_prefix(&["--".to_owned()]).unwrap_or(rest);
             test::test(extra)
         }
-        "ci" | "bench" if !rest.is_empty() => {
+        "ci" if !rest.is_empty() => {
             eprintln!("xtask: `{command}` takes no arguments (got {rest:?})\n\n{HELP}");
             return ExitCode::from(2);
         }
         "ci" => test::ci(),
-        "bench" => bench::bench(),
+        "bench" => bench::bench(rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             return ExitCode::SUCCESS;

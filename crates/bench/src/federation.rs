@@ -76,7 +76,7 @@ impl Files {
         let dir = tempfile::Builder::new()
             .prefix("mmrctl-bench-remote-")
             .tempdir()?;
-        let mut write = |name: &str, len: u64, seed: u64| -> Result<File> {
+        let write = |name: &str, len: u64, seed: u64| -> Result<File> {
             let body_len = write_answer(&dir.path().join(name), len, seed)?;
             Ok(File {
                 id: name.to_owned(),
@@ -115,9 +115,7 @@ fn write_answer(path: &Path, len: u64, seed: u64) -> Result<u64> {
     out.write_all(head.as_bytes())?;
     out.write_all(&pattern(len as usize, seed))?;
     out.write_all(tail.as_bytes())?;
-    out.into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok((head.len() + tail.len()) as u64 + len)
 }
 
@@ -432,7 +430,10 @@ async fn cached_and_local(
     }
     let p50 = |mut v: Vec<Duration>| {
         v.sort();
-        mb_per_s(size, Duration::from_secs_f64(percentile_ms(&v, 0.5) / 1000.0))
+        mb_per_s(
+            size,
+            Duration::from_secs_f64(percentile_ms(&v, 0.5) / 1000.0),
+        )
     };
     Ok((p50(cached), p50(locals)))
 }
@@ -589,4 +590,3 @@ pub(crate) fn run(mmrctl: &Path, sizes: Sizes) -> Result<()> {
     println!("{}", Value::Object(out));
     Ok(())
 }
-

@@ -92,6 +92,22 @@ pub struct Federation {
     pub nameservers: Vec<String>,
 }
 
+impl Federation {
+    /// Whether `server_name` is in `ignoredHosts`, whatever port either names (`evil.example:8448`
+    /// is `evil.example`).
+    pub fn is_ignored(&self, server_name: &str) -> bool {
+        let host = |name: &str| -> String {
+            let host = match name.strip_prefix('[') {
+                Some(rest) => rest.split(']').next().unwrap_or(rest),
+                None => name.rsplit_once(':').map_or(name, |(h, _)| h),
+            };
+            host.trim_end_matches('.').to_ascii_lowercase()
+        };
+        let wanted = host(server_name);
+        self.ignored_hosts.iter().any(|h| host(h) == wanted)
+    }
+}
+
 impl Default for Federation {
     fn default() -> Self {
         Federation {
@@ -603,6 +619,36 @@ impl Default for Connections {
             body_timeout_seconds: 60,
             send_timeout_seconds: 60,
             max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignored_hosts_match_whatever_the_port() {
+        let f = Federation {
+            ignored_hosts: vec![
+                "Evil.example".into(),
+                "[2001:db8::1]".into(),
+                "x.test:8448".into(),
+            ],
+            ..Federation::default()
+        };
+        for name in [
+            "evil.example",
+            "evil.example:8448",
+            "EVIL.example:443",
+            "[2001:db8::1]:8448",
+            "x.test",
+            "x.test:1",
+        ] {
+            assert!(f.is_ignored(name), "{name}");
+        }
+        for name in ["good.example", "evil.example.org", "[2001:db8::2]", "test"] {
+            assert!(!f.is_ignored(name), "{name}");
         }
     }
 }

@@ -2,6 +2,7 @@
 //! of our homeservers when a signer is given, sent through the filtered outbound client.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use keys::SigningKey;
 use outbound::{Method, Purpose, header};
@@ -55,30 +56,44 @@ pub struct Client {
 
 struct Inner {
     http: outbound::Client,
+    /// `http` without the SRV overrides: for URLs a remote hands us (`Location` parts), which
+    /// must go where DNS says, not where a server name's SRV record points.
+    plain: outbound::Client,
     discovery: Discovery,
 }
 
+/// Resolving a server name (well-known, SRV, addresses) takes at most this.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl Client {
     /// `http` is the federation outbound client (address filter, the resolver `discovery` feeds).
-    pub fn new(http: outbound::Client, discovery: Discovery) -> Client {
-        Client {
-            inner: Arc::new(Inner { http, discovery }),
-        }
+    pub fn new(http: outbound::Client, discovery: Discovery) -> Result<Client, Error> {
+        let plain = http
+            .without_overrides()
+            .map_err(|e| Error::Http(e.to_string()))?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                plain,
+                discovery,
+            }),
+        })
     }
 
-    pub fn http(&self) -> &outbound::Client {
-        &self.inner.http
+    /// The client for URLs a remote gave us (no SRV overrides).
+    pub(crate) fn plain(&self) -> &outbound::Client {
+        &self.inner.plain
     }
 
     pub async fn resolve(&self, server: &str) -> Result<Destination, Error> {
-        self.inner
-            .discovery
-            .resolve(server)
+        let failed = |reason: String| Error::Discovery {
+            server: server.to_owned(),
+            reason,
+        };
+        tokio::time::timeout(RESOLVE_TIMEOUT, self.inner.discovery.resolve(server))
             .await
-            .map_err(|e| Error::Discovery {
-                server: server.to_owned(),
-                reason: e.to_string(),
-            })
+            .map_err(|_| failed(format!("no answer within {} s", RESOLVE_TIMEOUT.as_secs())))?
+            .map_err(|e| failed(e.to_string()))
     }
 
     /// `GET path_and_query` on `destination` (a server name), signed by `signer` when given.

@@ -27,7 +27,12 @@ const REFETCH_EVERY: Duration = Duration::from_secs(5);
 /// Servers whose keys are kept; beyond that the least used are dropped.
 const MAX_SERVERS: u64 = 10_000;
 /// Key answers are small; Synapse's, with years of old keys, stay far below this.
-const MAX_ANSWER_BYTES: u64 = 256 * 1024;
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+/// Keys an answer may list: each one's signature costs a pass over the answer.
+const MAX_KEYS: usize = 32;
+/// A server whose keys could not be fetched is not asked again for this long (so that forged
+/// origins cannot make us send a request per request they send).
+const FAILURE_REMEMBERED: Duration = Duration::from_secs(60);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a request or a key answer was not accepted. The text is the 401's reason.
@@ -56,7 +61,7 @@ pub struct ServerKeys {
 
 impl ServerKeys {
     fn cache_for(&self) -> Duration {
-        let left = u64::try_from(self.valid_until_ms - self.fetched_ms).unwrap_or(0);
+        let left = u64::try_from(self.valid_until_ms.saturating_sub(self.fetched_ms)).unwrap_or(0);
         Duration::from_millis(left).min(MAX_CACHE)
     }
 
@@ -100,6 +105,9 @@ pub fn parse_server_keys(body: &[u8], server: &str, now_ms: i64) -> Result<Serve
     let Some(Value::Object(listed)) = object.get("verify_keys") else {
         return Err(bad("no `verify_keys` object".into()));
     };
+    if listed.len() > MAX_KEYS {
+        return Err(bad(format!("more than {MAX_KEYS} keys")));
+    }
     let mut keys = HashMap::new();
     for (id, entry) in listed {
         // Other algorithms may exist one day; only ed25519 ones can be checked here.
@@ -158,6 +166,8 @@ pub struct Keyring {
     cache: moka::future::Cache<String, Arc<ServerKeys>>,
     /// When each server was last refetched for an unknown key id.
     refetched: moka::sync::Cache<String, ()>,
+    /// Servers whose keys could not be fetched lately, and why.
+    failed: moka::sync::Cache<String, KeyError>,
 }
 
 /// What an X-Matrix request's signature covers.
@@ -184,29 +194,52 @@ impl Keyring {
                 .max_capacity(MAX_SERVERS)
                 .time_to_live(REFETCH_EVERY)
                 .build(),
+            failed: moka::sync::Cache::builder()
+                .max_capacity(MAX_SERVERS)
+                .time_to_live(FAILURE_REMEMBERED)
+                .build(),
         }
     }
 
     /// Checks the request's signature with the origin's key `key_id`, fetching the origin's
-    /// keys when they are not cached, or once more when the cached ones lack `key_id`.
+    /// keys when they are not cached, or once more when the cached ones lack `key_id` (the
+    /// cached ones stay when that fails).
     pub async fn verify(&self, request: &SignedRequest<'_>) -> Result<(), KeyError> {
         let origin = request.origin;
-        let mut keys = self.keys(origin).await?;
-        if keys.key(request.key_id, now_ms()).is_none() && !self.refetched.contains_key(origin) {
-            self.refetched.insert(origin.to_owned(), ());
-            self.cache.invalidate(origin).await;
-            keys = self.keys(origin).await?;
-        }
-        let Some(public) = keys.key(request.key_id, now_ms()) else {
-            return Err(KeyError::UnknownKey {
-                server: origin.to_owned(),
-                key_id: request.key_id.to_owned(),
-            });
-        };
-        let key_id: KeyId = request.key_id.parse().map_err(|_| KeyError::UnknownKey {
+        let unknown = || KeyError::UnknownKey {
             server: origin.to_owned(),
             key_id: request.key_id.to_owned(),
-        })?;
+        };
+        let key_id: KeyId = request.key_id.parse().map_err(|_| unknown())?;
+        if let Some(failure) = self.failed.get(origin) {
+            return Err(failure);
+        }
+        let entry = self
+            .cache
+            .entry(origin.to_owned())
+            .or_try_insert_with(self.fetch(origin))
+            .await
+            .map_err(|e| {
+                self.failed.insert(origin.to_owned(), (*e).clone());
+                (*e).clone()
+            })?;
+        let mut keys = entry.value().clone();
+        if keys.key(request.key_id, now_ms()).is_none()
+            && !entry.is_fresh()
+            && !self.refetched.contains_key(origin)
+        {
+            self.refetched.insert(origin.to_owned(), ());
+            match self.fetch(origin).await {
+                Ok(fetched) => {
+                    self.cache.insert(origin.to_owned(), fetched.clone()).await;
+                    keys = fetched;
+                }
+                Err(e) => {
+                    tracing::info!(origin, error = %e, "keys not refetched; the cached ones stay")
+                }
+            }
+        }
+        let public = keys.key(request.key_id, now_ms()).ok_or_else(unknown)?;
         let mut signed = keys::request_json(
             origin,
             request.destination,
@@ -216,13 +249,6 @@ impl Keyring {
         );
         signed["signatures"] = serde_json::json!({ origin: { request.key_id: request.sig } });
         keys::verify_json(&signed, origin, &key_id, public).map_err(|_| KeyError::BadSignature)
-    }
-
-    async fn keys(&self, server: &str) -> Result<Arc<ServerKeys>, KeyError> {
-        self.cache
-            .try_get_with(server.to_owned(), self.fetch(server))
-            .await
-            .map_err(|e| (*e).clone())
     }
 
     async fn fetch(&self, server: &str) -> Result<Arc<ServerKeys>, KeyError> {

@@ -117,7 +117,7 @@ impl Client {
                 status => {
                     let answer = ErrorAnswer::read(status, response).await;
                     if !answer.unknown_endpoint() {
-                        return Err(answer.into_error(server));
+                        return Err(answer.into_error(server, limits.max_bytes));
                     }
                     tracing::debug!(server, %status, "no federation media endpoint; trying the legacy one");
                 }
@@ -139,6 +139,8 @@ impl Client {
         limits: Limits,
     ) -> Result<Fetched, FetchError> {
         let content_type = header_str(response.headers(), header::CONTENT_TYPE).unwrap_or_default();
+        // Dendrite names the file on the outer response, not in part 2.
+        let outer_disposition = header_str(response.headers(), header::CONTENT_DISPOSITION);
         if let Some(len) = response.content_length()
             && limits.max_bytes > 0
             && len > limits.max_bytes.saturating_add(ENVELOPE_ALLOWANCE)
@@ -159,7 +161,7 @@ impl Client {
                 .join(&location)
                 .map_err(|e| FetchError::Failed(format!("bad Location `{location}`: {e}")))?;
             let response = self
-                .http()
+                .plain()
                 .send(
                     Method::GET,
                     url.as_str(),
@@ -192,7 +194,11 @@ impl Client {
                 .content_type
                 .filter(|t| !t.is_empty())
                 .unwrap_or_else(|| "application/octet-stream".to_owned()),
-            file_name: part.content_disposition.as_deref().and_then(file_name),
+            file_name: part
+                .content_disposition
+                .as_deref()
+                .and_then(file_name)
+                .or_else(|| outer_disposition.as_deref().and_then(file_name)),
             body: body.boxed(),
         })
     }
@@ -216,7 +222,7 @@ impl Client {
         let status = response.status();
         if status != StatusCode::OK {
             let answer = ErrorAnswer::read(status, response).await;
-            return Err(answer.into_error(server));
+            return Err(answer.into_error(server, limits.max_bytes));
         }
         plain_file(response, limits)
     }
@@ -232,6 +238,14 @@ fn plain_file(response: outbound::Response, limits: Limits) -> Result<Fetched, F
         });
     }
     let headers = response.headers();
+    // A body that ends when the connection closes cannot tell a complete file from a cut one.
+    let chunked = header_str(headers, header::TRANSFER_ENCODING)
+        .is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
+    if response.content_length().is_none() && !chunked {
+        return Err(FetchError::Failed(
+            "the answer has no length (neither Content-Length nor chunked): a cut transfer would look complete".into(),
+        ));
+    }
     let content_type = header_str(headers, header::CONTENT_TYPE)
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| "application/octet-stream".to_owned());
@@ -265,7 +279,10 @@ struct ErrorAnswer {
 
 impl ErrorAnswer {
     async fn read(status: StatusCode, response: outbound::Response) -> ErrorAnswer {
-        let snippet = response.snippet(ERROR_BODY_BYTES).await;
+        ErrorAnswer::parse(status, response.snippet(ERROR_BODY_BYTES).await)
+    }
+
+    fn parse(status: StatusCode, snippet: String) -> ErrorAnswer {
         let json: Option<serde_json::Value> = serde_json::from_str(&snippet).ok();
         ErrorAnswer {
             status,
@@ -290,7 +307,8 @@ impl ErrorAnswer {
         }
     }
 
-    fn into_error(self, server: &str) -> FetchError {
+    /// `max` is our limit, reported when the remote says the media is too large for it.
+    fn into_error(self, server: &str, max: u64) -> FetchError {
         let text: String = self.snippet.chars().take(200).collect();
         match (self.status, self.errcode.as_deref()) {
             (StatusCode::NOT_FOUND, _) => {
@@ -303,8 +321,9 @@ impl ErrorAnswer {
                     self.status
                 ))
             }
+            // The remote will not serve it to us: ours to report as too large, not its failure.
             (StatusCode::PAYLOAD_TOO_LARGE, _) | (_, Some("M_TOO_LARGE")) => {
-                FetchError::Failed(format!("{server}: the media is too large to serve: {text}"))
+                FetchError::TooLarge { max }
             }
             (status, _) => FetchError::Failed(format!("{server} answered HTTP {status}: {text}")),
         }
@@ -428,17 +447,7 @@ mod tests {
     }
 
     fn answer(status: u16, body: &str) -> ErrorAnswer {
-        let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
-        ErrorAnswer {
-            status: StatusCode::from_u16(status).unwrap(),
-            errcode: json
-                .as_ref()
-                .and_then(|j| j.get("errcode"))
-                .and_then(|e| e.as_str())
-                .map(str::to_owned),
-            is_json: json.as_ref().is_some_and(serde_json::Value::is_object),
-            snippet: body.to_owned(),
-        }
+        ErrorAnswer::parse(StatusCode::from_u16(status).unwrap(), body.to_owned())
     }
 
     #[test]
@@ -454,15 +463,19 @@ mod tests {
         assert!(!unknown(500, r#"{"errcode":"M_UNRECOGNIZED"}"#));
         assert!(!unknown(401, r#"{"errcode":"M_UNAUTHORIZED"}"#));
         assert!(matches!(
-            answer(404, r#"{"errcode":"M_NOT_FOUND"}"#).into_error("s"),
+            answer(404, r#"{"errcode":"M_NOT_FOUND"}"#).into_error("s", 9),
             FetchError::NotFound(_)
         ));
         assert!(matches!(
-            answer(403, "{}").into_error("s"),
+            answer(403, "{}").into_error("s", 9),
             FetchError::NotAllowed(_)
         ));
         assert!(matches!(
-            answer(502, "").into_error("s"),
+            answer(413, r#"{"errcode":"M_TOO_LARGE"}"#).into_error("s", 9),
+            FetchError::TooLarge { max: 9 }
+        ));
+        assert!(matches!(
+            answer(502, "").into_error("s", 9),
             FetchError::Failed(_)
         ));
     }

@@ -65,15 +65,16 @@ impl Service {
     }
 
     /// A service that fetches remote media with `client`, signed by `signers` (see
-    /// [`load_signers`]).
+    /// [`load_signers`]), at most `workers` fetches at once (`downloads.numWorkers`).
     pub fn with_federation(
         store: store::Store,
         client: federation::Client,
         signers: std::collections::HashMap<String, federation::Signer>,
+        workers: usize,
     ) -> Service {
         Service {
             store,
-            remote: Some(Arc::new(remote::Remote::new(client, signers))),
+            remote: Some(Arc::new(remote::Remote::new(client, signers, workers))),
         }
     }
 

@@ -74,6 +74,8 @@ pub(crate) struct Remote {
     inflight: Mutex<HashMap<(String, String), SharedFetch>>,
     failed: moka::sync::Cache<(String, String), (FetchError, Instant)>,
     health: moka::sync::Cache<String, Health>,
+    /// Fetches running at once (`downloads.numWorkers`, read at start-up).
+    workers: tokio::sync::Semaphore,
 }
 
 /// Reads each homeserver's signing key (the media repo's own key, MMR's PEM or any format `keys`
@@ -102,8 +104,13 @@ pub fn load_signers(config: &Config) -> Result<HashMap<String, Signer>, String> 
 }
 
 impl Remote {
-    pub(crate) fn new(client: federation::Client, signers: HashMap<String, Signer>) -> Remote {
+    pub(crate) fn new(
+        client: federation::Client,
+        signers: HashMap<String, Signer>,
+        workers: usize,
+    ) -> Remote {
         Remote {
+            workers: tokio::sync::Semaphore::new(workers.max(1)),
             client,
             signers: ArcSwap::from_pointee(signers),
             inflight: Mutex::new(HashMap::new()),
@@ -135,12 +142,7 @@ impl Remote {
         media_id: &str,
         signer_hs: &str,
     ) -> Result<Media, Error> {
-        if config
-            .federation
-            .ignored_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(origin))
-        {
+        if config.federation.is_ignored(origin) {
             return Err(Error::NotFound(format!(
                 "Media from {origin} is not fetched here (federation.ignoredHosts)"
             )));
@@ -173,32 +175,31 @@ impl Remote {
             )),
         };
         let requires_auth = config.repo.freeze_unauthenticated_media;
-        let fetch = self.fetch_once(key.clone(), || {
-            let client = self.client.clone();
-            let store = store.clone();
+        let backoff_at = config.federation.backoff_at;
+        let this = self.clone();
+        let store = store.clone();
+        let fetch = self.fetch_once(key.clone(), move || {
             async move {
-                fetch(
-                    &client,
+                // At most `downloads.numWorkers` fetches at once; the others wait their turn.
+                let _worker = this.workers.acquire().await;
+                let (origin, media_id) = (&key.0, &key.1);
+                let result = fetch(
+                    &this.client,
                     &store,
-                    &key.0,
-                    &key.1,
+                    origin,
+                    media_id,
                     signer.as_ref(),
                     limits,
                     requires_auth,
                 )
-                .await
+                .await;
+                // Once per fetch, whoever waits for it (or nobody, if they all left).
+                this.record(origin, media_id, &result, backoff_at, remember);
+                result
             }
             .boxed()
         });
-        let result = fetch.await;
-        self.record(
-            origin,
-            media_id,
-            &result,
-            config.federation.backoff_at,
-            remember,
-        );
-        result.map_err(Into::into)
+        fetch.await.map_err(Into::into)
     }
 
     /// Joins the fetch of `key` in progress, or starts one (a task of its own, so that it
@@ -250,23 +251,28 @@ impl Remote {
         };
         match failure {
             Some(e) if e.is_server_failure() => {
-                let mut health = self.health.get(origin).unwrap_or(Health {
-                    failures: 0,
-                    paused_until: None,
-                });
-                health.failures = health.failures.saturating_add(1);
-                if backoff_at > 0 && health.failures >= backoff_at {
-                    let doublings = (health.failures - backoff_at).min(10);
-                    let pause = (FIRST_PAUSE * 2u32.pow(doublings)).min(MAX_PAUSE);
-                    health.paused_until = Some(Instant::now() + pause);
-                    tracing::warn!(
-                        server = origin,
-                        failures = health.failures,
-                        pause_s = pause.as_secs(),
-                        "remote server failing: pausing requests to it"
-                    );
-                }
-                self.health.insert(origin.to_owned(), health);
+                // One read-modify-write: concurrent failures all count.
+                self.health
+                    .entry(origin.to_owned())
+                    .and_upsert_with(|previous| {
+                        let failures = previous.map_or(0, |h| h.into_value().failures) + 1;
+                        let mut paused_until = None;
+                        if backoff_at > 0 && failures >= backoff_at {
+                            let doublings = (failures - backoff_at).min(10);
+                            let pause = (FIRST_PAUSE * 2u32.pow(doublings)).min(MAX_PAUSE);
+                            paused_until = Some(Instant::now() + pause);
+                            tracing::warn!(
+                                server = origin,
+                                failures,
+                                pause_s = pause.as_secs(),
+                                "remote server failing: pausing requests to it"
+                            );
+                        }
+                        Health {
+                            failures,
+                            paused_until,
+                        }
+                    });
             }
             // It answered: whatever it said, it is up.
             _ => self.health.invalidate(origin),

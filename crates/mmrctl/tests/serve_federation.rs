@@ -160,6 +160,16 @@ fn remote_media_is_fetched_signed_once_and_cached() {
         &[("Host", HS)],
     );
     assert_eq!(legacy.status, 404);
+    s.remote.route(
+        &FakeRemote::federation_path("uncached"),
+        Action::multipart("text/plain", None, b"x"),
+    );
+    let legacy = s.repo.get(
+        &format!("/_matrix/media/v3/download/{}/uncached", s.remote.name),
+        &[("Host", HS)],
+    );
+    assert_eq!(legacy.status, 404);
+    assert_eq!(s.remote.count(&FakeRemote::federation_path("uncached")), 0);
     // Remote content equal to local content is one object.
     s.repo.upload(HS, SHARED_SECRET, "image/png", None, &file);
     assert_eq!(s.repo.objects(), 1);
@@ -582,25 +592,40 @@ fn our_media_for_servers_that_sign() {
     ] {
         unauthorized(s.inbound(&uri, &[malformed]), malformed);
     }
-    // Unknown media, and the thumbnail path until thumbnails exist.
+    // Unknown media.
     let missing = "/_matrix/federation/v1/media/download/nonexistent";
     let r = s.inbound(missing, &[&s.remote.sign(HS, missing)]);
     assert_eq!((r.status, errcode(&r)), (404, "M_NOT_FOUND".into()));
 }
 
+/// The remote's key answer: `keys` listed, valid for `valid_for_ms` from now (negative: expired),
+/// self-signed by the first.
+fn key_answer(remote: &FakeRemote, keys: &[&SigningKey], valid_for_ms: i64) -> Action {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let listed: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|k| (k.id().to_string(), json!({ "key": k.public_key_base64() })))
+        .collect();
+    let mut answer = json!({
+        "server_name": remote.name,
+        "verify_keys": listed,
+        "old_verify_keys": {},
+        "valid_until_ts": now + valid_for_ms,
+    });
+    keys::sign_json(&mut answer, &remote.name, keys[0]).unwrap();
+    Action::json(200, answer)
+}
+
 #[test]
 fn a_key_past_its_validity_never_authenticates() {
     let s = setup(|_, _| {});
-    // The remote now publishes its key as valid until a minute ago (correctly self-signed).
-    let mut expired = json!({
-        "server_name": s.remote.name,
-        "verify_keys": { s.remote.key.id().to_string(): { "key": s.remote.key.public_key_base64() } },
-        "old_verify_keys": {},
-        "valid_until_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 - 60_000,
-    });
-    keys::sign_json(&mut expired, &s.remote.name, &s.remote.key).unwrap();
-    s.remote
-        .route("/_matrix/key/v2/server", Action::json(200, expired));
+    s.remote.route(
+        "/_matrix/key/v2/server",
+        key_answer(&s.remote, &[&s.remote.key], -60_000),
+    );
     let id = s
         .repo
         .upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
@@ -612,21 +637,68 @@ fn a_key_past_its_validity_never_authenticates() {
         "{}",
         r.text()
     );
+}
 
-    // A newly published key is fetched on first sight of its id.
-    let fresh = SigningKey::generate().unwrap();
-    let mut answer = json!({
-        "server_name": s.remote.name,
-        "verify_keys": { fresh.id().to_string(): { "key": fresh.public_key_base64() } },
-        "old_verify_keys": {},
-        "valid_until_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 3_600_000,
-    });
-    keys::sign_json(&mut answer, &s.remote.name, &fresh).unwrap();
-    s.remote
-        .route("/_matrix/key/v2/server", Action::json(200, answer));
-    let signed = keys::sign_request(&fresh, &s.remote.name, HS, "GET", &uri, None).unwrap();
-    let r = s.inbound(&uri, &[&signed]);
+#[test]
+fn keys_are_refetched_for_a_new_key_id_but_not_for_every_forged_one() {
+    let s = setup(|_, _| {});
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
+    let uri = format!("/_matrix/federation/v1/media/download/{id}");
+    let signed_with =
+        |k: &SigningKey| keys::sign_request(k, &s.remote.name, HS, "GET", &uri, None).unwrap();
+    let key_fetches = || s.remote.count("/_matrix/key/v2/server");
+    let old = s.remote.key.clone();
+    assert_eq!(s.inbound(&uri, &[&signed_with(&old)]).status, 200);
+    assert_eq!(key_fetches(), 1);
+    // Cached: no fetch for a known key.
+    assert_eq!(s.inbound(&uri, &[&signed_with(&old)]).status, 200);
+    assert_eq!(key_fetches(), 1);
+
+    // The remote publishes a new key: its first use fetches the keys again.
+    let new = SigningKey::generate().unwrap();
+    s.remote.route(
+        "/_matrix/key/v2/server",
+        key_answer(&s.remote, &[&old, &new], 3_600_000),
+    );
+    let r = s.inbound(&uri, &[&signed_with(&new)]);
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(key_fetches(), 2);
+
+    // A key id nobody published, right after: refused with no new fetch.
+    let forged = SigningKey::generate().unwrap();
+    assert_eq!(s.inbound(&uri, &[&signed_with(&forged)]).status, 401);
+    assert_eq!(key_fetches(), 2);
+
+    // Later, with the key server failing: the refetch fails, the cached keys stay good.
+    s.remote
+        .route("/_matrix/key/v2/server", Action::json(500, json!({})));
+    std::thread::sleep(Duration::from_millis(5_500));
+    assert_eq!(s.inbound(&uri, &[&signed_with(&forged)]).status, 401);
+    assert_eq!(key_fetches(), 3);
+    assert_eq!(s.inbound(&uri, &[&signed_with(&old)]).status, 200);
+    assert_eq!(s.inbound(&uri, &[&signed_with(&new)]).status, 200);
+    assert_eq!(key_fetches(), 3);
+}
+
+#[test]
+fn one_origin_and_destination_per_request() {
+    let s = setup(|_, _| {});
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "text/plain", None, b"ours");
+    let uri = format!("/_matrix/federation/v1/media/download/{id}");
+    let good = s.remote.sign(HS, &uri);
+    let other = keys::sign_request(&s.remote.key, "other.test", HS, "GET", &uri, None).unwrap();
+    let r = s.inbound(&uri, &[&good, &other]);
+    assert_eq!(r.status, 401, "mixed origins: {}", r.text());
+    // A bad signature beside a good one of the same origin: the good one counts.
+    let bad = good.replace("sig=\"", "sig=\"AAAA");
+    assert_eq!(s.inbound(&uri, &[&bad, &good]).status, 200);
+    let many: Vec<&str> = std::iter::repeat_n(good.as_str(), 5).collect();
+    assert_eq!(s.inbound(&uri, &many).status, 401, "too many headers");
+    assert_eq!(s.remote.count("/_matrix/key/v2/server"), 1);
 }
 
 #[test]
@@ -736,4 +808,45 @@ fn servers_are_found_through_well_known_and_srv() {
         .count();
     assert_eq!(wk_requests, 1, "{:#?}", well_known.access_log());
     assert_eq!(dns.queries_of("_matrix-fed._tcp.deleg.test", "SRV"), 1);
+}
+
+#[test]
+fn the_legacy_download_for_older_servers() {
+    // Media from before the freeze (here: no freeze) is what older servers may fetch this way.
+    let s = setup(|c, _| c["repo"]["freezeUnauthenticatedMedia"] = json!(false));
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "text/plain", None, b"old style");
+    // Signed, as Synapse signs its fallback: the header is not mistaken for a client's token.
+    let uri = format!("/_matrix/media/v3/download/{HS}/{id}?allow_remote=false");
+    let r = s.inbound(&uri, &[&s.remote.sign(HS, &uri)]);
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"old style"[..]),
+        "{}",
+        r.text()
+    );
+    // `allow_remote=false`: remote media not cached here is not fetched.
+    s.remote.route(
+        &FakeRemote::federation_path("r"),
+        Action::multipart("text/plain", None, b"remote"),
+    );
+    let remote_uri = format!(
+        "/_matrix/media/v3/download/{}/r?allow_remote=false",
+        s.remote.name
+    );
+    let r = s.repo.get(&remote_uri, &[("Host", HS)]);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(s.remote.seen().len(), 0);
+    // Without it, the legacy endpoint fetches (nothing is frozen).
+    let r = s.repo.get(
+        &remote_uri.replace("?allow_remote=false", ""),
+        &[("Host", HS)],
+    );
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"remote"[..]),
+        "{}",
+        r.text()
+    );
 }

@@ -49,11 +49,11 @@ pub(crate) async fn download(
         .datastores()
         .get(&object.datastore_id)
         .and_then(|ds| ds.redirect_url(&object.location));
+    let disposition =
+        headers::content_disposition(&media.content_type, media.upload_name.as_deref());
     let (envelope, file_len) = match redirect {
         Some(url) => (Envelope::redirect(&url).map_err(|e| internal(&e))?, 0),
         None => {
-            let disposition =
-                headers::content_disposition(&media.content_type, media.upload_name.as_deref());
             let envelope = Envelope::file(&media.content_type, Some(&disposition))
                 .or_else(|_| Envelope::file("application/octet-stream", Some("attachment")))
                 .map_err(|e| internal(&e))?;
@@ -63,7 +63,13 @@ pub(crate) async fn download(
     let builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, envelope.content_type())
-        .header(header::CONTENT_LENGTH, envelope.content_length(file_len));
+        .header(header::CONTENT_LENGTH, envelope.content_length(file_len))
+        // Dendrite reads the file name here, Synapse in part 2.
+        .header(
+            header::CONTENT_DISPOSITION,
+            axum::http::HeaderValue::from_str(&disposition)
+                .unwrap_or(axum::http::HeaderValue::from_static("attachment")),
+        );
     // The preamble is one piece of the body: Synapse's parser breaks when it arrives split.
     let (head_bytes, tail_bytes) = (envelope.head(), envelope.tail());
     let head = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(head_bytes) });

@@ -58,7 +58,12 @@ impl AppState {
         Ok(AppState {
             auth: auth::Auth::new(http, &config),
             keyring: federation::keyring::Keyring::new(federation.clone()),
-            media: media::Service::with_federation(store, federation, signers),
+            media: media::Service::with_federation(
+                store,
+                federation,
+                signers,
+                usize::try_from(config.downloads.num_workers).unwrap_or(1),
+            ),
             config: ArcSwap::from_pointee(config),
             metrics: metrics::Metrics::new(),
         })
@@ -271,5 +276,5 @@ fn federation_client(config: &Config) -> Result<federation::Client, Error> {
         .map_err(|e| setup("federation HTTP client", &e))?;
     let discovery = federation::discovery::Discovery::new(http.clone())
         .map_err(|e| setup("server discovery", &e))?;
-    Ok(federation::Client::new(http, discovery))
+    federation::Client::new(http, discovery).map_err(|e| setup("federation HTTP client", &e))
 }

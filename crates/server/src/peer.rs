@@ -4,18 +4,21 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
-use config::Homeserver;
-use federation::keyring::SignedRequest;
+use federation::keyring::{KeyError, SignedRequest};
 
 use crate::SharedState;
 use crate::error::ApiError;
 use crate::extract::Ctx;
 
-/// A request another server signed: `origin` is that server, `hs` ours it was for.
+/// A request another server signed: `origin` is that server, `ctx.hs` ours it was for (the one
+/// the request's `Host` names, which its `destination` must be too).
 pub(crate) struct Peer {
     pub(crate) ctx: Ctx,
     pub(crate) origin: String,
 }
+
+/// The most X-Matrix headers one request may carry.
+const MAX_HEADERS: usize = 4;
 
 fn unauthorized(reason: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", reason)
@@ -28,7 +31,7 @@ impl FromRequestParts<SharedState> for Peer {
         parts: &mut Parts,
         state: &SharedState,
     ) -> Result<Self, Self::Rejection> {
-        let mut ctx = Ctx::from_request_parts(parts, state).await?;
+        let ctx = Ctx::from_request_parts(parts, state).await?;
         let values: Vec<&str> = parts
             .headers
             .get_all(header::AUTHORIZATION)
@@ -42,77 +45,76 @@ impl FromRequestParts<SharedState> for Peer {
         if values.is_empty() {
             return Err(unauthorized("Missing Authorization headers (X-Matrix)"));
         }
+        // MMR's rule: one origin and one destination for all of them, and only a few (each may
+        // cost a key fetch).
+        if values.len() > MAX_HEADERS {
+            return Err(unauthorized(format!(
+                "At most {MAX_HEADERS} X-Matrix headers are accepted"
+            )));
+        }
         // The signature covers the request target exactly as the origin sent it.
         let uri = parts
             .uri
             .path_and_query()
             .map_or_else(|| parts.uri.path(), |p| p.as_str());
+        let headers = values
+            .iter()
+            .map(|v| {
+                federation::xmatrix::parse(v)
+                    .map_err(|e| unauthorized(format!("Malformed X-Matrix header: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let origin = headers[0].origin.clone();
+        if headers
+            .iter()
+            .any(|x| x.origin != origin || x.destination != headers[0].destination)
+        {
+            return Err(unauthorized(
+                "All X-Matrix headers must name the same origin and destination",
+            ));
+        }
+        if let Some(destination) = headers[0].destination.as_deref()
+            && destination != ctx.hs.name
+        {
+            return Err(unauthorized(format!(
+                "Destination mismatch: {destination} is not {} (this request's server)",
+                ctx.hs.name
+            )));
+        }
+        if ctx.config.federation.is_ignored(&origin) {
+            return Err(ApiError::forbidden(format!(
+                "{origin} is not allowed to federate with this media repository"
+            )));
+        }
         let mut refusal = None;
-        for value in values {
-            match verify(state, &ctx, parts.method.as_str(), uri, value).await {
-                Ok((origin, hs)) => {
+        for x in &headers {
+            let request = SignedRequest {
+                method: parts.method.as_str(),
+                uri,
+                origin: &origin,
+                destination: &ctx.hs.name,
+                key_id: &x.key,
+                sig: &x.sig,
+            };
+            match state.keyring.verify(&request).await {
+                Ok(()) => {
                     state.media.server_is_up(&origin);
-                    ctx.hs = hs;
                     return Ok(Peer { ctx, origin });
                 }
                 Err(e) => {
+                    tracing::info!(%origin, key = %x.key, error = %e, "refused a federation request");
                     refusal.get_or_insert(e);
                 }
             }
         }
-        Err(refusal.unwrap_or_else(|| unauthorized("No valid X-Matrix signature")))
+        // What failed in fetching keys stays in the log: the answer would tell anyone who can
+        // name an origin how that address answers.
+        Err(unauthorized(match refusal {
+            Some(KeyError::Fetch { server, .. } | KeyError::BadAnswer { server, .. }) => {
+                format!("The keys of {server} could not be fetched or were not valid")
+            }
+            Some(e) => e.to_string(),
+            None => "No valid X-Matrix signature".to_owned(),
+        }))
     }
-}
-
-/// Checks one header: its destination is one of our homeservers (port included; absent means
-/// the one the request was addressed to), its origin a server name we talk to, its signature the
-/// origin's. Returns the origin and our homeserver.
-async fn verify(
-    state: &SharedState,
-    ctx: &Ctx,
-    method: &str,
-    uri: &str,
-    value: &str,
-) -> Result<(String, Homeserver), ApiError> {
-    let x = federation::xmatrix::parse(value)
-        .map_err(|e| unauthorized(format!("Malformed X-Matrix header: {e}")))?;
-    let hs = match x.destination.as_deref() {
-        None => ctx.hs.clone(),
-        Some(destination) => ctx.config.homeserver(destination).cloned().ok_or_else(|| {
-            unauthorized(format!(
-                "Destination mismatch: {destination} is not a server this media repository serves"
-            ))
-        })?,
-    };
-    if !store::ids::is_valid_server_name(&x.origin) {
-        return Err(unauthorized(format!(
-            "`{}` is not a valid server name",
-            x.origin
-        )));
-    }
-    if ctx
-        .config
-        .federation
-        .ignored_hosts
-        .iter()
-        .any(|h| h.eq_ignore_ascii_case(&x.origin))
-    {
-        return Err(ApiError::forbidden(format!(
-            "{} is not allowed to federate with this media repository",
-            x.origin
-        )));
-    }
-    let request = SignedRequest {
-        method,
-        uri,
-        origin: &x.origin,
-        destination: &hs.name,
-        key_id: &x.key,
-        sig: &x.sig,
-    };
-    state.keyring.verify(&request).await.map_err(|e| {
-        tracing::info!(origin = %x.origin, key = %x.key, error = %e, "refused a federation request");
-        unauthorized(e.to_string())
-    })?;
-    Ok((x.origin, hs))
 }

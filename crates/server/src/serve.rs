@@ -271,9 +271,14 @@ async fn reload_on_hangup(path: PathBuf, state: SharedState, log: LogHandle) {
                     || old.database != config.database
                     || old.connections != config.connections
                     || old.tasks != config.tasks
+                    || old.federation.allowed_networks != config.federation.allowed_networks
+                    || old.federation.disallowed_networks != config.federation.disallowed_networks
+                    || old.federation.nameservers != config.federation.nameservers
+                    || old.downloads.num_workers != config.downloads.num_workers
                 {
                     tracing::warn!(
-                        "datastores, database, connections and tasks changes take effect after a restart"
+                        "datastores, database, connections, tasks, federation networks and nameservers, and \
+                         downloads.numWorkers changes take effect after a restart"
                     );
                 }
                 if let Err(e) = log.reload(log_filter(&config.repo.log_level)) {
