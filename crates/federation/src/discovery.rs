@@ -153,7 +153,9 @@ pub fn parse_server_name(name: &str) -> Result<ServerName, Error> {
                         && l.len() <= 63
                         && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 };
-                if !host.split('.').all(label_ok) {
+                // Dotted digits that are no IPv4 address (`1.2.3.999`) name nothing.
+                let dotted_digits = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+                if !host.split('.').all(label_ok) || dotted_digits {
                     return Err(bad(
                         "the host must be a DNS name (letters, digits, `-`, dots between labels), \
                          an IPv4 address or an IPv6 address in brackets",
@@ -688,9 +690,9 @@ mod tests {
         assert_eq!(name("[::1]").host, Host::Ip("::1".parse().unwrap()));
         assert_eq!(name("[::1]:8448").port, Some(8448));
         assert_eq!(name("[2001:db8::1]:1").port, Some(1));
-        // Digits-only labels that are no IPv4 address are a DNS name (that will not resolve).
-        assert_eq!(name("1.2.3.256").host, Host::Name("1.2.3.256".into()));
         for bad in [
+            // Digits-only labels that are no IPv4 address name nothing.
+            "1.2.3.256",
             "",
             "exa mple.org",
             "example.org:",
