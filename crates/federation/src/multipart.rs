@@ -725,6 +725,8 @@ fn is_tchar(b: u8) -> bool {
 /// candidate is always one run at the end of what was seen.
 struct Scanner {
     delimiter: Box<[u8]>,
+    /// Searches for `delimiter` (SIMD: the scan runs over every byte of every remote file).
+    finder: memchr::memmem::Finder<'static>,
     /// A proper prefix of the delimiter at the end of the data seen so far (held back, since it
     /// may be the delimiter), or, when `look` is set, the whole delimiter and the padding or
     /// partial line end seen after it.
@@ -770,6 +772,7 @@ impl Scanner {
         Scanner {
             held: BytesMut::from(&delimiter[..line_end]),
             not_content: line_end,
+            finder: memchr::memmem::Finder::new(&delimiter[..]).into_owned(),
             delimiter,
             look: None,
         }
@@ -814,7 +817,7 @@ impl Scanner {
                     self.release(out);
                 }
             } else {
-                match find(&data, &self.delimiter) {
+                match find(&data, &self.delimiter, &self.finder) {
                     Found::Full(at) => {
                         if at > 0 {
                             out.push_back(data.slice(..at));
@@ -881,28 +884,17 @@ impl Scanner {
 }
 
 /// The delimiter's first position in `data`, or where a prefix of it ends `data`.
-fn find(data: &[u8], delimiter: &[u8]) -> Found {
-    let first = delimiter[0];
-    let mut i = 0;
-    while let Some(n) = data[i..].iter().position(|&b| b == first) {
-        let at = i + n;
-        let candidate = &data[at..];
-        let n = candidate.len().min(delimiter.len());
-        let matched = candidate[..n]
-            .iter()
-            .zip(&delimiter[..n])
-            .take_while(|(a, b)| a == b)
-            .count();
-        if matched == delimiter.len() {
-            return Found::Full(at);
-        }
-        if matched == candidate.len() {
-            return Found::Partial(at);
-        }
-        // `delimiter[1..]` has no `first`: the next candidate is not before the mismatch.
-        i = at + matched;
+fn find(data: &[u8], delimiter: &[u8], finder: &memchr::memmem::Finder<'_>) -> Found {
+    if let Some(at) = finder.find(data) {
+        return Found::Full(at);
     }
-    Found::Nothing
+    // Else a proper prefix of it may end the data (a partial match can only be at the end, so
+    // a full one, had there been one, would have come first).
+    let tail = data.len().saturating_sub(delimiter.len() - 1);
+    memchr::memchr_iter(delimiter[0], &data[tail..])
+        .map(|n| tail + n)
+        .find(|&at| delimiter.starts_with(&data[at..]))
+        .map_or(Found::Nothing, Found::Partial)
 }
 
 #[cfg(test)]

@@ -326,6 +326,7 @@ async fn import(store: &Store, fetcher: Option<&Fetcher>, item: &Item) -> Outcom
             .sha256
             .as_deref()
             .and_then(|h| <[u8; 32]>::try_from(hex::decode(h).ok()?).ok()),
+        read_soon: false,
     };
     match store
         .upload(new, Target::Id(item.media_id.clone()), body, limits)

@@ -326,6 +326,7 @@ async fn fetch(
     };
     let store_limits = store::Limits {
         max_bytes: limits.max_bytes,
+        read_soon: true,
         ..store::Limits::default()
     };
     match store

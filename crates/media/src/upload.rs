@@ -98,6 +98,7 @@ impl Service {
                 min_bytes: config.uploads.min_bytes,
                 quota: None,
                 expected_sha256: None,
+                read_soon: false,
             },
             quota_bytes: None,
         };

@@ -66,6 +66,9 @@ pub struct Limits {
     /// The SHA-256 the content must have (imports know it): a body that hashes otherwise is
     /// refused before it is placed.
     pub expected_sha256: Option<[u8; 32]>,
+    /// The content is read right after it is stored (remote media, served to whoever asked):
+    /// written through the page cache, so that serving it does not read it back from disk.
+    pub read_soon: bool,
 }
 
 /// Per-user limits; 0 means no limit.
@@ -380,7 +383,12 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,
 {
-    match Filler::start() {
+    let filler = if limits.read_soon {
+        None
+    } else {
+        Filler::start()
+    };
+    match filler {
         Some((filler, returns)) => write_temp_filled(dir, body, limits, filler, returns).await,
         None => write_temp_chunks(dir, body, limits).await,
     }
