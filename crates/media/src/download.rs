@@ -6,7 +6,7 @@ use std::time::Duration;
 use config::Config;
 use store::Media;
 
-use crate::{Error, Fetch, Service};
+use crate::{Error, Fetch, Found, Service};
 
 /// How long a download waits for a pending upload's content (`timeout_ms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,40 +38,51 @@ impl Service {
         wait: Wait,
         fetch: Fetch<'_>,
     ) -> Result<Media, Error> {
-        if !store::ids::is_valid_server_name(origin) || !store::ids::is_valid_media_id(media_id) {
-            return Err(Error::NotFound("Invalid server name or media id".into()));
+        match self
+            .find(config, origin, media_id, wait, fetch, false)
+            .await?
+        {
+            Found::Stored(media) => Ok(media),
+            Found::Live(_) => Err(Error::Remote("a live transfer was not asked for".into())),
         }
-        let media = if config.homeserver(origin).is_some() {
-            self.local(origin, media_id, wait).await?
-        } else {
-            self.remote_media(config, origin, media_id, fetch).await?
-        };
-        if media.quarantined {
-            return Err(Error::Quarantined);
-        }
-        Ok(media)
     }
 
-    async fn remote_media(
+    /// As [`Service::media`]; with `live_ok`, the request that starts a remote fetch gets the
+    /// file as it arrives ([`Found::Live`]) instead of waiting until it is stored.
+    pub async fn find(
         &self,
         config: &Config,
         origin: &str,
         media_id: &str,
+        wait: Wait,
         fetch: Fetch<'_>,
-    ) -> Result<Media, Error> {
+        live_ok: bool,
+    ) -> Result<Found, Error> {
+        if !store::ids::is_valid_server_name(origin) || !store::ids::is_valid_media_id(media_id) {
+            return Err(Error::NotFound("Invalid server name or media id".into()));
+        }
+        if config.homeserver(origin).is_some() {
+            let media = self.local(origin, media_id, wait).await?;
+            return not_quarantined(media).map(Found::Stored);
+        }
         if let Some(media) = self.store.media(origin, media_id).await?
             && media.object.is_some()
         {
-            return Ok(media);
+            return not_quarantined(media).map(Found::Stored);
         }
-        let not_here = || Error::NotFound(format!("Media from {origin} is not cached here"));
         match (fetch, &self.remote) {
             (Fetch::As(hs), Some(remote)) => {
-                remote
-                    .media(&self.store, config, origin, media_id, hs)
-                    .await
+                match remote
+                    .media(&self.store, config, origin, media_id, hs, live_ok)
+                    .await?
+                {
+                    Found::Stored(media) => not_quarantined(media).map(Found::Stored),
+                    live => Ok(live),
+                }
             }
-            _ => Err(not_here()),
+            _ => Err(Error::NotFound(format!(
+                "Media from {origin} is not cached here"
+            ))),
         }
     }
 
@@ -107,6 +118,13 @@ impl Service {
             }
         }
     }
+}
+
+fn not_quarantined(media: Media) -> Result<Media, Error> {
+    if media.quarantined {
+        return Err(Error::Quarantined);
+    }
+    Ok(media)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ mod upload;
 use std::sync::Arc;
 
 pub use download::Wait;
-pub use remote::{Fetch, load_signers};
+pub use remote::{Fetch, Found, Live, load_signers};
 pub use upload::{Created, Upload};
 
 /// Why a media operation did not happen. `Store` errors keep their own meaning (limits, quotas,

@@ -50,6 +50,40 @@ impl From<Failure> for Error {
     }
 }
 
+/// How long the client that started a fetch may take to accept each piece before it is left
+/// behind (the fetch goes on for the store and everyone else).
+const LIVE_PATIENCE: Duration = Duration::from_secs(10);
+/// Pieces queued for that client.
+const LIVE_QUEUE: usize = 16;
+
+/// Remote media as it arrives, for the client whose request started the fetch: it need not wait
+/// for the file to be stored. The body ends with an error when the transfer does not complete.
+pub struct Live {
+    pub content_type: String,
+    pub upload_name: Option<String>,
+    pub body: futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>>,
+}
+
+/// What a download finds: stored media, or remote media arriving.
+pub enum Found {
+    Stored(Media),
+    Live(Live),
+}
+
+/// The sending side of a [`Live`].
+struct LiveTx {
+    meta: tokio::sync::oneshot::Sender<(String, Option<String>)>,
+    bytes: tokio::sync::mpsc::Sender<LivePiece>,
+}
+
+/// What goes to the live client: the body ends cleanly only on `End` (a channel that closes
+/// without it means the client was left behind, and its body fails).
+enum LivePiece {
+    Bytes(bytes::Bytes),
+    Failed(String),
+    End,
+}
+
 /// Which remote media a request may have fetched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fetch<'a> {
@@ -141,7 +175,8 @@ impl Remote {
         origin: &str,
         media_id: &str,
         signer_hs: &str,
-    ) -> Result<Media, Error> {
+        live_ok: bool,
+    ) -> Result<Found, Error> {
         if config.federation.is_ignored(origin) {
             return Err(Error::NotFound(format!(
                 "Media from {origin} is not fetched here (federation.ignoredHosts)"
@@ -178,7 +213,14 @@ impl Remote {
         let backoff_at = config.federation.backoff_at;
         let this = self.clone();
         let store = store.clone();
-        let fetch = self.fetch_once(key.clone(), move || {
+        let (live_tx, live_rx) = if live_ok {
+            let (meta, meta_rx) = tokio::sync::oneshot::channel();
+            let (bytes, bytes_rx) = tokio::sync::mpsc::channel(LIVE_QUEUE);
+            (Some(LiveTx { meta, bytes }), Some((meta_rx, bytes_rx)))
+        } else {
+            (None, None)
+        };
+        let (fetch, started) = self.fetch_once(key.clone(), move || {
             async move {
                 // At most `downloads.numWorkers` fetches at once; the others wait their turn.
                 let _worker = this.workers.acquire().await;
@@ -191,6 +233,7 @@ impl Remote {
                     signer.as_ref(),
                     limits,
                     requires_auth,
+                    live_tx,
                 )
                 .await;
                 // Once per fetch, whoever waits for it (or nobody, if they all left).
@@ -199,7 +242,26 @@ impl Remote {
             }
             .boxed()
         });
-        fetch.await.map_err(Into::into)
+        if started && let Some((meta_rx, bytes_rx)) = live_rx {
+            // The file as it arrives; when the fetch fails before its body starts, its outcome.
+            if let Ok((content_type, upload_name)) = meta_rx.await {
+                let body = futures_util::stream::unfold(Some(bytes_rx), |rx| async move {
+                    let mut rx = rx?;
+                    match rx.recv().await {
+                        Some(LivePiece::Bytes(bytes)) => Some((Ok(bytes), Some(rx))),
+                        Some(LivePiece::Failed(why)) => Some((Err(why), None)),
+                        Some(LivePiece::End) => None,
+                        None => Some((Err("the transfer fell behind the fetch".to_owned()), None)),
+                    }
+                });
+                return Ok(Found::Live(Live {
+                    content_type,
+                    upload_name,
+                    body: body.boxed(),
+                }));
+            }
+        }
+        fetch.await.map(Found::Stored).map_err(Into::into)
     }
 
     /// Joins the fetch of `key` in progress, or starts one (a task of its own, so that it
@@ -208,10 +270,10 @@ impl Remote {
         self: &Arc<Self>,
         key: (String, String),
         start: impl FnOnce() -> BoxFuture<'static, Result<Media, Failure>>,
-    ) -> SharedFetch {
+    ) -> (SharedFetch, bool) {
         let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(running) = inflight.get(&key) {
-            return running.clone();
+            return (running.clone(), false);
         }
         let this = self.clone();
         let task_key = key.clone();
@@ -233,7 +295,7 @@ impl Remote {
         .boxed()
         .shared();
         inflight.insert(key, shared.clone());
-        shared
+        (shared, true)
     }
 
     fn record(
@@ -298,11 +360,19 @@ async fn fetch(
     signer: Option<&Signer>,
     limits: Limits,
     requires_auth: bool,
+    live: Option<LiveTx>,
 ) -> Result<Media, Failure> {
     let fetched = client
         .download(origin, media_id, signer, limits)
         .await
         .map_err(Failure::Fetch)?;
+    let upload_name = fetched.file_name.filter(|n| usable_file_name(n));
+    let live = live.and_then(|l| {
+        l.meta
+            .send((fetched.content_type.clone(), upload_name.clone()))
+            .ok()
+            .map(|()| l.bytes)
+    });
     tracing::debug!(origin, media_id, content_type = %fetched.content_type, "fetching remote media");
     // The body's own error (the remote's fault) is kept; the store only sees that it stopped.
     let cause: Arc<Mutex<Option<FetchError>>> = Arc::default();
@@ -314,11 +384,12 @@ async fn fetch(
             text
         })
     });
+    let body = tee(body.boxed(), live);
     let new = NewMedia {
         origin: origin.to_owned(),
         kind: MediaKind::RemoteMedia,
         content_type: fetched.content_type,
-        upload_name: fetched.file_name.filter(|n| usable_file_name(n)),
+        upload_name,
         user_id: String::new(),
         requires_auth,
         quarantined: false,
@@ -350,6 +421,29 @@ async fn fetch(
         }
         Err(e) => Err(Failure::Local(Arc::new(e))),
     }
+}
+
+/// `body`, each piece also sent to `live` (the client that started the fetch) while it keeps up;
+/// its body ends cleanly only when this one did.
+fn tee(
+    body: futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>>,
+    live: Option<tokio::sync::mpsc::Sender<LivePiece>>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, String>> + Send {
+    futures_util::stream::unfold((body, live), |(mut body, mut live)| async move {
+        let piece = body.next().await;
+        if let Some(tx) = &live {
+            let copy = match &piece {
+                Some(Ok(bytes)) => LivePiece::Bytes(bytes.clone()),
+                Some(Err(e)) => LivePiece::Failed(e.clone()),
+                None => LivePiece::End,
+            };
+            let sent = tokio::time::timeout(LIVE_PATIENCE, tx.send(copy)).await;
+            if !matches!(sent, Ok(Ok(()))) || piece.is_none() {
+                live = None;
+            }
+        }
+        piece.map(|p| (p, (body, live)))
+    })
 }
 
 /// A remote's file name is kept when it is one we could have accepted from a local upload.

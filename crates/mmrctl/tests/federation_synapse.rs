@@ -269,6 +269,11 @@ fn two_mmrctl_instances_federate_with_each_other() {
             .contains("a.txt")
     );
     assert_eq!(federation_requests(|| a.access_log(), &id, 1), 1);
+    // The client got the bytes as they arrived; the row follows once they are stored.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.repos[1].media_rows() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(d.repos[1].media_rows(), 1, "cached on B");
     let again = tls.get(&url, &[("Authorization", &bearer(&bob))]);
     assert_eq!((again.status, again.body == file), (200, true));

@@ -127,6 +127,18 @@ fn remote_media_is_fetched_signed_once_and_cached() {
             &file,
         ),
     );
+    s.remote.route(
+        &FakeRemote::federation_path("live"),
+        Action::multipart("text/plain", None, &file),
+    );
+    let (head, complete) = raw_download(&s, "live");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    assert!(complete, "{head}");
     let r = s.download("good");
     assert_eq!(r.status, 200, "{}\n{}", r.text(), s.repo.log());
     assert_eq!(r.body, file);
@@ -170,10 +182,11 @@ fn remote_media_is_fetched_signed_once_and_cached() {
     );
     assert_eq!(legacy.status, 404);
     assert_eq!(s.remote.count(&FakeRemote::federation_path("uncached")), 0);
-    // Remote content equal to local content is one object.
+    // Remote content equal to local content is one object (`live` and `good` are the same
+    // bytes, and so is this upload).
     s.repo.upload(HS, SHARED_SECRET, "image/png", None, &file);
     assert_eq!(s.repo.objects(), 1);
-    assert_eq!(s.repo.media_rows(), 2);
+    assert_eq!(s.repo.media_rows(), 3);
 
     // An id the remote does not have.
     s.remote.route(
@@ -310,6 +323,28 @@ fn location_parts_relative_and_absolute() {
     assert!(cdn.iter().all(|r| r.authorization.is_empty()));
 }
 
+/// A client download read off the socket: the response head, and whether the chunked body
+/// ended with its terminating chunk.
+fn raw_download(s: &Setup, id: &str) -> (String, bool) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", s.repo.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /_matrix/client/v1/media/download/{}/{id} HTTP/1.1\r\nHost: {HS}\r\n\
+         Authorization: Bearer {SHARED_SECRET}\r\nConnection: close\r\n\r\n",
+        s.remote.name
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    let head = text.split("\r\n\r\n").next().unwrap_or("").to_owned();
+    (head, got.ends_with(b"\r\n0\r\n\r\n"))
+}
+
 #[test]
 fn broken_remotes_fail_and_leave_nothing() {
     let s = setup(|_, _| {});
@@ -340,13 +375,27 @@ fn broken_remotes_fail_and_leave_nothing() {
             body: cut,
         },
     );
+    // The client that starts a fetch gets the bytes as they arrive; its body fails when the
+    // remote's does (it never looks complete).
+    let (head, complete) = raw_download(&s, "half");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!complete, "a cut transfer must not end like a complete one");
+    // A request that waits for the stored file (here: with a range) gets the error.
     for (id, code) in [
         ("half", "M_UNKNOWN"),
         ("huge", "M_TOO_LARGE"),
         ("hang", "M_UNKNOWN"),
         ("cut", "M_UNKNOWN"),
     ] {
-        let r = s.download(id);
+        let auth = format!("Bearer {SHARED_SECRET}");
+        let r = s.repo.get(
+            &format!("/_matrix/client/v1/media/download/{}/{id}", s.remote.name),
+            &[
+                ("Host", HS),
+                ("Authorization", &auth),
+                ("Range", "bytes=0-"),
+            ],
+        );
         assert_eq!(
             (r.status, errcode(&r)),
             (502, code.to_owned()),

@@ -10,6 +10,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use store::{Media, Target};
 
@@ -180,10 +181,39 @@ async fn download(
     } else {
         media::Fetch::CachedOnly
     };
-    let media = state
+    // A plain GET may get remote media as it arrives; a range, a HEAD or a conditional request
+    // waits until it is stored.
+    let live_ok = parts.method == Method::GET
+        && !parts.headers.contains_key(header::RANGE)
+        && !parts.headers.contains_key(header::IF_NONE_MATCH);
+    let media = match state
         .media
-        .media(&ctx.config, &path.server, &path.media_id, wait, fetch)
-        .await?;
+        .find(
+            &ctx.config,
+            &path.server,
+            &path.media_id,
+            wait,
+            fetch,
+            live_ok,
+        )
+        .await?
+    {
+        media::Found::Stored(media) => media,
+        media::Found::Live(live) => {
+            let name = path.file_name.as_deref().or(live.upload_name.as_deref());
+            let metrics = state.clone();
+            let body = live.body.map(move |piece| {
+                let piece = piece.map_err(std::io::Error::other)?;
+                metrics.metrics.bytes_out.inc_by(piece.len() as u64);
+                Ok::<_, std::io::Error>(piece)
+            });
+            // No length, range or ETag yet: the content is still arriving (chunked).
+            return media_headers(&live.content_type, name)
+                .status(StatusCode::OK)
+                .body(Body::from_stream(body))
+                .map_err(|e| ApiError::internal(e.to_string()));
+        }
+    };
     if !authenticated && media.requires_auth {
         return Err(ApiError::not_found(
             "This media is only served on the authenticated endpoint /_matrix/client/v1/media/download",
@@ -216,27 +246,7 @@ async fn serve_object(
     allow_redirect: bool,
 ) -> ApiResult<Response> {
     let etag = format!("\"{}\"", object.sha256);
-    let mut builder = Response::builder()
-        .header(
-            header::CONTENT_TYPE,
-            header_value(&media.content_type, "application/octet-stream"),
-        )
-        .header(
-            header::CONTENT_DISPOSITION,
-            header_value(
-                &headers::content_disposition(&media.content_type, file_name),
-                "attachment",
-            ),
-        )
-        .header(
-            header::CONTENT_SECURITY_POLICY,
-            headers::CONTENT_SECURITY_POLICY,
-        )
-        .header("X-Content-Security-Policy", "sandbox;")
-        .header("Cross-Origin-Resource-Policy", "cross-origin")
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-        .header(header::REFERRER_POLICY, "no-referrer")
-        .header(header::CACHE_CONTROL, headers::CACHE_CONTROL)
+    let mut builder = media_headers(&media.content_type, file_name)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, &etag);
     if parts
@@ -311,6 +321,31 @@ async fn serve_object(
     builder
         .body(Body::from_stream(stream))
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// The headers every media download has: its type and name, and the security headers.
+fn media_headers(content_type: &str, file_name: Option<&str>) -> axum::http::response::Builder {
+    Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            header_value(content_type, "application/octet-stream"),
+        )
+        .header(
+            header::CONTENT_DISPOSITION,
+            header_value(
+                &headers::content_disposition(content_type, file_name),
+                "attachment",
+            ),
+        )
+        .header(
+            header::CONTENT_SECURITY_POLICY,
+            headers::CONTENT_SECURITY_POLICY,
+        )
+        .header("X-Content-Security-Policy", "sandbox;")
+        .header("Cross-Origin-Resource-Policy", "cross-origin")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::REFERRER_POLICY, "no-referrer")
+        .header(header::CACHE_CONTROL, headers::CACHE_CONTROL)
 }
 
 fn header_value(value: &str, fallback: &'static str) -> HeaderValue {
