@@ -228,8 +228,7 @@ impl Remote {
                 let result = fetch(
                     &this.client,
                     &store,
-                    origin,
-                    media_id,
+                    &key,
                     signer.as_ref(),
                     limits,
                     requires_auth,
@@ -355,8 +354,7 @@ impl Remote {
 async fn fetch(
     client: &federation::Client,
     store: &store::Store,
-    origin: &str,
-    media_id: &str,
+    (origin, media_id): &(String, String),
     signer: Option<&Signer>,
     limits: Limits,
     requires_auth: bool,
