@@ -52,24 +52,6 @@ pub const FEDERATION_DISALLOWED: &[&str] = &[
 /// Every address is allowed unless disallowed.
 pub const ALLOW_ALL: &[&str] = &["0.0.0.0/0", "::/0"];
 
-/// matrix-media-repo's defaults for `urlPreviews.disallowedNetworks` (its code defaults, host
-/// bits and all).
-pub const URL_PREVIEW_DISALLOWED: &[&str] = &[
-    "127.0.0.1/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "169.254.0.0/16",
-    "::1/128",
-    "fe80::/64",
-    "fc00::/7",
-];
-
-/// matrix-media-repo's default for `urlPreviews.allowedNetworks`: IPv4 only, so by default no
-/// IPv6 address is previewed.
-pub const URL_PREVIEW_ALLOWED: &[&str] = &["0.0.0.0/0"];
-
 /// A network list entry that is not a network.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{entry}` is not a network (CIDR such as `10.0.0.0/8` or `fc00::/7`, or one address)")]
@@ -141,12 +123,6 @@ impl NetworkFilter {
     /// ([`FEDERATION_DISALLOWED`]; allowed: [`ALLOW_ALL`]).
     pub fn federation_defaults() -> NetworkFilter {
         Self::builtin(ALLOW_ALL, FEDERATION_DISALLOWED)
-    }
-
-    /// matrix-media-repo's `urlPreviews` defaults ([`URL_PREVIEW_ALLOWED`],
-    /// [`URL_PREVIEW_DISALLOWED`]).
-    pub fn url_preview_defaults() -> NetworkFilter {
-        Self::builtin(URL_PREVIEW_ALLOWED, URL_PREVIEW_DISALLOWED)
     }
 
     fn builtin(allowed: &[&str], disallowed: &[&str]) -> NetworkFilter {
@@ -299,12 +275,7 @@ mod tests {
 
     #[test]
     fn builtin_lists_parse() {
-        for list in [
-            FEDERATION_DISALLOWED,
-            ALLOW_ALL,
-            URL_PREVIEW_DISALLOWED,
-            URL_PREVIEW_ALLOWED,
-        ] {
+        for list in [FEDERATION_DISALLOWED, ALLOW_ALL] {
             for e in list {
                 parse_network(e).unwrap();
             }
@@ -493,18 +464,5 @@ mod tests {
         assert_eq!(f.check(ip("2606:4700::1")), Err(Refusal::NotAllowed));
         let none = NetworkFilter::new(&[] as &[&str], &[] as &[&str]).unwrap();
         assert!(refused(&none, "1.1.1.1"));
-    }
-
-    #[test]
-    fn url_preview_defaults_are_mmrs() {
-        let f = NetworkFilter::url_preview_defaults();
-        assert!(refused(&f, "127.0.0.1"));
-        assert!(refused(&f, "127.9.9.9"));
-        assert!(refused(&f, "fe80::1"));
-        assert!(!refused(&f, "1.1.1.1"));
-        // MMR allows only 0.0.0.0/0 by default: IPv6 is not previewed.
-        assert!(refused(&f, "2606:4700::1111"));
-        // fe80::/64 as MMR writes it, not all of fe80::/10 (IPv6 is refused anyway).
-        assert_eq!(f.check(ip("fe80:0:0:1::1")), Err(Refusal::NotAllowed));
     }
 }

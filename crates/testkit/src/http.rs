@@ -96,6 +96,18 @@ pub fn send(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Response {
+    send_with(&agent(), method, url, headers, content_type, body)
+}
+
+/// [`send`] through `agent` (one with its own TLS roots, say).
+pub(crate) fn send_with(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Response {
     let request = ureq::http::Request::builder().method(method).uri(url);
     let mut request = headers
         .iter()
@@ -106,7 +118,7 @@ pub fn send(
     let request = request
         .body(body.to_vec())
         .unwrap_or_else(|e| panic!("bad request {method} {url}: {e}"));
-    finish(url, agent().run(request))
+    finish(url, agent.run(request))
 }
 
 /// `POST url` with a JSON body.

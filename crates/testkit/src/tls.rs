@@ -90,40 +90,7 @@ impl TestCerts {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Response {
-        let request = ureq::http::Request::builder().method(method).uri(url);
-        let mut request = headers
-            .iter()
-            .fold(request, |r, (name, value)| r.header(*name, *value));
-        if let Some(content_type) = content_type {
-            request = request.header("Content-Type", content_type);
-        }
-        let request = request
-            .body(body.to_vec())
-            .unwrap_or_else(|e| panic!("bad request {method} {url}: {e}"));
-        let mut response = self
-            .agent()
-            .run(request)
-            .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
-                (n.as_str().to_owned(), value)
-            })
-            .collect();
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_vec()
-            .unwrap_or_else(|e| panic!("reading the response of {url} failed: {e}"));
-        Response {
-            status,
-            headers,
-            body,
-        }
+        crate::http::send_with(&self.agent(), method, url, headers, content_type, body)
     }
 
     fn agent(&self) -> ureq::Agent {
