@@ -152,8 +152,12 @@ fn a_job_runs_on_one_instance_at_a_time_and_another_takes_over_when_it_dies() {
                 .any(|i| runs(&repos[*i].log()).len() > before[*i])
         },
     );
-    // A few more runs among the two left.
-    thread::sleep(Duration::from_secs(5));
+    // A few more runs among the two left (waited for, not timed: a loaded machine is slower).
+    let total = |repos: &[MediaRepo]| repos.iter().map(|r| runs(&r.log()).len()).sum::<usize>();
+    let wanted = before.iter().sum::<usize>() + 3;
+    wait_until("two more runs", Duration::from_secs(60), || {
+        total(&repos) >= wanted
+    });
 
     // No two runs overlapped, on any instance, before or after the kill. A run without an end is
     // still going (then nothing may start after it) or was killed (its lock went with its
