@@ -103,6 +103,30 @@ fn federation_requests(log: impl Fn() -> Vec<String>, media_id: &str, at_least: 
     n
 }
 
+/// Uploads `body` as `name` through `hs`'s front door with `token`; returns the mxc URI.
+fn upload(
+    tls: &testkit::TestCerts,
+    hs: &testkit::Homeserver,
+    token: &str,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+) -> String {
+    let up = tls.send(
+        "POST",
+        &format!(
+            "{}/_matrix/media/v3/upload?filename={}",
+            hs.base_url(),
+            support::encode(name)
+        ),
+        &[("Authorization", &format!("Bearer {token}"))],
+        Some(content_type),
+        body,
+    );
+    assert_eq!(up.status, 200, "{}", up.text());
+    up.json()["content_uri"].as_str().unwrap().to_owned()
+}
+
 #[test]
 fn two_synapses_exchange_media_through_mmrctl() {
     let d = deploy(false);
@@ -114,19 +138,7 @@ fn two_synapses_exchange_media_through_mmrctl() {
     // alice@A uploads through A's front door: it lands in mmrctl.
     let file = sample(180_000, 7);
     let name = "日本 ☕.png";
-    let up = tls.send(
-        "POST",
-        &format!(
-            "{}/_matrix/media/v3/upload?filename={}",
-            a.base_url(),
-            support::encode(name)
-        ),
-        &[("Authorization", &bearer(&alice))],
-        Some("img/png"),
-        &file,
-    );
-    assert_eq!(up.status, 200, "{}\n{}", up.text(), d.repos[0].log());
-    let mxc = up.json()["content_uri"].as_str().unwrap().to_owned();
+    let mxc = upload(tls, a, &alice, name, "img/png", &file);
     let id = mxc.rsplit('/').next().unwrap().to_owned();
     assert_eq!(mxc, format!("mxc://{}/{id}", a.server_name()));
     assert_eq!(d.repos[0].media_rows(), 1);
@@ -165,21 +177,8 @@ fn two_synapses_exchange_media_through_mmrctl() {
     // bob@B uploads to B's own media repo; alice@A downloads it through mmrctl, which signs as A
     // with the merged key, and B verifies that against A's published keys.
     let bob_file = sample(90_000, 8);
-    let up = tls.send(
-        "POST",
-        &format!("{}/_matrix/media/v3/upload?filename=bob.bin", b.base_url()),
-        &[("Authorization", &bearer(&bob))],
-        Some("application/x-bob"),
-        &bob_file,
-    );
-    assert_eq!(up.status, 200, "{}", up.text());
-    let bob_id = up.json()["content_uri"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let bob_mxc = upload(tls, b, &bob, "bob.bin", "application/x-bob", &bob_file);
+    let bob_id = bob_mxc.rsplit('/').next().unwrap().to_owned();
     let path = format!(
         "/_matrix/client/v1/media/download/{}/{bob_id}",
         b.server_name()
@@ -231,21 +230,8 @@ fn two_mmrctl_instances_federate_with_each_other() {
     let (_, bob) = b.register_user("bob", false);
     let bearer = |t: &str| format!("Bearer {t}");
     let file = sample(250_000, 9);
-    let up = tls.send(
-        "POST",
-        &format!("{}/_matrix/media/v3/upload?filename=a.txt", a.base_url()),
-        &[("Authorization", &bearer(&alice))],
-        Some("text/plain"),
-        &file,
-    );
-    assert_eq!(up.status, 200, "{}", up.text());
-    let id = up.json()["content_uri"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let mxc = upload(tls, a, &alice, "a.txt", "text/plain", &file);
+    let id = mxc.rsplit('/').next().unwrap().to_owned();
     // bob@B asks B's mmrctl, which signs as B with B's merged key; A's mmrctl verifies it
     // against B's published keys and answers multipart, which B's mmrctl reads.
     let url = format!(
