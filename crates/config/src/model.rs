@@ -397,18 +397,30 @@ impl Default for Thumbnails {
         Thumbnails {
             max_source_bytes: 10_485_760,
             max_pixels: 32_000_000,
-            num_workers: 10,
+            // One per core.
+            num_workers: 0,
+            // The spec's five, and Element Web's 800x600 previews at device pixel ratio 2.
             sizes: vec![
                 size(32, 32),
                 size(96, 96),
                 size(320, 240),
                 size(640, 480),
                 size(800, 600),
+                size(1600, 1200),
             ],
             dynamic_sizing: false,
-            types: ["image/jpeg", "image/jpg", "image/png", "image/gif"]
-                .map(String::from)
-                .to_vec(),
+            types: [
+                "image/jpeg",
+                "image/jpg",
+                "image/png",
+                "image/apng",
+                "image/gif",
+                "image/webp",
+                "image/bmp",
+                "image/tiff",
+            ]
+            .map(String::from)
+            .to_vec(),
             allow_animated: true,
             default_animated: false,
             max_animate_size_bytes: 10_485_760,

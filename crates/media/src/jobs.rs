@@ -26,16 +26,24 @@ pub enum Job {
     ExpireReservations,
     /// Temp files a crash left in the datastores.
     StaleTempFiles,
+    /// `thumbnails.expireAfterDays`: thumbnails older than that are deleted (made again when
+    /// asked for), and their objects when nothing else uses them.
+    ExpireThumbnails,
 }
 
 impl Job {
-    pub const ALL: [Job; 2] = [Job::ExpireReservations, Job::StaleTempFiles];
+    pub const ALL: [Job; 3] = [
+        Job::ExpireReservations,
+        Job::StaleTempFiles,
+        Job::ExpireThumbnails,
+    ];
 
     /// The job's name, in logs and in its lock.
     pub fn name(self) -> &'static str {
         match self {
             Job::ExpireReservations => "expire-reservations",
             Job::StaleTempFiles => "stale-temp-files",
+            Job::ExpireThumbnails => "expire-thumbnails",
         }
     }
 
@@ -52,12 +60,12 @@ impl Job {
             Job::ExpireReservations => {
                 Duration::from_secs(config.uploads.max_age_seconds.clamp(1, 600))
             }
-            Job::StaleTempFiles => Duration::from_secs(3600),
+            Job::StaleTempFiles | Job::ExpireThumbnails => Duration::from_secs(3600),
         }
     }
 
     /// Runs the job once; says what it did.
-    pub async fn run(self, service: &Service) -> Result<String, Error> {
+    pub async fn run(self, service: &Service, config: &Config) -> Result<String, Error> {
         let store = service.store();
         Ok(match self {
             Job::ExpireReservations => {
@@ -68,6 +76,14 @@ impl Job {
                 let n = store.delete_stale_temp_files(STALE_TEMP_FILE).await?;
                 format!("{n} stale temp files deleted")
             }
+            Job::ExpireThumbnails => match config.thumbnails.expire_after_days {
+                0 => "thumbnails do not expire (thumbnails.expireAfterDays is 0)".to_owned(),
+                days => {
+                    let before = store::now_ms() - i64::from(days) * 86_400_000;
+                    let n = store.expire_thumbnails(before).await?;
+                    format!("{n} thumbnails older than {days} days deleted")
+                }
+            },
         })
     }
 }
@@ -100,7 +116,7 @@ impl Runner {
             tasks.spawn(async move {
                 loop {
                     if let Ok(_permit) = workers.acquire().await {
-                        run_once(job, &service, hold).await;
+                        run_once(job, &service, &config(), hold).await;
                     }
                     tokio::time::sleep(job.every(&config())).await;
                 }
@@ -124,7 +140,7 @@ impl Runner {
 
 /// One run: when the job is one instance's at a time, only with its lock (else another instance
 /// is running it), and stopped if the lock is lost midway.
-async fn run_once(job: Job, service: &Service, hold: Option<Duration>) {
+async fn run_once(job: Job, service: &Service, config: &Config, hold: Option<Duration>) {
     let name = job.name();
     let mut lock = if job.everywhere() {
         None
@@ -146,7 +162,7 @@ async fn run_once(job: Job, service: &Service, hold: Option<Duration>) {
         if let Some(hold) = hold {
             tokio::time::sleep(hold).await;
         }
-        job.run(service).await
+        job.run(service, config).await
     };
     let lost = async {
         match &mut lock {

@@ -11,12 +11,15 @@ mod download;
 pub mod jobs;
 mod quota;
 mod remote;
+mod thumbnails;
 mod upload;
 
 use std::sync::Arc;
 
 pub use download::Wait;
 pub use remote::{Fetch, Found, Live, load_signers};
+pub use thumbnail::Method;
+pub use thumbnails::{Thumb, ThumbnailParams, workers as thumbnail_workers};
 pub use upload::{Created, Upload};
 
 /// Why a media operation did not happen. `Store` errors keep their own meaning (limits, quotas,
@@ -46,34 +49,52 @@ pub enum Error {
     /// Remote media is larger than `downloads.maxBytes`.
     #[error("the remote media is larger than {0} bytes")]
     RemoteTooLarge(u64),
+    /// The source cannot be thumbnailed (the message says why and what).
+    #[error(transparent)]
+    Thumbnail(thumbnail::Error),
+    /// The source's format is not one the config thumbnails.
+    #[error("{0}")]
+    CannotThumbnail(String),
+    /// The source is larger than `thumbnails.maxSourceBytes`.
+    #[error("the media is larger than thumbnails.maxSourceBytes ({0} bytes)")]
+    ThumbnailSourceTooLarge(u64),
+    /// A shared operation failed for a reason that only its first waiter saw in full.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The media operations, over one store.
 #[derive(Clone)]
 pub struct Service {
     store: store::Store,
+    thumbnails: Arc<thumbnails::Thumbnailer>,
     /// `None`: remote media is never fetched (tests of local media only).
     remote: Option<Arc<remote::Remote>>,
 }
 
 impl Service {
+    /// A service that never fetches remote media (tests of local media only).
     pub fn new(store: store::Store) -> Service {
         Service {
             store,
+            thumbnails: Arc::new(thumbnails::Thumbnailer::new(2)),
             remote: None,
         }
     }
 
     /// A service that fetches remote media with `client`, signed by `signers` (see
-    /// [`load_signers`]), at most `workers` fetches at once (`downloads.numWorkers`).
+    /// [`load_signers`]), at most `workers` fetches at once (`downloads.numWorkers`), and makes
+    /// at most `thumbnail_workers` thumbnails at once ([`thumbnail_workers`]).
     pub fn with_federation(
         store: store::Store,
         client: federation::Client,
         signers: std::collections::HashMap<String, federation::Signer>,
         workers: usize,
+        thumbnail_workers: usize,
     ) -> Service {
         Service {
             store,
+            thumbnails: Arc::new(thumbnails::Thumbnailer::new(thumbnail_workers)),
             remote: Some(Arc::new(remote::Remote::new(client, signers, workers))),
         }
     }

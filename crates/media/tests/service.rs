@@ -333,7 +333,7 @@ fn the_reservation_job_deletes_only_expired_reservations() {
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(1100)).await;
             let did = media::jobs::Job::ExpireReservations
-                .run(media)
+                .run(media, config)
                 .await
                 .unwrap();
             assert_eq!(did, "1 expired reservations deleted");

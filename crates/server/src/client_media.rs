@@ -160,6 +160,39 @@ pub(crate) async fn download_authenticated(
     download(&state, &authed.ctx, &parts, path, true).await
 }
 
+/// `timeout_ms`: how long to wait for a pending upload.
+pub(crate) fn wait_param(query: Option<&str>) -> media::Wait {
+    media::Wait::from_millis(query_param(query, "timeout_ms").and_then(|t| t.parse::<u64>().ok()))
+}
+
+/// Remote media is fetched for the authenticated endpoints; the legacy ones fetch only what they
+/// may serve (not when unauthenticated media is frozen) and not with `allow_remote=false`.
+pub(crate) fn fetch_rule<'a>(
+    ctx: &'a Ctx,
+    query: Option<&str>,
+    authenticated: bool,
+) -> media::Fetch<'a> {
+    if authenticated
+        || (!ctx.config.repo.freeze_unauthenticated_media
+            && query_param(query, "allow_remote").is_none_or(|v| v != "false"))
+    {
+        media::Fetch::As(&ctx.hs.name)
+    } else {
+        media::Fetch::CachedOnly
+    }
+}
+
+/// Media uploaded after unauthenticated media was frozen is served on the authenticated
+/// endpoints only.
+pub(crate) fn check_frozen(media: &Media, authenticated: bool, endpoint: &str) -> ApiResult<()> {
+    if !authenticated && media.requires_auth {
+        return Err(ApiError::not_found(format!(
+            "This media is only served on the authenticated endpoint /_matrix/client/v1/media/{endpoint}"
+        )));
+    }
+    Ok(())
+}
+
 async fn download(
     state: &SharedState,
     ctx: &Ctx,
@@ -168,19 +201,8 @@ async fn download(
     authenticated: bool,
 ) -> ApiResult<Response> {
     let query = parts.uri.query();
-    let wait = media::Wait::from_millis(
-        query_param(query, "timeout_ms").and_then(|t| t.parse::<u64>().ok()),
-    );
-    // Remote media is fetched for the authenticated endpoint; the legacy one fetches only what
-    // it may serve (not when unauthenticated media is frozen) and not with `allow_remote=false`.
-    let fetch = if authenticated
-        || (!ctx.config.repo.freeze_unauthenticated_media
-            && query_param(query, "allow_remote").is_none_or(|v| v != "false"))
-    {
-        media::Fetch::As(&ctx.hs.name)
-    } else {
-        media::Fetch::CachedOnly
-    };
+    let wait = wait_param(query);
+    let fetch = fetch_rule(ctx, query, authenticated);
     // A plain GET may get remote media as it arrives; a range, a HEAD or a conditional request
     // waits until it is stored.
     let live_ok = parts.method == Method::GET
@@ -214,11 +236,7 @@ async fn download(
                 .map_err(|e| ApiError::internal(e.to_string()));
         }
     };
-    if !authenticated && media.requires_auth {
-        return Err(ApiError::not_found(
-            "This media is only served on the authenticated endpoint /_matrix/client/v1/media/download",
-        ));
-    }
+    check_frozen(&media, authenticated, "download")?;
     let Some(object) = media.object.clone() else {
         return Err(ApiError::not_found("Not found"));
     };
@@ -229,7 +247,7 @@ async fn download(
     serve_object(
         state,
         parts,
-        &media,
+        &media.content_type,
         &object,
         disposition_name,
         allow_redirect,
@@ -237,16 +255,16 @@ async fn download(
     .await
 }
 
-async fn serve_object(
+pub(crate) async fn serve_object(
     state: &SharedState,
     parts: &Parts,
-    media: &Media,
+    content_type: &str,
     object: &store::ObjectRef,
     file_name: Option<&str>,
     allow_redirect: bool,
 ) -> ApiResult<Response> {
     let etag = format!("\"{}\"", object.sha256);
-    let mut builder = media_headers(&media.content_type, file_name)
+    let mut builder = media_headers(content_type, file_name)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, &etag);
     if parts
@@ -324,7 +342,10 @@ async fn serve_object(
 }
 
 /// The headers every media download has: its type and name, and the security headers.
-fn media_headers(content_type: &str, file_name: Option<&str>) -> axum::http::response::Builder {
+pub(crate) fn media_headers(
+    content_type: &str,
+    file_name: Option<&str>,
+) -> axum::http::response::Builder {
     Response::builder()
         .header(
             header::CONTENT_TYPE,
@@ -348,7 +369,7 @@ fn media_headers(content_type: &str, file_name: Option<&str>) -> axum::http::res
         .header(header::CACHE_CONTROL, headers::CACHE_CONTROL)
 }
 
-fn header_value(value: &str, fallback: &'static str) -> HeaderValue {
+pub(crate) fn header_value(value: &str, fallback: &'static str) -> HeaderValue {
     HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static(fallback))
 }
 

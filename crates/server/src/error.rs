@@ -182,6 +182,31 @@ impl From<media::Error> for ApiError {
                 "M_NOT_YET_UPLOADED",
                 "Content has not yet been uploaded",
             ),
+            E::Thumbnail(e) => {
+                use thumbnail::Error as T;
+                let status = match e {
+                    T::TooManyPixels { .. } | T::TooManyFrames { .. } => {
+                        StatusCode::PAYLOAD_TOO_LARGE
+                    }
+                    T::Unsupported | T::Corrupt(_) => StatusCode::BAD_REQUEST,
+                    T::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                let errcode = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "M_TOO_LARGE"
+                } else {
+                    "M_UNKNOWN"
+                };
+                ApiError::new(status, errcode, format!("Cannot generate a thumbnail: {e}"))
+            }
+            E::CannotThumbnail(why) => ApiError::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", why),
+            E::ThumbnailSourceTooLarge(max) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                format!(
+                    "Cannot generate a thumbnail: the media is larger than thumbnails.maxSourceBytes ({max} bytes)"
+                ),
+            ),
+            E::Unavailable(why) => ApiError::unavailable(why, 5),
         }
     }
 }

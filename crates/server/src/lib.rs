@@ -19,6 +19,7 @@ mod metrics;
 mod peer;
 mod range;
 mod serve;
+mod thumbnails;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,6 +64,7 @@ impl AppState {
                 federation,
                 signers,
                 usize::try_from(config.downloads.num_workers).unwrap_or(1),
+                media::thumbnail_workers(&config),
             ),
             config: ArcSwap::from_pointee(config),
             metrics: metrics::Metrics::new(),
@@ -86,7 +88,10 @@ impl AppState {
     }
 
     pub fn metrics_text(&self) -> String {
-        self.metrics.encode(self.media.store().pool_status())
+        self.metrics.encode(
+            self.media.store().pool_status(),
+            self.media.thumbnails_generated(),
+        )
     }
 }
 
@@ -117,8 +122,20 @@ pub fn router(state: SharedState) -> Router {
             get(m::download_authenticated),
         )
         .route(
+            "/_matrix/media/{version}/thumbnail/{server}/{media_id}",
+            get(thumbnails::thumbnail_legacy),
+        )
+        .route(
+            "/_matrix/client/v1/media/thumbnail/{server}/{media_id}",
+            get(thumbnails::thumbnail_authenticated),
+        )
+        .route(
             "/_matrix/federation/v1/media/download/{media_id}",
             get(federation_media::download),
+        )
+        .route(
+            "/_matrix/federation/v1/media/thumbnail/{media_id}",
+            get(federation_media::thumbnail),
         )
         .route("/_matrix/media/{version}/config", get(m::config_legacy))
         .route("/_matrix/client/v1/media/config", get(m::config))

@@ -37,6 +37,7 @@ pub(crate) struct Metrics {
     pub(crate) bytes_out: Counter,
     pub(crate) dedup_hits: Counter,
     pub(crate) uploads: Counter,
+    thumbnails_generated: Counter,
     token_cache: Family<ResultLabels, Counter>,
     pub(crate) datastore_latency: Family<OperationLabels, Histogram>,
     pool_size: Gauge,
@@ -68,6 +69,7 @@ impl Metrics {
             bytes_out: Counter::default(),
             dedup_hits: Counter::default(),
             uploads: Counter::default(),
+            thumbnails_generated: Counter::default(),
             token_cache: Family::default(),
             datastore_latency,
             pool_size: Gauge::default(),
@@ -100,6 +102,11 @@ impl Metrics {
             "dedup_hits",
             "Uploads whose content was already stored",
             m.dedup_hits.clone(),
+        );
+        registry.register(
+            "thumbnails_generated",
+            "Thumbnail generations (identical concurrent requests share one)",
+            m.thumbnails_generated.clone(),
         );
         registry.register(
             "token_cache_lookups",
@@ -151,8 +158,10 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The exposition text, with the pool gauges read now.
-    pub(crate) fn encode(&self, pool: store::PoolStatus) -> String {
+    /// The exposition text, with the pool gauges and the media service's counts read now.
+    pub(crate) fn encode(&self, pool: store::PoolStatus, thumbnails_generated: u64) -> String {
+        self.thumbnails_generated
+            .inc_by(thumbnails_generated.saturating_sub(self.thumbnails_generated.get()));
         let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.pool_size.set(as_i64(pool.size));
         self.pool_available.set(as_i64(pool.available));

@@ -18,6 +18,7 @@ mod pipeline;
 mod s3;
 mod schema;
 mod streamcopy;
+mod thumbnails;
 mod transfer;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ pub use check::CheckReport;
 pub use datastore::{BackendError, Datastore, Datastores, Reader};
 pub use jobs::JobLock;
 pub use pipeline::{Limits, NewMedia, Quota, Target, Uploaded};
+pub use thumbnails::{StoredThumbnail, ThumbnailKey};
 pub use transfer::TransferReport;
 
 #[derive(Debug, thiserror::Error)]

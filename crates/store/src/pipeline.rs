@@ -23,9 +23,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 use crate::blockfile::{BlockWriter, Filled, Filler, PooledBlock};
 use crate::{Error, LOCK_HASH, Media, ObjectRef, Store, ids, now_ms};
 
-const SELECT_OBJECT: &str =
+pub(crate) const SELECT_OBJECT: &str =
     "SELECT size_bytes, datastore_id, location FROM objects WHERE sha256 = $1";
-const INSERT_OBJECT: &str =
+pub(crate) const INSERT_OBJECT: &str =
     "INSERT INTO objects (sha256, size_bytes, datastore_id, location, created_ts)
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sha256) DO NOTHING RETURNING 1";
 const INSERT_MEDIA: &str =
@@ -36,7 +36,7 @@ const COMPLETE_PENDING: &str =
     "UPDATE media SET sha256 = $3, content_type = $4, upload_name = $5, expires_ts = NULL
      WHERE origin = $1 AND media_id = $2 AND sha256 IS NULL AND user_id = $6 AND expires_ts > $7";
 
-fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
+pub(crate) fn object_from_row(sha256: &str, r: &tokio_postgres::Row) -> ObjectRef {
     ObjectRef {
         sha256: sha256.to_owned(),
         size: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
@@ -112,10 +112,10 @@ pub struct Uploaded {
     pub size: u64,
 }
 
-struct Written {
-    temp: tempfile::TempPath,
-    sha256: String,
-    size: u64,
+pub(crate) struct Written {
+    pub(crate) temp: tempfile::TempPath,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
 }
 
 /// Refuses the upload when recording it would take the user past `quota`. The user's lock (the
@@ -213,7 +213,7 @@ impl Store {
         })
     }
 
-    async fn object(&self, sha256: &str) -> Result<Option<ObjectRef>, Error> {
+    pub(crate) async fn object(&self, sha256: &str) -> Result<Option<ObjectRef>, Error> {
         let client = self.client().await?;
         let select = client.prepare_cached(SELECT_OBJECT).await?;
         let row = client.query_opt(&select, &[&sha256]).await?;
@@ -364,7 +364,7 @@ impl Store {
     }
 
     /// Removes an object file this upload placed, unless a row now references that content.
-    async fn remove_if_unreferenced(&self, ds_id: &str, sha256: &str, location: &str) {
+    pub(crate) async fn remove_if_unreferenced(&self, ds_id: &str, sha256: &str, location: &str) {
         let Some(ds) = self.datastores.get(ds_id) else {
             return;
         };
@@ -378,7 +378,7 @@ impl Store {
 /// blocks when the pool has one ([`write_temp_filled`]), else chunk by chunk through the page cache
 /// ([`write_temp_chunks`]). Either way the memory in flight is bounded per upload and for all
 /// uploads at once.
-async fn write_temp<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
+pub(crate) async fn write_temp<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,

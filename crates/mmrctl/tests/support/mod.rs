@@ -287,6 +287,33 @@ impl MediaRepo {
             .get(0)
     }
 
+    /// One number from the repo's own database (`SELECT COUNT(*) ...`).
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db
+            .as_ref()
+            .expect("this repo does not own its database")
+            .client()
+            .query_one(sql, &[])
+            .unwrap()
+            .get(0)
+    }
+
+    /// Runs a statement on the repo's own database.
+    pub fn execute(&self, sql: &str) {
+        self.db
+            .as_ref()
+            .expect("this repo does not own its database")
+            .client()
+            .execute(sql, &[])
+            .unwrap();
+    }
+
+    /// `GET path` as the shared secret's user on `host`.
+    pub fn get_as(&self, host: &str, path: &str) -> Response {
+        let auth = format!("Bearer {SHARED_SECRET}");
+        self.get(path, &[("Host", host), ("Authorization", &auth)])
+    }
+
     /// Files in the datastore (objects), temp files excluded.
     pub fn objects(&self) -> usize {
         count_files(&self.dir.path().join("media"), true)

@@ -1,0 +1,358 @@
+//! Thumbnails as a media operation: the request normalised to a bucket, the row looked up, and
+//! otherwise one generation per media at a time on a pool of `thumbnails.numWorkers`: requests
+//! for the same thumbnail share its result, and different sizes of one media that wait together
+//! come from one decode. Sources that cannot be thumbnailed are remembered, so that clients
+//! retrying cost nothing (MMR #647).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use config::Config;
+use store::{Media, ObjectRef, StoredThumbnail, ThumbnailKey};
+use thumbnail::{Method, Outcome};
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::{Semaphore, watch};
+
+use crate::{Error, Fetch, Service, Wait};
+
+/// What a client asked for (`width`, `height`, `method`, `animated`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThumbnailParams {
+    pub width: u32,
+    pub height: u32,
+    pub method: Method,
+    /// `None`: `thumbnails.defaultAnimated`.
+    pub animated: Option<bool>,
+}
+
+/// What a thumbnail request gets.
+#[derive(Debug, Clone)]
+pub enum Thumb {
+    /// The source fits the box: the media itself.
+    Original(Media),
+    /// A thumbnail stored earlier.
+    Stored(StoredThumbnail),
+    /// Made for this request, and stored; `bytes` is its content.
+    Made {
+        content_type: String,
+        bytes: Bytes,
+        object: ObjectRef,
+    },
+}
+
+/// How long a source that failed to thumbnail is remembered.
+const FAILURE_MEMORY: Duration = Duration::from_secs(3600);
+const MAX_REMEMBERED: u64 = 10_000;
+
+type Waiter = (
+    thumbnail::Request,
+    watch::Sender<Option<Result<Thumb, Error>>>,
+);
+
+/// One generation: the requests it serves, added to until it starts.
+#[derive(Default)]
+struct Batch {
+    started: bool,
+    wanted: Vec<Waiter>,
+}
+
+pub(crate) struct Thumbnailer {
+    workers: Arc<Semaphore>,
+    batches: Mutex<HashMap<(String, String), Vec<Arc<Mutex<Batch>>>>>,
+    failures: moka::sync::Cache<String, thumbnail::Error>,
+    generated: std::sync::atomic::AtomicU64,
+}
+
+impl Thumbnailer {
+    pub(crate) fn new(workers: usize) -> Thumbnailer {
+        Thumbnailer {
+            workers: Arc::new(Semaphore::new(workers.max(1))),
+            batches: Mutex::new(HashMap::new()),
+            failures: moka::sync::Cache::builder()
+                .max_capacity(MAX_REMEMBERED)
+                .time_to_live(FAILURE_MEMORY)
+                .build(),
+            generated: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// `thumbnails.numWorkers`, 0 meaning one per core.
+pub fn workers(config: &Config) -> usize {
+    match config.thumbnails.num_workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n as usize,
+    }
+}
+
+/// What a generation needs of the config of the request that started it.
+#[derive(Clone)]
+struct Settings {
+    limits: thumbnail::Limits,
+    types: Vec<String>,
+}
+
+impl Settings {
+    fn of(config: &Config) -> Settings {
+        let t = &config.thumbnails;
+        Settings {
+            limits: thumbnail::Limits {
+                max_pixels: t.max_pixels,
+                max_animate_bytes: t.max_animate_size_bytes,
+                still_frame: t.still_frame,
+                ..thumbnail::Limits::default()
+            },
+            types: t.types.clone(),
+        }
+    }
+}
+
+/// The error as every waiter of a generation gets it (store errors are not `Clone`).
+fn share(e: &Error) -> Error {
+    match e {
+        Error::Thumbnail(t) => Error::Thumbnail(t.clone()),
+        Error::ThumbnailSourceTooLarge(n) => Error::ThumbnailSourceTooLarge(*n),
+        Error::CannotThumbnail(why) => Error::CannotThumbnail(why.clone()),
+        other => Error::Unavailable(other.to_string()),
+    }
+}
+
+impl Service {
+    /// Thumbnails generated since start (identical concurrent requests count once).
+    pub fn thumbnails_generated(&self) -> u64 {
+        self.thumbnails
+            .generated
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The media `origin`/`media_id` and its thumbnail for `params`, waiting for a pending upload
+    /// and fetching remote media as a download does ([`Service::media`]).
+    pub async fn thumbnail(
+        &self,
+        config: &Config,
+        origin: &str,
+        media_id: &str,
+        params: ThumbnailParams,
+        wait: Wait,
+        fetch: Fetch<'_>,
+    ) -> Result<(Media, Thumb), Error> {
+        let t = &config.thumbnails;
+        let sizes: Vec<(u32, u32)> = t.sizes.iter().map(|s| (s.width, s.height)).collect();
+        let (width, height) =
+            thumbnail::bucket(params.width, params.height, &sizes, t.dynamic_sizing);
+        let animated = t.allow_animated && params.animated.unwrap_or(t.default_animated);
+        let media = self.media(config, origin, media_id, wait, fetch).await?;
+        let key = ThumbnailKey {
+            origin: media.origin.clone(),
+            media_id: media.media_id.clone(),
+            width,
+            height,
+            method: params.method.as_str(),
+            animated,
+        };
+        if let Some(stored) = self.store.thumbnail(&key).await? {
+            return Ok((media, Thumb::Stored(stored)));
+        }
+        let object = media
+            .object
+            .clone()
+            .ok_or_else(|| Error::NotFound("Not found".into()))?;
+        if t.max_source_bytes > 0 && object.size > t.max_source_bytes {
+            return Err(Error::ThumbnailSourceTooLarge(t.max_source_bytes));
+        }
+        if let Some(failure) = self.thumbnails.failures.get(&object.sha256) {
+            return Err(Error::Thumbnail(failure));
+        }
+        let request = thumbnail::Request {
+            width,
+            height,
+            method: params.method,
+            animated,
+        };
+        let mut result = self.join_batch(config, media.clone(), object, request);
+        let shared = result
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::Unavailable("the thumbnail job stopped".into()))?;
+        match shared.as_ref() {
+            Some(Ok(thumb)) => Ok((media, thumb.clone())),
+            Some(Err(e)) => Err(share(e)),
+            None => Err(Error::Unavailable("no thumbnail".into())),
+        }
+    }
+
+    /// Joins the generation that makes (or will make) `request` for this media, or starts one.
+    fn join_batch(
+        &self,
+        config: &Config,
+        media: Media,
+        object: ObjectRef,
+        request: thumbnail::Request,
+    ) -> watch::Receiver<Option<Result<Thumb, Error>>> {
+        let key = (media.origin.clone(), media.media_id.clone());
+        let mut batches = self
+            .thumbnails
+            .batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = batches.entry(key.clone()).or_default();
+        let mut open = None;
+        for batch in list.iter() {
+            let mut b = batch
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, tx)) = b.wanted.iter().find(|(r, _)| *r == request) {
+                return tx.subscribe();
+            }
+            if !b.started && open.is_none() {
+                let (tx, rx) = watch::channel(None);
+                b.wanted.push((request, tx));
+                open = Some(rx);
+            }
+        }
+        if let Some(rx) = open {
+            return rx;
+        }
+        let (tx, rx) = watch::channel(None);
+        let batch = Arc::new(Mutex::new(Batch {
+            started: false,
+            wanted: vec![(request, tx)],
+        }));
+        list.push(batch.clone());
+        drop(batches);
+        // Its own task: a client that goes away does not stop what others wait for.
+        let service = self.clone();
+        let settings = Settings::of(config);
+        tokio::spawn(async move {
+            service.generate(&media, &object, &batch, settings).await;
+            let mut batches = service
+                .thumbnails
+                .batches
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(list) = batches.get_mut(&key) {
+                list.retain(|b| !Arc::ptr_eq(b, &batch));
+                if list.is_empty() {
+                    batches.remove(&key);
+                }
+            }
+        });
+        rx
+    }
+
+    async fn generate(
+        &self,
+        media: &Media,
+        object: &ObjectRef,
+        batch: &Mutex<Batch>,
+        settings: Settings,
+    ) {
+        let Ok(_permit) = self.thumbnails.workers.clone().acquire_owned().await else {
+            return;
+        };
+        let requests: Vec<thumbnail::Request> = {
+            let mut b = batch
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            b.started = true;
+            b.wanted.iter().map(|(r, _)| *r).collect()
+        };
+        let results = self.render(object, requests.clone(), settings).await;
+        self.thumbnails
+            .generated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let results: Vec<Result<Thumb, Error>> = match results {
+            Err(e) => requests.iter().map(|_| Err(share(&e))).collect(),
+            Ok(results) => {
+                let mut out = Vec::with_capacity(results.len());
+                for (request, result) in requests.iter().zip(results) {
+                    out.push(self.keep(media, object, request, result).await);
+                }
+                out
+            }
+        };
+        let b = batch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ((_, tx), result) in b.wanted.iter().zip(results) {
+            tx.send_replace(Some(result));
+        }
+    }
+
+    /// Reads the source (at most `maxSourceBytes`, checked before), checks its sniffed format
+    /// against `thumbnails.types`, and renders on the blocking pool; a source that fails as a
+    /// whole is remembered.
+    async fn render(
+        &self,
+        object: &ObjectRef,
+        requests: Vec<thumbnail::Request>,
+        settings: Settings,
+    ) -> Result<Vec<Result<Outcome, thumbnail::Error>>, Error> {
+        let mut reader = self.store.read(object, 0, None).await?;
+        let mut data = Vec::with_capacity(usize::try_from(object.size).unwrap_or(0));
+        reader
+            .read_to_end(&mut data)
+            .await
+            .map_err(|e| Error::Unavailable(format!("reading the media: {e}")))?;
+        if let Some(format) = thumbnail::sniff(&data)
+            && !thumbnail::listed(format, &settings.types)
+        {
+            return Err(Error::CannotThumbnail(format!(
+                "Thumbnails are not made for {} (it is not in thumbnails.types)",
+                format.mime()
+            )));
+        }
+        let limits = settings.limits;
+        let rendered =
+            tokio::task::spawn_blocking(move || thumbnail::render(&data, &requests, &limits))
+                .await
+                .map_err(|e| Error::Unavailable(format!("the thumbnail worker failed: {e}")))?;
+        rendered.map_err(|e| {
+            self.thumbnails
+                .failures
+                .insert(object.sha256.clone(), e.clone());
+            Error::Thumbnail(e)
+        })
+    }
+
+    /// Stores one rendered result and says what its request gets.
+    async fn keep(
+        &self,
+        media: &Media,
+        object: &ObjectRef,
+        request: &thumbnail::Request,
+        result: Result<Outcome, thumbnail::Error>,
+    ) -> Result<Thumb, Error> {
+        let key = ThumbnailKey {
+            origin: media.origin.clone(),
+            media_id: media.media_id.clone(),
+            width: request.width,
+            height: request.height,
+            method: request.method.as_str(),
+            animated: request.animated,
+        };
+        match result {
+            Err(e) => Err(Error::Thumbnail(e)),
+            Ok(Outcome::Original) => {
+                self.store
+                    .link_thumbnail(&key, &media.content_type, object)
+                    .await?;
+                Ok(Thumb::Original(media.clone()))
+            }
+            Ok(Outcome::Made(t)) => {
+                let bytes = Bytes::from(t.bytes);
+                let stored = self
+                    .store
+                    .put_thumbnail(&key, t.content_type, bytes.clone())
+                    .await?;
+                Ok(Thumb::Made {
+                    content_type: stored.content_type,
+                    bytes,
+                    object: stored.object,
+                })
+            }
+        }
+    }
+}

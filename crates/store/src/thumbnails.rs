@@ -1,0 +1,244 @@
+//! Thumbnail rows: one per (media, box, method, animated), each pointing at an object like a media
+//! row does (never a media row of its own: MMR #648 came from that). A thumbnail equal to other
+//! content is that content's object; a source served as its own thumbnail is a row pointing at
+//! the source's object, so that the next request needs no decoding to learn it.
+
+use bytes::Bytes;
+use config::MediaKind;
+
+use crate::pipeline::{INSERT_OBJECT, SELECT_OBJECT, object_from_row, write_temp};
+use crate::{Error, LOCK_HASH, Limits, ObjectRef, Store, now_ms};
+
+/// Which thumbnail: the box it was asked for (after bucketing), not its output size.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ThumbnailKey {
+    pub origin: String,
+    pub media_id: String,
+    pub width: u32,
+    pub height: u32,
+    pub method: &'static str,
+    pub animated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredThumbnail {
+    pub content_type: String,
+    pub object: ObjectRef,
+}
+
+const SELECT: &str = "SELECT t.content_type, t.sha256, o.size_bytes, o.datastore_id, o.location
+     FROM thumbnails t JOIN objects o ON o.sha256 = t.sha256
+     WHERE t.origin = $1 AND t.media_id = $2 AND t.width = $3 AND t.height = $4
+       AND t.method = $5 AND t.animated = $6";
+const INSERT: &str = "INSERT INTO thumbnails
+         (origin, media_id, width, height, method, animated, content_type, sha256, created_ts)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING";
+
+fn dim(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+impl Store {
+    pub async fn thumbnail(&self, key: &ThumbnailKey) -> Result<Option<StoredThumbnail>, Error> {
+        let client = self.client().await?;
+        let select = client.prepare_cached(SELECT).await?;
+        let row = client
+            .query_opt(
+                &select,
+                &[
+                    &key.origin,
+                    &key.media_id,
+                    &dim(key.width),
+                    &dim(key.height),
+                    &key.method,
+                    &key.animated,
+                ],
+            )
+            .await?;
+        Ok(row.map(|r| {
+            let sha256: String = r.get(1);
+            StoredThumbnail {
+                content_type: r.get(0),
+                object: ObjectRef {
+                    sha256,
+                    size: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                    datastore_id: r.get(3),
+                    location: r.get(4),
+                },
+            }
+        }))
+    }
+
+    /// Stores a made thumbnail in the `thumbnails` datastore and records its row. Another instance
+    /// may have recorded the same key first: its row wins, and is returned.
+    pub async fn put_thumbnail(
+        &self,
+        key: &ThumbnailKey,
+        content_type: &str,
+        bytes: Bytes,
+    ) -> Result<StoredThumbnail, Error> {
+        let ds = self
+            .datastores
+            .for_kind(MediaKind::Thumbnails)
+            .ok_or(Error::NoDatastore(MediaKind::Thumbnails))?;
+        let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(bytes) });
+        // Served right after it is written: through the page cache.
+        let limits = Limits {
+            read_soon: true,
+            ..Limits::default()
+        };
+        let written = write_temp(ds.temp_dir().to_path_buf(), body, limits).await?;
+        let placed = match self.object(&written.sha256).await? {
+            Some(_) => None,
+            None => Some(ds.place(&written.temp, &written.sha256).await?),
+        };
+        let result = self
+            .record_thumbnail(key, content_type, &written, ds.id(), placed.as_deref())
+            .await;
+        if result.is_err()
+            && let Some(location) = &placed
+        {
+            self.remove_if_unreferenced(ds.id(), &written.sha256, location)
+                .await;
+        }
+        result
+    }
+
+    async fn record_thumbnail(
+        &self,
+        key: &ThumbnailKey,
+        content_type: &str,
+        written: &crate::pipeline::Written,
+        ds_id: &str,
+        placed: Option<&str>,
+    ) -> Result<StoredThumbnail, Error> {
+        let ds = self
+            .datastores
+            .get(ds_id)
+            .ok_or_else(|| Error::UnknownDatastore(ds_id.to_owned()))?;
+        let size = i64::try_from(written.size).unwrap_or(i64::MAX);
+        let sha256 = written.sha256.as_str();
+        let location = placed.map_or_else(|| ds.location_for(sha256), ToOwned::to_owned);
+        let now = now_ms();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.query_one(LOCK_HASH, &[&sha256]).await?;
+        let inserted = tx
+            .query_opt(INSERT_OBJECT, &[&sha256, &size, &ds_id, &location, &now])
+            .await?;
+        if inserted.is_some() && (placed.is_none() || !ds.exists(&location).await?) {
+            // Under the lock: a purge of an earlier object with this hash may have removed the file.
+            ds.place(&written.temp, sha256).await?;
+        }
+        tx.execute(
+            INSERT,
+            &[
+                &key.origin,
+                &key.media_id,
+                &dim(key.width),
+                &dim(key.height),
+                &key.method,
+                &key.animated,
+                &content_type,
+                &sha256,
+                &now,
+            ],
+        )
+        .await?;
+        let object_row = tx.query_one(SELECT_OBJECT, &[&sha256]).await?;
+        tx.commit().await?;
+        let ours = StoredThumbnail {
+            content_type: content_type.to_owned(),
+            object: object_from_row(sha256, &object_row),
+        };
+        // Another instance's row for this key may predate ours (ON CONFLICT DO NOTHING).
+        Ok(self.thumbnail(key).await?.unwrap_or(ours))
+    }
+
+    /// Records that `object` (the source's own content) is the thumbnail for `key`.
+    pub async fn link_thumbnail(
+        &self,
+        key: &ThumbnailKey,
+        content_type: &str,
+        object: &ObjectRef,
+    ) -> Result<(), Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Under the hash lock, so that the object cannot be purged between the check and the row.
+        tx.query_one(LOCK_HASH, &[&object.sha256]).await?;
+        tx.execute(
+            INSERT,
+            &[
+                &key.origin,
+                &key.media_id,
+                &dim(key.width),
+                &dim(key.height),
+                &key.method,
+                &key.animated,
+                &content_type,
+                &object.sha256,
+                &now_ms(),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes thumbnail rows made before `before_ms`, and then each object no row references
+    /// any more (under its hash lock). Works in batches; returns how many rows went.
+    pub async fn expire_thumbnails(&self, before_ms: i64) -> Result<u64, Error> {
+        const BATCH: i64 = 500;
+        let mut total = 0;
+        loop {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            let rows = tx
+                .query(
+                    "DELETE FROM thumbnails WHERE ctid IN (
+                         SELECT ctid FROM thumbnails WHERE created_ts < $1 LIMIT $2)
+                     RETURNING sha256",
+                    &[&before_ms, &BATCH],
+                )
+                .await?;
+            tx.commit().await?;
+            let n = rows.len() as u64;
+            total += n;
+            let mut hashes: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            hashes.sort();
+            hashes.dedup();
+            for sha256 in hashes {
+                self.delete_object_if_unused(&sha256).await?;
+            }
+            if n < BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Deletes the object `sha256` (row and file) when no media or thumbnail row references it,
+    /// decided under its hash lock, held until the file is gone, so that no upload of the same
+    /// content can link to the file in between (as `delete_unreferenced`).
+    pub(crate) async fn delete_object_if_unused(&self, sha256: &str) -> Result<bool, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.query_one(LOCK_HASH, &[&sha256]).await?;
+        let deleted = tx
+            .query_opt(
+                "DELETE FROM objects o WHERE o.sha256 = $1
+                   AND NOT EXISTS (SELECT 1 FROM media WHERE sha256 = $1)
+                   AND NOT EXISTS (SELECT 1 FROM thumbnails WHERE sha256 = $1)
+                 RETURNING datastore_id, location",
+                &[&sha256],
+            )
+            .await?;
+        if let Some(row) = &deleted {
+            let (ds_id, location): (String, String) = (row.get(0), row.get(1));
+            if let Some(ds) = self.datastores.get(&ds_id) {
+                ds.delete(&location).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(deleted.is_some())
+    }
+}

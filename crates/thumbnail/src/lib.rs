@@ -1,0 +1,439 @@
+//! Thumbnails from untrusted bytes. Everything is read from the header before any pixel buffer
+//! exists: the format from the signature, the size, the frame count and the EXIF orientation.
+//! Over `max_pixels` (or an animation over its budget) nothing is decoded. JPEG decodes at the
+//! smallest DCT scale that covers the output (`jpeg`); the other formats through the `image`
+//! crate's pure-Rust decoders with their allocation limit. Resizing is `fast_image_resize`'s
+//! Lanczos3 with premultiplied alpha. All sizes of one call come from one decode.
+//!
+//! Decoders may panic on malicious input (`image` says so; libjpeg unwinds on errors): [`render`]
+//! catches that and reports [`Error::Corrupt`], so one bad file is one refused request.
+//!
+//! Synchronous and CPU-bound: the caller runs it on a bounded pool.
+
+mod animated;
+mod jpeg;
+mod raster;
+mod sizes;
+mod sniff;
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use image::metadata::Orientation;
+
+pub use sizes::{Geometry, Method, bucket, geometry};
+pub use sniff::{Format, listed, sniff};
+
+/// Why no thumbnail was made. Every variant but [`Error::Encode`] is about the source, and the
+/// same source fails the same way again (callers may remember it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("the media is not an image format that can be thumbnailed")]
+    Unsupported,
+    #[error("the image has {pixels} pixels, more than thumbnails.maxPixels ({max})")]
+    TooManyPixels { pixels: u64, max: u64 },
+    #[error("the animation has {frames} frames, more than the {max} that are read")]
+    TooManyFrames { frames: u64, max: u64 },
+    #[error("the image could not be decoded: {0}")]
+    Corrupt(String),
+    #[error("the thumbnail could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// The bounds of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Pixels of the source (of its canvas, for an animation); `thumbnails.maxPixels`.
+    pub max_pixels: u64,
+    /// Larger sources get a still frame, never an animation; `thumbnails.maxAnimateSizeBytes`.
+    pub max_animate_bytes: u64,
+    /// Where in an animation the still frame is, 0 to 1; `thumbnails.stillFrame`.
+    pub still_frame: f64,
+    /// An animation still being made then becomes a still frame (checked between frames).
+    pub animation_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_pixels: 32_000_000,
+            max_animate_bytes: 10 * 1024 * 1024,
+            still_frame: 0.5,
+            animation_time: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One requested thumbnail: the box (already a bucket, see [`bucket`]) and how to fill it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Request {
+    pub width: u32,
+    pub height: u32,
+    pub method: Method,
+    pub animated: bool,
+}
+
+/// What a request gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The source fits the box and clients show it as it is: serve the original.
+    Original,
+    Made(Thumbnail),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thumbnail {
+    pub bytes: Vec<u8>,
+    pub content_type: &'static str,
+    pub width: u32,
+    pub height: u32,
+    pub animated: bool,
+}
+
+/// What the header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    pub format: Format,
+    /// As displayed (EXIF orientation applied).
+    pub width: u32,
+    pub height: u32,
+    pub orientation: Orientation,
+    /// Set for a source with more than one frame.
+    pub animation: Option<Animation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Animation {
+    pub frames: u64,
+    /// The frames' pixels summed (each frame's own rectangle where the format has one).
+    pub area: u64,
+}
+
+/// Animations are read only up to this many frames; beyond, the file is refused.
+pub const MAX_FRAMES: u64 = 1000;
+/// An animated thumbnail is made only when the source's frames sum to at most this many pixels
+/// (about a second of decoding); otherwise the still frame is served.
+pub const ANIMATION_PIXELS: u64 = 150_000_000;
+/// … and at most this many frames are written (frames are merged, keeping the duration).
+pub const MAX_OUTPUT_FRAMES: u64 = 200;
+/// … and only for boxes up to this size (larger animated thumbnails cost more than the original).
+pub const MAX_ANIMATED_BOX: (u32, u32) = (800, 600);
+
+/// Reads the header of `data`.
+pub fn inspect(data: &[u8]) -> Result<Source, Error> {
+    catching(|| inspect_inner(data))
+}
+
+fn inspect_inner(data: &[u8]) -> Result<Source, Error> {
+    let format = sniff(data).ok_or(Error::Unsupported)?;
+    let ((w, h), orientation) = match format {
+        Format::Jpeg => jpeg::header(data)?,
+        other => raster::header(data, other)?,
+    };
+    let (width, height) = if swaps_axes(orientation) {
+        (h, w)
+    } else {
+        (w, h)
+    };
+    let animation = animated::inspect(data, format, (w, h))?;
+    Ok(Source {
+        format,
+        width,
+        height,
+        orientation,
+        animation,
+    })
+}
+
+/// Every request's thumbnail of `data`, from one decode. The header is checked against `limits`
+/// first; a source over them fails every request alike.
+pub fn render(
+    data: &[u8],
+    requests: &[Request],
+    limits: &Limits,
+) -> Result<Vec<Result<Outcome, Error>>, Error> {
+    catching(|| {
+        let source = inspect_inner(data)?;
+        let pixels = u64::from(source.width) * u64::from(source.height);
+        if pixels > limits.max_pixels {
+            return Err(Error::TooManyPixels {
+                pixels,
+                max: limits.max_pixels,
+            });
+        }
+        if let Some(a) = source.animation
+            && a.frames > MAX_FRAMES
+        {
+            return Err(Error::TooManyFrames {
+                frames: a.frames,
+                max: MAX_FRAMES,
+            });
+        }
+        Ok(render_checked(data, &source, requests, limits))
+    })
+}
+
+fn render_checked(
+    data: &[u8],
+    source: &Source,
+    requests: &[Request],
+    limits: &Limits,
+) -> Vec<Result<Outcome, Error>> {
+    let size = (source.width, source.height);
+    let plans: Vec<Option<Geometry>> = requests
+        .iter()
+        .map(|r| geometry(size, (r.width, r.height), r.method))
+        .collect();
+    let deadline = Instant::now() + limits.animation_time;
+    let mut results: Vec<Option<Result<Outcome, Error>>> = vec![None; requests.len()];
+    // Animated thumbnails first, each its own pass over the frames; what cannot be animated
+    // joins the still requests.
+    for (i, request) in requests.iter().enumerate() {
+        if let (true, Some(animation), Some(g)) = (request.animated, source.animation, plans[i])
+            && animation_allowed(data, animation, request, limits)
+        {
+            match animated::render(data, source, &g, deadline) {
+                Ok(Some(t)) => results[i] = Some(Ok(Outcome::Made(t))),
+                Ok(None) => {}
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+    }
+    let still: Vec<usize> = (0..requests.len())
+        .filter(|&i| results[i].is_none())
+        .collect();
+    let needs_pixels: Vec<usize> = still
+        .iter()
+        .copied()
+        .filter(|&i| plans[i].is_some() || !source.format.clients_render())
+        .collect();
+    for &i in &still {
+        if plans[i].is_none() && source.format.clients_render() {
+            results[i] = Some(Ok(Outcome::Original));
+        }
+    }
+    if !needs_pixels.is_empty() {
+        // The largest output decides the decode scale.
+        let need = needs_pixels
+            .iter()
+            .map(|&i| plans[i].map_or(size, |g| g.needs(size)))
+            .fold((1, 1), |a, b| (a.0.max(b.0), a.1.max(b.1)));
+        match decode_still(data, source, need, limits) {
+            Ok(pixels) => {
+                for &i in &needs_pixels {
+                    results[i] = Some(thumbnail_of(&pixels, source, plans[i]).map(Outcome::Made));
+                }
+            }
+            Err(e) => {
+                for &i in &needs_pixels {
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(Error::Corrupt("no result".into()))))
+        .collect()
+}
+
+fn animation_allowed(data: &[u8], a: Animation, request: &Request, limits: &Limits) -> bool {
+    data.len() as u64 <= limits.max_animate_bytes
+        && a.area <= ANIMATION_PIXELS
+        && request.width <= MAX_ANIMATED_BOX.0
+        && request.height <= MAX_ANIMATED_BOX.1
+}
+
+/// The still image: the whole image, or an animation's `still_frame` (its first frame when the
+/// animation is over the budget, so that a still costs no more than one frame).
+fn decode_still(
+    data: &[u8],
+    source: &Source,
+    need: (u32, u32),
+    limits: &Limits,
+) -> Result<Pixels, Error> {
+    let pixels = match (source.format, source.animation) {
+        (Format::Jpeg, _) => {
+            let need = if swaps_axes(source.orientation) {
+                (need.1, need.0)
+            } else {
+                need
+            };
+            jpeg::decode(data, need)?
+        }
+        (format, Some(a)) if a.area <= ANIMATION_PIXELS && limits.still_frame > 0.0 => {
+            let index = ((a.frames - 1) as f64 * limits.still_frame.clamp(0.0, 1.0)) as u64;
+            animated::frame(data, format, index)?
+        }
+        (format, _) => raster::decode(data, format, limits.max_pixels)?,
+    };
+    Ok(pixels.oriented(source.orientation))
+}
+
+fn thumbnail_of(
+    pixels: &Pixels,
+    source: &Source,
+    plan: Option<Geometry>,
+) -> Result<Thumbnail, Error> {
+    // No plan: the source fits but clients cannot show its format; re-encoded at its size.
+    let geometry = plan.unwrap_or(Geometry {
+        width: source.width,
+        height: source.height,
+        crop: (0.0, 0.0, f64::from(source.width), f64::from(source.height)),
+    });
+    let resized = pixels.resize(&geometry, (source.width, source.height))?;
+    resized.encode(source.format == Format::Jpeg, false)
+}
+
+fn swaps_axes(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// Runs a decoder, turning its panic (or libjpeg's unwinding error) into [`Error::Corrupt`].
+fn catching<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("the decoder failed");
+        Err(Error::Corrupt(message.to_owned()))
+    })
+}
+
+/// 8-bit RGB or RGBA pixels, row after row.
+#[derive(Debug, Clone)]
+pub(crate) struct Pixels {
+    width: u32,
+    height: u32,
+    alpha: bool,
+    data: Vec<u8>,
+}
+
+impl Pixels {
+    pub(crate) fn rgb(width: u32, height: u32, data: Vec<u8>) -> Pixels {
+        Pixels {
+            width,
+            height,
+            alpha: false,
+            data,
+        }
+    }
+
+    pub(crate) fn from_image(image: image::DynamicImage) -> Pixels {
+        let (width, height) = (image.width(), image.height());
+        if image.color().has_alpha() {
+            let data = image.into_rgba8().into_raw();
+            // Fully opaque RGBA (GIF frames, most PNGs) is RGB: smaller files, faster resizes.
+            if data.chunks_exact(4).all(|p| p[3] == 255) {
+                let rgb = data
+                    .chunks_exact(4)
+                    .flat_map(|p| [p[0], p[1], p[2]])
+                    .collect();
+                return Pixels::rgb(width, height, rgb);
+            }
+            Pixels {
+                width,
+                height,
+                alpha: true,
+                data,
+            }
+        } else {
+            Pixels::rgb(width, height, image.into_rgb8().into_raw())
+        }
+    }
+
+    fn into_image(self) -> Option<image::DynamicImage> {
+        if self.alpha {
+            image::RgbaImage::from_raw(self.width, self.height, self.data)
+                .map(image::DynamicImage::ImageRgba8)
+        } else {
+            image::RgbImage::from_raw(self.width, self.height, self.data)
+                .map(image::DynamicImage::ImageRgb8)
+        }
+    }
+
+    fn oriented(self, orientation: Orientation) -> Pixels {
+        if orientation == Orientation::NoTransforms {
+            return self;
+        }
+        match self.clone().into_image() {
+            Some(mut image) => {
+                image.apply_orientation(orientation);
+                Pixels::from_image(image)
+            }
+            None => self,
+        }
+    }
+
+    /// Resizes to `g` (whose crop box is in `source` pixels; these pixels may be a DCT-scaled
+    /// decode of it).
+    pub(crate) fn resize(&self, g: &Geometry, source: (u32, u32)) -> Result<Pixels, Error> {
+        use fast_image_resize as fr;
+        let pixel_type = if self.alpha {
+            fr::PixelType::U8x4
+        } else {
+            fr::PixelType::U8x3
+        };
+        let sx = f64::from(self.width) / f64::from(source.0.max(1));
+        let sy = f64::from(self.height) / f64::from(source.1.max(1));
+        let (left, top, w, h) = g.crop;
+        let src = fr::images::ImageRef::new(self.width, self.height, &self.data, pixel_type)
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let mut dst = fr::images::Image::new(g.width, g.height, pixel_type);
+        let options = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3))
+            .crop(left * sx, top * sy, w * sx, h * sy);
+        fr::Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        Ok(Pixels {
+            width: g.width,
+            height: g.height,
+            alpha: self.alpha,
+            data: dst.into_vec(),
+        })
+    }
+
+    /// JPEG for JPEG sources (they have no alpha), PNG otherwise.
+    pub(crate) fn encode(self, as_jpeg: bool, animated: bool) -> Result<Thumbnail, Error> {
+        let (width, height) = (self.width, self.height);
+        let (bytes, content_type) = if as_jpeg && !self.alpha {
+            (jpeg::encode(width, height, &self.data)?, "image/jpeg")
+        } else {
+            (raster::encode_png(&self)?, "image/png")
+        };
+        Ok(Thumbnail {
+            bytes,
+            content_type,
+            width,
+            height,
+            animated,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_decoder_is_a_refused_file() {
+        let r: Result<(), Error> = catching(|| panic!("boom"));
+        assert_eq!(r, Err(Error::Corrupt("boom".into())));
+    }
+
+    #[test]
+    fn garbage_is_unsupported_not_a_panic() {
+        assert_eq!(inspect(b"hello world"), Err(Error::Unsupported));
+        for data in [&b"\xFF\xD8\xFF\xE0\x00\x10JFIF"[..], b"\x89PNG\r\n\x1a\nxx", b"GIF89a\x01"] {
+            assert!(matches!(inspect(data), Err(Error::Corrupt(_))), "{data:?}");
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! What the bytes are, from their first bytes: the uploader's Content-Type decides nothing.
+
+/// The formats we can thumbnail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    Jpeg,
+    /// PNG, APNG included (told apart by the header's `acTL`).
+    Png,
+    Gif,
+    Webp,
+    Bmp,
+    Tiff,
+}
+
+impl Format {
+    /// The media type that `thumbnails.types` lists for this format.
+    pub fn mime(self) -> &'static str {
+        match self {
+            Format::Jpeg => "image/jpeg",
+            Format::Png => "image/png",
+            Format::Gif => "image/gif",
+            Format::Webp => "image/webp",
+            Format::Bmp => "image/bmp",
+            Format::Tiff => "image/tiff",
+        }
+    }
+
+    /// Every browser and Matrix client shows it as it is, so a source smaller than the
+    /// requested size can be served as the thumbnail (TIFF and BMP are re-encoded instead).
+    pub fn clients_render(self) -> bool {
+        matches!(
+            self,
+            Format::Jpeg | Format::Png | Format::Gif | Format::Webp
+        )
+    }
+}
+
+/// The format of `data`, from its signature.
+pub fn sniff(data: &[u8]) -> Option<Format> {
+    let starts = |sig: &[u8]| data.starts_with(sig);
+    if starts(&[0xFF, 0xD8, 0xFF]) {
+        Some(Format::Jpeg)
+    } else if starts(b"\x89PNG\r\n\x1a\n") {
+        Some(Format::Png)
+    } else if starts(b"GIF87a") || starts(b"GIF89a") {
+        Some(Format::Gif)
+    } else if data.len() >= 12 && starts(b"RIFF") && &data[8..12] == b"WEBP" {
+        Some(Format::Webp)
+    } else if starts(b"BM") && data.len() >= 26 {
+        Some(Format::Bmp)
+    } else if starts(b"II*\0") || starts(b"MM\0*") {
+        Some(Format::Tiff)
+    } else {
+        None
+    }
+}
+
+/// The media types `thumbnails.types` may name for `format` (MMR's configs list `image/jpg` and
+/// `image/apng` too).
+pub fn listed(format: Format, types: &[String]) -> bool {
+    let aliases: &[&str] = match format {
+        Format::Jpeg => &["image/jpeg", "image/jpg", "image/pjpeg"],
+        Format::Png => &["image/png", "image/apng"],
+        Format::Bmp => &["image/bmp", "image/x-bmp"],
+        other => &[other.mime()],
+    };
+    types
+        .iter()
+        .any(|t| aliases.iter().any(|a| t.trim().eq_ignore_ascii_case(a)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_decide_not_extensions() {
+        assert_eq!(sniff(b"\xFF\xD8\xFF\xE0rest"), Some(Format::Jpeg));
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n...."), Some(Format::Png));
+        assert_eq!(sniff(b"GIF89a......"), Some(Format::Gif));
+        assert_eq!(sniff(b"RIFF\x10\0\0\0WEBPVP8 "), Some(Format::Webp));
+        assert_eq!(sniff(b"RIFF\x10\0\0\0WAVEfmt "), None);
+        assert_eq!(sniff(b"II*\0\x08\0\0\0"), Some(Format::Tiff));
+        assert_eq!(sniff(b"<svg xmlns="), None);
+        assert_eq!(sniff(b""), None);
+        assert_eq!(sniff(b"BM"), None, "too short for a BMP header");
+    }
+
+    #[test]
+    fn listed_types_accept_mmr_aliases() {
+        let types = vec!["image/jpg".to_owned(), "IMAGE/APNG".to_owned()];
+        assert!(listed(Format::Jpeg, &types));
+        assert!(listed(Format::Png, &types));
+        assert!(!listed(Format::Gif, &types));
+    }
+}
