@@ -7,7 +7,8 @@ use anyhow::Result;
 use crate::util::{self, note};
 use crate::{postgres, tools};
 
-/// Provides what the suite needs (Postgres, the tools venv, systemd-analyze, nginx), then runs it with
+/// Provides what the suite needs (Postgres, the tools venv, systemd-analyze, nginx, nasm for the
+/// JPEG decoder's SIMD), then runs it with
 /// `extra` passed to the runner. Returns the runner's exit code.
 pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
     let target = util::target_dir();
@@ -16,9 +17,11 @@ pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
     let tools_bin = tools::ensure_venv(&target)?;
     tools::ensure_systemd_analyze()?;
     let nginx = tools::ensure_nginx(&target)?;
+    let path = tools::path_with(&tools::ensure_nasm(&target)?);
 
     let with_env = |cmd: &mut Command| {
-        cmd.env(postgres::URL_VAR, &pg.url)
+        cmd.env("PATH", &path)
+            .env(postgres::URL_VAR, &pg.url)
             .env(tools::TOOLS_BIN_VAR, &tools_bin)
             .env(tools::NGINX_VAR, &nginx);
     };
@@ -87,9 +90,10 @@ pub(crate) fn ci() -> Result<ExitCode> {
             "warnings",
         ],
     ];
+    let path = tools::path_with(&tools::ensure_nasm(&util::target_dir())?);
     for args in steps {
         let mut cmd = util::cargo();
-        cmd.args(args);
+        cmd.args(args).env("PATH", &path);
         note!("running `{}`", util::display_cargo(&cmd));
         let status = util::run_status(&mut cmd)?;
         if !status.success() {

@@ -170,52 +170,99 @@ pub(crate) fn ensure_systemd_analyze() -> Result<()> {
 /// `<target>/nginx` (downloaded once with `apt-get download`, never installed: its postinst
 /// could start a system nginx on port 80).
 pub(crate) fn ensure_nginx(target: &Path) -> Result<PathBuf> {
-    if let Some(path) = util::find_on_path("nginx") {
-        note!("nginx at {}", path.display());
+    ensure_unpacked(
+        target,
+        "nginx",
+        &["nginx", "nginx-common"],
+        "usr/sbin/nginx",
+        "-v",
+    )
+}
+
+/// nasm, for the SIMD parts of libjpeg-turbo that mozjpeg-sys builds (without it the build works,
+/// and full-size JPEG decodes take about twice as long).
+pub(crate) fn ensure_nasm(target: &Path) -> Result<PathBuf> {
+    ensure_unpacked(target, "nasm", &["nasm"], "usr/bin/nasm", "-v")
+}
+
+/// libjpeg-turbo's `djpeg`: the thumbnail bench's physical limit (`djpeg -scale 1/8`).
+pub(crate) fn ensure_djpeg(target: &Path) -> Result<PathBuf> {
+    ensure_unpacked(
+        target,
+        "djpeg",
+        &["libjpeg-turbo-progs"],
+        "usr/bin/djpeg",
+        "-version",
+    )
+}
+
+/// `PATH` with the directory of `tool` first, for the cargo commands we run (build scripts find
+/// nasm there).
+pub(crate) fn path_with(tool: &Path) -> std::ffi::OsString {
+    let mut dirs: Vec<PathBuf> = tool.parent().map(Path::to_path_buf).into_iter().collect();
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    std::env::join_paths(dirs).unwrap_or_default()
+}
+
+/// `tool` from PATH, else Debian's `packages` unpacked under `<target>/<tool>` (downloaded once
+/// with `apt-get download`, never installed, so no service starts), checked by running it with
+/// `version_flag`.
+fn ensure_unpacked(
+    target: &Path,
+    tool: &str,
+    packages: &[&str],
+    inside: &str,
+    version_flag: &str,
+) -> Result<PathBuf> {
+    if let Some(path) = util::find_on_path(tool) {
+        note!("{tool} at {}", path.display());
         return Ok(path);
     }
-    let root = target.join("nginx");
-    let nginx = root.join("usr").join("sbin").join("nginx");
-    if !util::is_executable(&nginx) {
-        unpack_nginx(target, &root)?;
+    let root = target.join(tool);
+    let binary = root.join(inside);
+    let how = format!(
+        "install {} (`apt-get install {}`) or put a {tool} binary on PATH",
+        packages[0], packages[0]
+    );
+    if !util::is_executable(&binary) {
+        unpack(target, &root, tool, packages, &how)?;
     }
-    if !util::is_executable(&nginx) {
+    if !util::is_executable(&binary) {
         bail!(
-            "unpacked Debian's nginx packages into {} but there is no {}; install nginx \
-             (`apt-get install nginx`) or put an nginx binary on PATH",
+            "unpacked Debian's {} into {} but there is no {}; {how}",
+            packages.join(" "),
             root.display(),
-            nginx.display()
+            binary.display()
         );
     }
-    let mut version = Command::new(&nginx);
-    version.arg("-v");
+    let mut version = Command::new(&binary);
+    version.arg(version_flag);
     util::run_captured(
         &mut version,
         &format!(
-            "the unpacked nginx does not run (a shared library it needs may be missing; \
-             `ldd {}` shows which). Install nginx (`apt-get install nginx`) or put an nginx \
-             binary on PATH, or delete {} to unpack it again.",
-            nginx.display(),
-            root.display()
+            "the unpacked {tool} does not run (a shared library it needs may be missing; \
+             `ldd {}` shows which). {how}",
+            binary.display(),
         ),
     )?;
-    note!("nginx at {} (unpacked, not installed)", nginx.display());
-    Ok(nginx)
+    note!("{tool} at {} (unpacked, not installed)", binary.display());
+    Ok(binary)
 }
 
-/// `apt-get download nginx nginx-common` into `<target>/nginx-debs`, then `dpkg -x` each into
-/// `root`, both directories made afresh.
-fn unpack_nginx(target: &Path, root: &Path) -> Result<()> {
-    let how = "install nginx (`apt-get install nginx`) or put an nginx binary on PATH";
-    for tool in ["apt-get", "dpkg"] {
-        if util::find_on_path(tool).is_none() {
+/// `apt-get download <packages>` into `<target>/<tool>-debs`, then `dpkg -x` each into `root`,
+/// both directories made afresh.
+fn unpack(target: &Path, root: &Path, tool: &str, packages: &[&str], how: &str) -> Result<()> {
+    for needed in ["apt-get", "dpkg"] {
+        if util::find_on_path(needed).is_none() {
             bail!(
-                "nginx is not on PATH and there is no {tool} to fetch Debian's nginx package \
+                "{tool} is not on PATH and there is no {needed} to fetch Debian's packages \
                  with; {how}"
             );
         }
     }
-    let debs = target.join("nginx-debs");
+    let debs = target.join(format!("{tool}-debs"));
     for dir in [&debs, root] {
         if dir.exists() {
             std::fs::remove_dir_all(dir)
@@ -223,21 +270,21 @@ fn unpack_nginx(target: &Path, root: &Path) -> Result<()> {
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let list = packages.join(" ");
     note!(
-        "nginx is not on PATH: downloading Debian's nginx packages into {} (not installing them)",
+        "{tool} is not on PATH: downloading Debian's {list} into {} (not installing)",
         debs.display()
     );
     let download = || {
         let mut cmd = Command::new("apt-get");
-        cmd.args(["download", "nginx", "nginx-common"])
-            .current_dir(&debs);
+        cmd.arg("download").args(packages).current_dir(&debs);
         util::run_status(&mut cmd).is_ok_and(|s| s.success())
     };
     if !download() {
         if !util::is_root() {
             bail!(
-                "`apt-get download nginx nginx-common` failed (see its output above); the package \
-                 lists may be missing or stale: run `apt-get update` as root and try again, or {how}"
+                "`apt-get download {list}` failed (see its output above); the package lists may \
+                 be missing or stale: run `apt-get update` as root and try again, or {how}"
             );
         }
         note!("apt-get download failed: running apt-get update and trying again");
@@ -246,24 +293,24 @@ fn unpack_nginx(target: &Path, root: &Path) -> Result<()> {
         let updated = util::run_status(&mut update).is_ok_and(|s| s.success());
         if !updated || !download() {
             bail!(
-                "`apt-get download nginx nginx-common` failed (see its output above), also after \
+                "`apt-get download {list}` failed (see its output above), also after \
                  `apt-get update`; {how}"
             );
         }
     }
-    let mut packages: Vec<PathBuf> = std::fs::read_dir(&debs)
+    let mut debs_found: Vec<PathBuf> = std::fs::read_dir(&debs)
         .with_context(|| format!("cannot list {}", debs.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|e| e == "deb"))
         .collect();
-    packages.sort();
-    if packages.is_empty() {
+    debs_found.sort();
+    if debs_found.is_empty() {
         bail!(
-            "`apt-get download nginx nginx-common` left no .deb in {}; {how}",
+            "`apt-get download {list}` left no .deb in {}; {how}",
             debs.display()
         );
     }
-    for deb in &packages {
+    for deb in &debs_found {
         let mut cmd = Command::new("dpkg");
         cmd.arg("-x").arg(deb).arg(root);
         util::run_captured(

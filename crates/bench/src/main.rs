@@ -27,6 +27,7 @@ mod limits;
 mod load;
 mod procfs;
 mod servers;
+mod thumbnails;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,6 +127,8 @@ struct Options {
     phases: Phases,
     /// The federation bench instead of the serve one.
     federation: bool,
+    /// The thumbnail bench instead of the serve one.
+    thumbnails: bool,
     quick: bool,
 }
 
@@ -139,13 +142,14 @@ struct Phases {
 }
 
 const USAGE: &str = "usage: mmrctl-bench [--mmrctl PATH] [--quick] [--mmrctl-only] \
-                     [--phases upload,download,small,clients] | [--federation]";
+                     [--phases upload,download,small,clients] | [--federation] | [--thumbnails]";
 
 fn options() -> Result<Options> {
     let mut mmrctl = None;
     let mut sizes = FULL;
     let mut mmrctl_only = false;
     let mut federation = false;
+    let mut thumbnails = false;
     let mut quick = false;
     let mut phases = Phases {
         upload: true,
@@ -164,6 +168,7 @@ fn options() -> Result<Options> {
                 quick = true;
             }
             Some("--federation") => federation = true,
+            Some("--thumbnails") => thumbnails = true,
             Some("--mmrctl-only") => mmrctl_only = true,
             Some("--phases") => {
                 let list = args.next().context(USAGE)?;
@@ -203,12 +208,13 @@ fn options() -> Result<Options> {
         mmrctl_only,
         phases,
         federation,
+        thumbnails,
         quick,
     })
 }
 
 /// The 1-minute load average: what else the machine was doing, for the record.
-fn loadavg() -> f64 {
+pub(crate) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
@@ -219,7 +225,7 @@ fn loadavg() -> f64 {
 /// figures are not someone else's build; returns how busy it was when measuring started. First it
 /// writes out what other work left in the page cache: that writeback (a build's hundreds of MB)
 /// would otherwise share the disk with the measures.
-fn wait_until_quiet() -> f64 {
+pub(crate) fn wait_until_quiet() -> f64 {
     rustix::fs::sync();
     const QUIET: f64 = 10.0;
     let window = Duration::from_secs(2);
@@ -254,8 +260,17 @@ fn run() -> Result<()> {
         mmrctl_only,
         phases,
         federation,
+        thumbnails,
         quick,
     } = options()?;
+    if thumbnails {
+        let sizes = if quick {
+            thumbnails::QUICK
+        } else {
+            thumbnails::FULL
+        };
+        return thumbnails::run(&mmrctl, sizes);
+    }
     if federation {
         let sizes = if quick {
             federation::QUICK
@@ -642,7 +657,7 @@ impl Cpu {
     }
 }
 
-fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

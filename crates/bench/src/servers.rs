@@ -178,6 +178,14 @@ pub(crate) struct SynapseServer {
 
 impl SynapseServer {
     pub(crate) fn start(server_name: &str) -> Result<SynapseServer> {
+        Self::start_with(server_name, &[])
+    }
+
+    /// [`SynapseServer::start`] with `extra` config keys.
+    pub(crate) fn start_with(
+        server_name: &str,
+        extra: &[(&str, serde_json::Value)],
+    ) -> Result<SynapseServer> {
         let db = TestDb::new();
         let log_dir = tempfile::Builder::new()
             .prefix("mmrctl-bench-synapse-log-")
@@ -193,11 +201,14 @@ impl SynapseServer {
             "disable_existing_loggers": false
         });
         fs::write(&log_config, serde_json::to_string_pretty(&quiet)?)?;
-        let synapse = Synapse::builder(server_name)
+        let mut builder = Synapse::builder(server_name)
             .database(Database::Postgres(db.url().to_owned()))
             .config("max_upload_size", json!("200M"))
-            .config("log_config", json!(log_config.to_string_lossy()))
-            .start();
+            .config("log_config", json!(log_config.to_string_lossy()));
+        for (key, value) in extra {
+            builder = builder.config(key, value.clone());
+        }
+        let synapse = builder.start();
         let (_user, token) = synapse.register_user("bench", false);
         let config_path = synapse.config_path().to_string_lossy().into_owned();
         let Some(pid) = crate::procfs::find_pid(&config_path) else {

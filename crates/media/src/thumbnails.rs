@@ -58,9 +58,12 @@ struct Batch {
     wanted: Vec<Waiter>,
 }
 
+/// The generations of each media (origin, id): at most one not yet started.
+type Batches = HashMap<(String, String), Vec<Arc<Mutex<Batch>>>>;
+
 pub(crate) struct Thumbnailer {
     workers: Arc<Semaphore>,
-    batches: Mutex<HashMap<(String, String), Vec<Arc<Mutex<Batch>>>>>,
+    batches: Mutex<Batches>,
     failures: moka::sync::Cache<String, thumbnail::Error>,
     generated: std::sync::atomic::AtomicU64,
 }

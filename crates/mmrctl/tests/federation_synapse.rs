@@ -212,6 +212,42 @@ fn two_synapses_exchange_media_through_mmrctl() {
     assert_eq!((again.status, again.body == bob_file), (200, true));
     assert_eq!(federation_requests(|| b.access_log(), &bob_id, 1), 1);
 
+    // alice@A's thumbnail of bob@B's photo: mmrctl downloads the original over federation (as
+    // Synapse does, never B's thumbnail endpoint) and makes the thumbnail itself.
+    let photo = {
+        let image = image::RgbImage::from_fn(1024, 768, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 40])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        out.into_inner()
+    };
+    let photo_mxc = upload(tls, b, &bob, "photo.jpg", "image/jpeg", &photo);
+    let photo_id = photo_mxc.rsplit('/').next().unwrap().to_owned();
+    let thumb_url = format!(
+        "{}/_matrix/client/v1/media/thumbnail/{}/{photo_id}?width=96&height=96&method=crop",
+        a.base_url(),
+        b.server_name()
+    );
+    let thumb = tls.get(&thumb_url, &[("Authorization", &bearer(&alice))]);
+    assert_eq!(
+        thumb.status,
+        200,
+        "{}\nrepo:\n{}",
+        thumb.text(),
+        d.repos[0].log()
+    );
+    assert_eq!(thumb.header("content-type"), Some("image/jpeg"));
+    let decoded = image::load_from_memory(&thumb.body).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (96, 96));
+    assert_eq!(federation_requests(|| b.access_log(), &photo_id, 1), 1);
+    assert!(
+        !b.access_log()
+            .iter()
+            .any(|l| l.contains("/_matrix/federation/v1/media/thumbnail/")),
+        "B's thumbnail endpoint is never asked"
+    );
+
     // An id B does not have.
     let missing = format!(
         "{}/_matrix/client/v1/media/download/{}/doesnotexist",

@@ -899,3 +899,49 @@ fn the_legacy_download_for_older_servers() {
         r.text()
     );
 }
+
+/// Complement's `TestFederationThumbnail`: a server signing with its own key gets our thumbnail,
+/// byte for byte the client endpoint's of the same size; unsigned, nothing.
+#[test]
+fn our_thumbnails_for_servers_that_sign() {
+    let s = setup(|_, _| {});
+    let photo = {
+        let image = image::RgbImage::from_fn(1200, 900, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        out.into_inner()
+    };
+    let id = s
+        .repo
+        .upload(HS, SHARED_SECRET, "image/jpeg", Some("photo.jpg"), &photo);
+    let query = "width=320&height=240&method=scale";
+    let uri = format!("/_matrix/federation/v1/media/thumbnail/{id}?{query}");
+    // The first request makes it (served from memory), the second reads it back: both equal.
+    for _ in 0..2 {
+        let r = s.inbound(&uri, &[&s.remote.sign(HS, &uri)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (_, headers, body) = parse_ours(&r);
+        assert!(
+            headers.starts_with("Content-Type: image/jpeg\r\n"),
+            "{headers}"
+        );
+        let client = s.repo.get_as(
+            HS,
+            &format!("/_matrix/client/v1/media/thumbnail/{HS}/{id}?{query}"),
+        );
+        assert_eq!(client.status, 200);
+        assert_eq!(body, client.body);
+        let thumb = image::load_from_memory(&body).unwrap();
+        assert_eq!((thumb.width(), thumb.height()), (320, 240));
+    }
+    assert_eq!(s.inbound(&uri, &[]).status, 401);
+    // The query is signed too: a different size under the same signature is refused.
+    let other = format!("/_matrix/federation/v1/media/thumbnail/{id}?width=96&height=96");
+    assert_eq!(s.inbound(&other, &[&s.remote.sign(HS, &uri)]).status, 401);
+    // Missing size: 400, after authentication.
+    let bad = format!("/_matrix/federation/v1/media/thumbnail/{id}");
+    let r = s.inbound(&bad, &[&s.remote.sign(HS, &bad)]);
+    assert_eq!((r.status, errcode(&r).as_str()), (400, "M_MISSING_PARAM"));
+}

@@ -17,8 +17,9 @@ use crate::{
 };
 
 /// The frame count and summed frame area, when `data` has more than one frame. GIFs are
-/// walked without decompressing (each frame's rectangle counts); APNG and WebP say their
-/// count up front.
+/// walked without decompressing; APNG and WebP say their count up front. Every frame counts a
+/// whole canvas, whatever its rectangle: the decoders composite each onto a full canvas, so
+/// that is what a frame costs.
 pub(crate) fn inspect(
     data: &[u8],
     format: Format,
@@ -26,7 +27,7 @@ pub(crate) fn inspect(
 ) -> Result<Option<Animation>, Error> {
     let canvas_area = u64::from(canvas.0) * u64::from(canvas.1);
     let frames = match format {
-        Format::Gif => return gif_frames(data),
+        Format::Gif => gif_frames(data)?,
         Format::Png => {
             let reader = png::Decoder::new(Cursor::new(data))
                 .read_info()
@@ -53,27 +54,24 @@ pub(crate) fn inspect(
     }))
 }
 
-fn gif_frames(data: &[u8]) -> Result<Option<Animation>, Error> {
+fn gif_frames(data: &[u8]) -> Result<u64, Error> {
     let mut options = gif::DecodeOptions::new();
     options.skip_frame_decoding(true);
     let mut decoder = options
         .read_info(Cursor::new(data))
         .map_err(|e| Error::Corrupt(e.to_string()))?;
-    let (mut frames, mut area) = (0u64, 0u64);
+    let mut frames = 0u64;
     // Past the limit the file is refused anyway: stop counting there.
     while frames <= MAX_FRAMES {
         match decoder.read_next_frame() {
-            Ok(Some(frame)) => {
-                frames += 1;
-                area += u64::from(frame.width) * u64::from(frame.height);
-            }
+            Ok(Some(_)) => frames += 1,
             Ok(None) => break,
             // A truncated tail: the frames before it are what there is.
             Err(_) if frames > 0 => break,
             Err(e) => return Err(Error::Corrupt(e.to_string())),
         }
     }
-    Ok((frames > 1).then_some(Animation { frames, area }))
+    Ok(frames)
 }
 
 fn frames(data: &[u8], format: Format) -> Result<Frames<'_>, Error> {

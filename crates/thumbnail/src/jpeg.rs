@@ -44,10 +44,7 @@ pub(crate) fn decode(data: &[u8], need: (u32, u32)) -> Result<Pixels, Error> {
         })
         .unwrap_or(8);
     d.scale(numerator);
-    let cmyk = matches!(
-        d.color_space(),
-        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
-    );
+    let cmyk = matches!(d.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK);
     let corrupt = |e: std::io::Error| Error::Corrupt(e.to_string());
     if cmyk {
         let mut started = d.to_colorspace(ColorSpace::JCS_CMYK).map_err(corrupt)?;

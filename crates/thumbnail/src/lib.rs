@@ -105,7 +105,7 @@ pub struct Source {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Animation {
     pub frames: u64,
-    /// The frames' pixels summed (each frame's own rectangle where the format has one).
+    /// The frames' pixels summed, a whole canvas per frame (what compositing one costs).
     pub area: u64,
 }
 
@@ -432,7 +432,11 @@ mod tests {
     #[test]
     fn garbage_is_unsupported_not_a_panic() {
         assert_eq!(inspect(b"hello world"), Err(Error::Unsupported));
-        for data in [&b"\xFF\xD8\xFF\xE0\x00\x10JFIF"[..], b"\x89PNG\r\n\x1a\nxx", b"GIF89a\x01"] {
+        for data in [
+            &b"\xFF\xD8\xFF\xE0\x00\x10JFIF"[..],
+            b"\x89PNG\r\n\x1a\nxx",
+            b"GIF89a\x01",
+        ] {
             assert!(matches!(inspect(data), Err(Error::Corrupt(_))), "{data:?}");
         }
     }
