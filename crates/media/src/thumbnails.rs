@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use config::Config;
+use sha2::{Digest as _, Sha256};
 use store::{Media, ObjectRef, StoredThumbnail, ThumbnailKey};
 use thumbnail::{Method, Outcome};
 use tokio::io::AsyncReadExt as _;
@@ -34,11 +35,12 @@ pub enum Thumb {
     Original(Media),
     /// A thumbnail stored earlier.
     Stored(StoredThumbnail),
-    /// Made for this request, and stored; `bytes` is its content.
+    /// Made for this request; `bytes` is its content (being stored meanwhile).
     Made {
         content_type: String,
         bytes: Bytes,
-        object: ObjectRef,
+        /// The content's SHA-256 (hex), as its object will have it.
+        sha256: String,
     },
 }
 
@@ -262,25 +264,45 @@ impl Service {
             b.started = true;
             b.wanted.iter().map(|(r, _)| *r).collect()
         };
-        let results = self.render(object, requests.clone(), settings).await;
+        let rendered = self.render(object, requests.clone(), settings).await;
         self.thumbnails
             .generated
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let results: Vec<Result<Thumb, Error>> = match results {
+        let rendered: Vec<Result<Outcome, Error>> = match rendered {
             Err(e) => requests.iter().map(|_| Err(share(&e))).collect(),
-            Ok(results) => {
-                let mut out = Vec::with_capacity(results.len());
-                for (request, result) in requests.iter().zip(results) {
-                    out.push(self.keep(media, object, request, result).await);
-                }
-                out
-            }
+            Ok(results) => results
+                .into_iter()
+                .map(|r| r.map_err(Error::Thumbnail))
+                .collect(),
         };
-        let b = batch
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for ((_, tx), result) in b.wanted.iter().zip(results) {
-            tx.send_replace(Some(result));
+        // Answered first, stored after: the waiters do not wait for the write. Requests that
+        // come meanwhile still join this batch (it leaves the map once stored).
+        let answers: Vec<Result<Thumb, Error>> = rendered
+            .iter()
+            .map(|r| match r {
+                Err(e) => Err(share(e)),
+                Ok(Outcome::Original) => Ok(Thumb::Original(media.clone())),
+                Ok(Outcome::Made(t)) => Ok(Thumb::Made {
+                    content_type: t.content_type.to_owned(),
+                    bytes: Bytes::from(t.bytes.clone()),
+                    sha256: hex::encode(Sha256::digest(&t.bytes)),
+                }),
+            })
+            .collect();
+        {
+            let b = batch
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for ((_, tx), answer) in b.wanted.iter().zip(answers) {
+                tx.send_replace(Some(answer));
+            }
+        }
+        for (request, result) in requests.iter().zip(rendered) {
+            if let Ok(outcome) = result
+                && let Err(e) = self.keep(media, object, request, outcome).await
+            {
+                tracing::warn!(mxc = %media.mxc(), error = %e, "a thumbnail was served but not stored; it is made again when asked for");
+            }
         }
     }
 
@@ -320,14 +342,14 @@ impl Service {
         })
     }
 
-    /// Stores one rendered result and says what its request gets.
+    /// Stores one rendered thumbnail (or records that the source is its own thumbnail).
     async fn keep(
         &self,
         media: &Media,
         object: &ObjectRef,
         request: &thumbnail::Request,
-        result: Result<Outcome, thumbnail::Error>,
-    ) -> Result<Thumb, Error> {
+        outcome: Outcome,
+    ) -> Result<(), Error> {
         let key = ThumbnailKey {
             origin: media.origin.clone(),
             media_id: media.media_id.clone(),
@@ -336,26 +358,18 @@ impl Service {
             method: request.method.as_str(),
             animated: request.animated,
         };
-        match result {
-            Err(e) => Err(Error::Thumbnail(e)),
-            Ok(Outcome::Original) => {
+        match outcome {
+            Outcome::Original => {
                 self.store
                     .link_thumbnail(&key, &media.content_type, object)
-                    .await?;
-                Ok(Thumb::Original(media.clone()))
+                    .await?
             }
-            Ok(Outcome::Made(t)) => {
-                let bytes = Bytes::from(t.bytes);
-                let stored = self
-                    .store
-                    .put_thumbnail(&key, t.content_type, bytes.clone())
+            Outcome::Made(t) => {
+                self.store
+                    .put_thumbnail(&key, t.content_type, Bytes::from(t.bytes))
                     .await?;
-                Ok(Thumb::Made {
-                    content_type: stored.content_type,
-                    bytes,
-                    object: stored.object,
-                })
             }
         }
+        Ok(())
     }
 }

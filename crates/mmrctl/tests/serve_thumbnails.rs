@@ -72,6 +72,19 @@ fn thumb(repo: &MediaRepo, prefix: &str, id: &str, query: &str) -> testkit::http
 
 const V1: &str = "/_matrix/client/v1/media";
 
+/// `sql`'s count once it reaches `expected` (thumbnails are stored just after they are served),
+/// or what it is after 10 s.
+fn settled_count(repo: &MediaRepo, sql: &str, expected: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let n = repo.count(sql);
+        if n == expected || std::time::Instant::now() > deadline {
+            return n;
+        }
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn dimensions(body: &[u8]) -> (u32, u32) {
     let image = image::load_from_memory(body).unwrap();
     (image.width(), image.height())
@@ -129,7 +142,10 @@ fn every_endpoint_family_scales_and_crops() {
     assert_eq!(r.status, 304);
     // Rows: 320x240, 800x600, 1600x1200 (the original) and 32x32 scale, 96x96 crop; never a
     // media row per thumbnail.
-    assert_eq!(repo.count("SELECT COUNT(*) FROM thumbnails"), 5);
+    assert_eq!(
+        settled_count(&repo, "SELECT COUNT(*) FROM thumbnails", 5),
+        5
+    );
     assert_eq!(repo.media_rows(), 1);
     // The authenticated endpoint wants a token.
     let r = repo.get(
@@ -237,7 +253,10 @@ fn a_source_smaller_than_the_box_is_served_as_it_is() {
     assert_eq!(r.body, small);
     assert_eq!(r.header("content-type"), Some("image/png"));
     // Recorded as the thumbnail (pointing at the original's object), so it is not decoded again.
-    assert_eq!(repo.count("SELECT COUNT(*) FROM thumbnails"), 1);
+    assert_eq!(
+        settled_count(&repo, "SELECT COUNT(*) FROM thumbnails", 1),
+        1
+    );
     assert_eq!(
         repo.count("SELECT COUNT(*) FROM thumbnails t JOIN media m ON m.sha256 = t.sha256"),
         1

@@ -267,12 +267,7 @@ pub(crate) async fn serve_object(
     let mut builder = media_headers(content_type, file_name)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, &etag);
-    if parts
-        .headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-    {
+    if etag_matches(parts, &etag) {
         return builder
             .status(StatusCode::NOT_MODIFIED)
             .body(Body::empty())
@@ -339,6 +334,15 @@ pub(crate) async fn serve_object(
     builder
         .body(Body::from_stream(stream))
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// The request's `If-None-Match` names `etag` (or `*`).
+pub(crate) fn etag_matches(parts: &Parts, etag: &str) -> bool {
+    parts
+        .headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
 }
 
 /// The headers every media download has: its type and name, and the security headers.

@@ -11,7 +11,9 @@ use media::{Thumb, ThumbnailParams};
 
 use crate::SharedState;
 use crate::auth::query_param;
-use crate::client_media::{check_frozen, fetch_rule, media_headers, serve_object, wait_param};
+use crate::client_media::{
+    check_frozen, etag_matches, fetch_rule, media_headers, serve_object, wait_param,
+};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Authed, Ctx, R0, V1, V3, Version};
 
@@ -137,11 +139,19 @@ async fn thumbnail(
         Thumb::Made {
             content_type,
             bytes,
-            object,
+            sha256,
         } => {
+            let etag = format!("\"{sha256}\"");
+            if etag_matches(parts, &etag) {
+                return media_headers(&content_type, None)
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header(header::ETAG, etag)
+                    .body(Body::empty())
+                    .map_err(|e| ApiError::internal(e.to_string()));
+            }
             let builder = media_headers(&content_type, None)
                 .status(StatusCode::OK)
-                .header(header::ETAG, format!("\"{}\"", object.sha256))
+                .header(header::ETAG, &etag)
                 .header(header::CONTENT_LENGTH, bytes.len());
             let body = if parts.method == Method::HEAD {
                 Body::empty()

@@ -9,7 +9,7 @@ use std::time::Instant;
 use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
 use image::codecs::png::PngDecoder;
 use image::codecs::webp::WebPDecoder;
-use image::{AnimationDecoder, DynamicImage, Frames};
+use image::{AnimationDecoder, DynamicImage, Frames, ImageDecoder as _};
 
 use crate::raster::corrupt;
 use crate::{
@@ -27,7 +27,7 @@ pub(crate) fn inspect(
 ) -> Result<Option<Animation>, Error> {
     let canvas_area = u64::from(canvas.0) * u64::from(canvas.1);
     let frames = match format {
-        Format::Gif => gif_frames(data)?,
+        Format::Gif => gif_frames(data, canvas)?,
         Format::Png => {
             let reader = png::Decoder::new(Cursor::new(data))
                 .read_info()
@@ -54,7 +54,9 @@ pub(crate) fn inspect(
     }))
 }
 
-fn gif_frames(data: &[u8]) -> Result<u64, Error> {
+/// Counts the frames without decompressing them; a frame that does not fit the canvas is refused
+/// (the decoder would allocate its rectangle, whatever the canvas's size).
+fn gif_frames(data: &[u8], canvas: (u32, u32)) -> Result<u64, Error> {
     let mut options = gif::DecodeOptions::new();
     options.skip_frame_decoding(true);
     let mut decoder = options
@@ -64,7 +66,17 @@ fn gif_frames(data: &[u8]) -> Result<u64, Error> {
     // Past the limit the file is refused anyway: stop counting there.
     while frames <= MAX_FRAMES {
         match decoder.read_next_frame() {
-            Ok(Some(_)) => frames += 1,
+            Ok(Some(f)) => {
+                if u32::from(f.left) + u32::from(f.width) > canvas.0
+                    || u32::from(f.top) + u32::from(f.height) > canvas.1
+                {
+                    return Err(Error::Corrupt(format!(
+                        "frame {frames} ({}x{} at {},{}) does not fit the {}x{} canvas",
+                        f.width, f.height, f.left, f.top, canvas.0, canvas.1
+                    )));
+                }
+                frames += 1;
+            }
             Ok(None) => break,
             // A truncated tail: the frames before it are what there is.
             Err(_) if frames > 0 => break,
@@ -74,23 +86,38 @@ fn gif_frames(data: &[u8]) -> Result<u64, Error> {
     Ok(frames)
 }
 
-fn frames(data: &[u8], format: Format) -> Result<Frames<'_>, Error> {
+/// The composited frames, each decoder under the allocation limit of `max_pixels`.
+fn frames(data: &[u8], format: Format, max_pixels: u64) -> Result<Frames<'_>, Error> {
     let cursor = Cursor::new(data);
+    let limits = crate::raster::limits(max_pixels);
     Ok(match format {
-        Format::Gif => GifDecoder::new(cursor).map_err(corrupt)?.into_frames(),
-        Format::Png => PngDecoder::new(cursor)
-            .map_err(corrupt)?
-            .apng()
-            .map_err(corrupt)?
-            .into_frames(),
-        Format::Webp => WebPDecoder::new(cursor).map_err(corrupt)?.into_frames(),
+        Format::Gif => {
+            let mut d = GifDecoder::new(cursor).map_err(corrupt)?;
+            d.set_limits(limits).map_err(corrupt)?;
+            d.into_frames()
+        }
+        Format::Png => {
+            let mut d = PngDecoder::new(cursor).map_err(corrupt)?;
+            d.set_limits(limits).map_err(corrupt)?;
+            d.apng().map_err(corrupt)?.into_frames()
+        }
+        Format::Webp => {
+            let mut d = WebPDecoder::new(cursor).map_err(corrupt)?;
+            d.set_limits(limits).map_err(corrupt)?;
+            d.into_frames()
+        }
         _ => return Err(Error::Unsupported),
     })
 }
 
 /// Frame `index` (composited, as shown at that point of the animation).
-pub(crate) fn frame(data: &[u8], format: Format, index: u64) -> Result<Pixels, Error> {
-    let mut frames = frames(data, format)?;
+pub(crate) fn frame(
+    data: &[u8],
+    format: Format,
+    index: u64,
+    max_pixels: u64,
+) -> Result<Pixels, Error> {
+    let mut frames = frames(data, format, max_pixels)?;
     let mut last = None;
     for _ in 0..=index {
         match frames.next() {
@@ -110,6 +137,7 @@ pub(crate) fn render(
     source: &Source,
     geometry: &Geometry,
     deadline: Instant,
+    max_pixels: u64,
 ) -> Result<Option<Thumbnail>, Error> {
     let total = source.animation.map_or(1, |a| a.frames).max(1);
     let mut out = Vec::new();
@@ -120,7 +148,7 @@ pub(crate) fn render(
             .map_err(|e| Error::Encode(e.to_string()))?;
         // Frames beyond MAX_OUTPUT_FRAMES are merged into the one before, delays added.
         let mut pending: Option<(image::RgbaImage, u32)> = None;
-        for (i, frame) in frames(data, source.format)?.enumerate() {
+        for (i, frame) in frames(data, source.format, max_pixels)?.enumerate() {
             if Instant::now() > deadline {
                 return Ok(None);
             }

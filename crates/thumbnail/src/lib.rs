@@ -192,7 +192,7 @@ fn render_checked(
         if let (true, Some(animation), Some(g)) = (request.animated, source.animation, plans[i])
             && animation_allowed(data, animation, request, limits)
         {
-            match animated::render(data, source, &g, deadline) {
+            match animated::render(data, source, &g, deadline, limits.max_pixels) {
                 Ok(Some(t)) => results[i] = Some(Ok(Outcome::Made(t))),
                 Ok(None) => {}
                 Err(e) => results[i] = Some(Err(e)),
@@ -263,7 +263,7 @@ fn decode_still(
         }
         (format, Some(a)) if a.area <= ANIMATION_PIXELS && limits.still_frame > 0.0 => {
             let index = ((a.frames - 1) as f64 * limits.still_frame.clamp(0.0, 1.0)) as u64;
-            animated::frame(data, format, index)?
+            animated::frame(data, format, index, limits.max_pixels)?
         }
         (format, _) => raster::decode(data, format, limits.max_pixels)?,
     };
@@ -427,6 +427,26 @@ mod tests {
     fn a_panicking_decoder_is_a_refused_file() {
         let r: Result<(), Error> = catching(|| panic!("boom"));
         assert_eq!(r, Err(Error::Corrupt("boom".into())));
+    }
+
+    /// Found by fuzzing: a 12000x12000 frame on a 2000x2000 canvas made the GIF decoder allocate
+    /// 576 MB though the canvas is within `max_pixels`.
+    #[test]
+    fn a_gif_frame_larger_than_its_canvas_is_refused() {
+        let gif = b"GIF89a\xd0\x07\xd0\x07\x80\x00\x00\x00\x00\x00\xff\xff\xff\x21\xff\x0bNETSCAPE2.0\
+            \x03\x01\x00\x00\x00\x21\xf9\x04\x00\x0a\x00\x00\x00\x2c\x00\x00\x00\x00\xe0\x2e\xe0\x2e\
+            \x00\x02\x01\x2c\x00\x21\xf9\x04\x00\x0a\x00\x00\x00\x2c\x00\x00\x00\x00\x01\x00\x01\x00\
+            \x00\x02\x01\x2c\x00\x3b";
+        let request = Request {
+            width: 32,
+            height: 32,
+            method: Method::Scale,
+            animated: false,
+        };
+        match render(gif, &[request], &Limits::default()) {
+            Err(Error::Corrupt(why)) => assert!(why.contains("does not fit"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
