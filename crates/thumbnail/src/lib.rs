@@ -15,6 +15,7 @@ mod jpeg;
 mod raster;
 mod sizes;
 mod sniff;
+mod svg;
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -128,6 +129,7 @@ fn inspect_inner(data: &[u8]) -> Result<Source, Error> {
     let format = sniff(data).ok_or(Error::Unsupported)?;
     let ((w, h), orientation) = match format {
         Format::Jpeg => jpeg::header(data)?,
+        Format::Svg => (svg::header(data)?, Orientation::NoTransforms),
         other => raster::header(data, other)?,
     };
     let (width, height) = if swaps_axes(orientation) {
@@ -261,6 +263,8 @@ fn decode_still(
             };
             jpeg::decode(data, need)?
         }
+        // Vector: rendered at the size the output needs, never at the size it claims.
+        (Format::Svg, _) => svg::render(data, need)?,
         (format, Some(a)) if a.area <= ANIMATION_PIXELS && limits.still_frame > 0.0 => {
             let index = ((a.frames - 1) as f64 * limits.still_frame.clamp(0.0, 1.0)) as u64;
             animated::frame(data, format, index, limits.max_pixels)?
@@ -322,6 +326,15 @@ impl Pixels {
             width,
             height,
             alpha: false,
+            data,
+        }
+    }
+
+    pub(crate) fn rgba(width: u32, height: u32, data: Vec<u8>) -> Pixels {
+        Pixels {
+            width,
+            height,
+            alpha: true,
             data,
         }
     }

@@ -8,15 +8,16 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use crate::{Error, Format, Pixels};
 
-fn image_format(format: Format) -> ImageFormat {
-    match format {
+fn image_format(format: Format) -> Result<ImageFormat, Error> {
+    Ok(match format {
         Format::Jpeg => ImageFormat::Jpeg,
         Format::Png => ImageFormat::Png,
         Format::Gif => ImageFormat::Gif,
         Format::Webp => ImageFormat::WebP,
         Format::Bmp => ImageFormat::Bmp,
         Format::Tiff => ImageFormat::Tiff,
-    }
+        Format::Svg => return Err(Error::Unsupported),
+    })
 }
 
 pub(crate) fn corrupt(e: image::ImageError) -> Error {
@@ -31,15 +32,19 @@ pub(crate) fn limits(max_pixels: u64) -> image::Limits {
     limits
 }
 
-fn reader(data: &[u8], format: Format, max_pixels: u64) -> ImageReader<Cursor<&[u8]>> {
-    let mut reader = ImageReader::with_format(Cursor::new(data), image_format(format));
+fn reader(
+    data: &[u8],
+    format: Format,
+    max_pixels: u64,
+) -> Result<ImageReader<Cursor<&[u8]>>, Error> {
+    let mut reader = ImageReader::with_format(Cursor::new(data), image_format(format)?);
     reader.limits(limits(max_pixels));
-    reader
+    Ok(reader)
 }
 
 /// Size and orientation from the header; no pixel is decoded.
 pub(crate) fn header(data: &[u8], format: Format) -> Result<((u32, u32), Orientation), Error> {
-    let mut decoder = reader(data, format, u64::MAX / 16)
+    let mut decoder = reader(data, format, u64::MAX / 16)?
         .into_decoder()
         .map_err(corrupt)?;
     let (w, h) = decoder.dimensions();
@@ -52,7 +57,7 @@ pub(crate) fn header(data: &[u8], format: Format) -> Result<((u32, u32), Orienta
 
 /// The whole image (an animation's first frame), as stored (orientation not applied).
 pub(crate) fn decode(data: &[u8], format: Format, max_pixels: u64) -> Result<Pixels, Error> {
-    let decoder = reader(data, format, max_pixels)
+    let decoder = reader(data, format, max_pixels)?
         .into_decoder()
         .map_err(corrupt)?;
     let image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;

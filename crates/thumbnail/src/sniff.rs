@@ -10,6 +10,8 @@ pub enum Format {
     Webp,
     Bmp,
     Tiff,
+    /// Rendered, never served as it is (it can carry scripts).
+    Svg,
 }
 
 impl Format {
@@ -22,6 +24,7 @@ impl Format {
             Format::Webp => "image/webp",
             Format::Bmp => "image/bmp",
             Format::Tiff => "image/tiff",
+            Format::Svg => "image/svg+xml",
         }
     }
 
@@ -50,9 +53,26 @@ pub fn sniff(data: &[u8]) -> Option<Format> {
         Some(Format::Bmp)
     } else if starts(b"II*\0") || starts(b"MM\0*") {
         Some(Format::Tiff)
+    } else if is_svg(data) {
+        Some(Format::Svg)
     } else {
         None
     }
+}
+
+/// XML (after a BOM and blanks: a declaration, a comment, a doctype or the element) with an
+/// `<svg` element in its first 4 KiB.
+fn is_svg(data: &[u8]) -> bool {
+    let data = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+    let start = data
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(data.len());
+    let head = &data[start..data.len().min(start + 4096)];
+    let xml = [&b"<?xml"[..], b"<!--", b"<!DOCTYPE", b"<svg"]
+        .iter()
+        .any(|p| head.starts_with(p));
+    xml && head.windows(4).any(|w| w == b"<svg")
 }
 
 /// The media types `thumbnails.types` may name for `format` (MMR's configs list `image/jpg` and
@@ -81,7 +101,17 @@ mod tests {
         assert_eq!(sniff(b"RIFF\x10\0\0\0WEBPVP8 "), Some(Format::Webp));
         assert_eq!(sniff(b"RIFF\x10\0\0\0WAVEfmt "), None);
         assert_eq!(sniff(b"II*\0\x08\0\0\0"), Some(Format::Tiff));
-        assert_eq!(sniff(b"<svg xmlns="), None);
+        assert_eq!(sniff(b"<svg xmlns="), Some(Format::Svg));
+        assert_eq!(
+            sniff(b"\xEF\xBB\xBF  <?xml version=\"1.0\"?>\n<svg>"),
+            Some(Format::Svg)
+        );
+        assert_eq!(sniff(b"<?xml version=\"1.0\"?><html>"), None);
+        assert_eq!(
+            sniff(b"<html><svg>"),
+            None,
+            "HTML with an inline SVG is HTML"
+        );
         assert_eq!(sniff(b""), None);
         assert_eq!(sniff(b"BM"), None, "too short for a BMP header");
     }

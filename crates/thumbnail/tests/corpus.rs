@@ -452,31 +452,56 @@ fn truncated_and_corrupt_are_refused_not_panics() {
     ));
 }
 
-/// SVG is not a supported format: refused from its first bytes, so the file it references is
-/// never read. The same SVG pointing at a file that does not exist is refused the same way.
+/// SVG is rendered from the document alone: the PNG it references by path, by relative name and
+/// as a data URI is never drawn (the right half stays transparent), so nothing was read.
 #[test]
-fn svg_is_unsupported_without_reading_what_it_references() {
+fn svg_renders_without_reading_what_it_references() {
     let svg = file("local.svg");
-    let text = std::str::from_utf8(svg).expect("utf-8 SVG");
-    assert!(
-        text.contains("file:///etc/passwd"),
-        "the corpus SVG lost its reference"
-    );
-    let dangling = text.replace(
-        "file:///etc/passwd",
-        "file:///nonexistent/mmrctl-corpus/x.png",
+    assert!(std::str::from_utf8(svg).expect("utf-8").contains("red.png"));
+    let source = thumbnail::inspect(svg).expect("an SVG");
+    assert_eq!(
+        (source.format, source.width, source.height),
+        (thumbnail::Format::Svg, 200, 200)
     );
     let requests = [
         request(96, 96, Method::Scale, false),
-        request(32, 32, Method::Crop, true),
+        request(320, 240, Method::Scale, false),
     ];
-    for data in [svg, dangling.as_bytes()] {
-        assert_eq!(thumbnail::inspect(data), Err(Error::Unsupported));
-        assert_eq!(
-            thumbnail::render(data, &requests, &Limits::default()),
-            Err(Error::Unsupported)
+    let results = thumbnail::render(svg, &requests, &limits()).expect("rendered");
+    let sizes = [(96, 96), (200, 200)];
+    for (result, size) in results.into_iter().zip(sizes) {
+        // Never the SVG itself (it can carry scripts): a PNG, at most the document's size.
+        let Ok(Outcome::Made(t)) = result else {
+            panic!("{result:?}")
+        };
+        assert_eq!(t.content_type, "image/png");
+        let image = image::load_from_memory(&t.bytes).expect("a PNG").to_rgba8();
+        assert_eq!(image.dimensions(), size);
+        let (w, h) = size;
+        let left = image.get_pixel(w / 4, h / 2);
+        assert!(
+            left[2] > 200 && left[0] < 50 && left[3] > 200,
+            "blue: {left:?}"
         );
+        for y in [h / 4, h * 5 / 8, h * 7 / 8] {
+            let right = image.get_pixel(w * 3 / 4, y);
+            assert!(
+                right[3] < 20,
+                "the referenced PNG was drawn at y={y}: {right:?}"
+            );
+        }
     }
+}
+
+/// A billion-laughs SVG stops at the node limit, long before its expansion.
+#[test]
+fn svg_entity_expansion_is_bounded() {
+    let result = thumbnail::render(
+        file("lol.svg"),
+        &[request(32, 32, Method::Scale, false)],
+        &Limits::default(),
+    );
+    assert!(matches!(result, Err(Error::Corrupt(_))), "{result:?}");
 }
 
 #[test]

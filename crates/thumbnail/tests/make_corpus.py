@@ -4,6 +4,7 @@ Every input is deterministic: noise comes from a seeded `random.Random`, not fro
 `Image.effect_noise` (whose C `rand()` is not seedable), so the same bytes come out every run.
 """
 
+import base64
 import io
 import random
 import struct
@@ -152,10 +153,24 @@ def main():
 
     (OUT / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + RNG.randbytes(2000))
 
+    # Blue left half drawn; the right half would show a red PNG if the renderer read files or
+    # decoded embedded images. It must stay transparent.
+    red = OUT / "red.png"
+    Image.new("RGB", (100, 200), (255, 0, 0)).save(red)
+    red_data = base64.b64encode(red.read_bytes()).decode()
     (OUT / "local.svg").write_text(
         '<svg xmlns="http://www.w3.org/2000/svg" width="200" height="200">'
-        '<image href="file:///etc/passwd" width="200" height="200"/></svg>\n'
+        '<rect x="0" y="0" width="100" height="200" fill="#0000ff"/>'
+        f'<image href="file://{red}" x="100" y="0" width="100" height="100"/>'
+        f'<image href="red.png" x="100" y="100" width="100" height="50"/>'
+        f'<image href="data:image/png;base64,{red_data}" x="100" y="150" width="100" height="50"/>'
+        '</svg>\n'
     )
+    # Billion laughs: entities expanding to 10^9 nodes.
+    lol = ['<?xml version="1.0"?>', '<!DOCTYPE svg [', '<!ENTITY l0 "<g/>">']
+    lol += [f'<!ENTITY l{i} "' + f"&l{i-1};" * 10 + '">' for i in range(1, 10)]
+    lol += [']>', '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">&l9;</svg>']
+    (OUT / "lol.svg").write_text("\n".join(lol))
 
     # The header claims 30000x30000 RGB; the data is a few rows' worth of zeros.
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
