@@ -45,6 +45,11 @@ fn unread() -> impl futures_util::Stream<Item = Result<Bytes, String>> + Send {
 }
 
 fn run(f: impl AsyncFnOnce(&Service, &Config), extra: &str) {
+    run_with_db(async |media, config, _| f(media, config).await, extra);
+}
+
+/// [`run`], with the test's database for what the service does not show.
+fn run_with_db(f: impl AsyncFnOnce(&Service, &Config, &TestDb), extra: &str) {
     let db = TestDb::new();
     let dir = tempfile::tempdir().unwrap();
     let config = config(&db, dir.path(), extra);
@@ -55,7 +60,7 @@ fn run(f: impl AsyncFnOnce(&Service, &Config), extra: &str) {
             let store = store.clone();
             tokio::spawn(async move { store.maintain().await })
         };
-        f(&Service::new(store), &config).await;
+        f(&Service::new(store), &config, &db).await;
         maintain.abort();
     });
 }
@@ -373,5 +378,97 @@ fn a_body_that_stalls_fails_the_upload_as_stalled_and_leaves_nothing() {
             );
         },
         "uploads: { minBytes: 1 }\nconnections: { bodyTimeoutSeconds: 1 }",
+    );
+}
+
+/// Runs `f` on a thread of its own: the sync database client starts a runtime, which it cannot
+/// do on one of this runtime's threads.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().unwrap())
+}
+
+/// A `w`x`h` PNG.
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn expired_thumbnails_go_and_take_only_their_own_objects() {
+    run_with_db(
+        async |media, config, db| {
+            let mut up = upload("@a:example.test", None, None);
+            up.content_type = "image/png".into();
+            let source = media
+                .upload(config, up, Target::NewId, body(png(400, 300)))
+                .await
+                .unwrap();
+            let id = source.media.media_id.clone();
+            let ask = async |w, h| {
+                let params = media::ThumbnailParams {
+                    width: w,
+                    height: h,
+                    method: media::Method::Crop,
+                    animated: None,
+                };
+                media
+                    .thumbnail(
+                        config,
+                        "example.test",
+                        &id,
+                        params,
+                        Wait::from_millis(Some(0)),
+                        Fetch::CachedOnly,
+                    )
+                    .await
+                    .unwrap()
+                    .1
+            };
+            // A made thumbnail, and the source as its own thumbnail (it fits 800x600).
+            assert!(matches!(ask(96, 96).await, media::Thumb::Made { .. }));
+            assert!(matches!(ask(800, 600).await, media::Thumb::Original(_)));
+            // The sync client runs a runtime of its own: off this one's threads.
+            let count = |sql: &'static str| {
+                off_runtime(|| db.client().query_one(sql, &[]).unwrap().get::<_, i64>(0))
+            };
+            let rows = || count("SELECT COUNT(*) FROM thumbnails");
+            let objects = || count("SELECT COUNT(*) FROM objects");
+            // Stored just after being answered.
+            for _ in 0..500 {
+                if rows() == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(rows(), 2);
+            assert_eq!(objects(), 2);
+            let job = media::jobs::Job::ExpireThumbnails;
+            assert_eq!(
+                job.run(media, config).await.unwrap(),
+                "0 thumbnails older than 1 days deleted"
+            );
+            off_runtime(|| {
+                db.client()
+                    .execute(
+                        "UPDATE thumbnails SET created_ts = created_ts - 2 * 86400000",
+                        &[],
+                    )
+                    .unwrap()
+            });
+            assert_eq!(
+                job.run(media, config).await.unwrap(),
+                "2 thumbnails older than 1 days deleted"
+            );
+            assert_eq!(rows(), 0);
+            assert_eq!(objects(), 1, "the source stays: its media row uses it");
+            let check = media.store().check_datastore("a").await.unwrap();
+            assert!(check.is_clean(), "{check:?}");
+            assert_eq!(check.listed, 1, "the thumbnail's file went with its row");
+            // Made again when asked for.
+            assert!(matches!(ask(96, 96).await, media::Thumb::Made { .. }));
+        },
+        "thumbnails: { expireAfterDays: 1 }",
     );
 }

@@ -196,8 +196,8 @@ fn bad_requests_say_what_is_wrong() {
         None,
         b"not a picture at all",
     );
-    for _ in 0..2 {
-        let r = thumb(&repo, V1, &text, "width=32&height=32");
+    for size in [32, 96] {
+        let r = thumb(&repo, V1, &text, &format!("width={size}&height={size}"));
         assert_eq!(
             (r.status, r.json()["errcode"].as_str()),
             (400, Some("M_UNKNOWN")),
@@ -205,6 +205,11 @@ fn bad_requests_say_what_is_wrong() {
             r.text()
         );
     }
+    assert!(
+        repo.metrics()
+            .contains("mmrctl_thumbnails_generated_total 1\n"),
+        "the second request (another size) did not decode the file again"
+    );
 }
 
 #[test]
