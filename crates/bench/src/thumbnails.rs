@@ -251,17 +251,45 @@ fn animated(target: &Target, gif: &[u8]) -> Result<(f64, f64, usize)> {
     Ok((took.as_secs_f64() * 1000.0, rss, count_frames(&body)))
 }
 
-/// Frames of a GIF or animated WebP answer (counted from the container, not decoded).
+/// Frames of a GIF answer (its image descriptors, walking the blocks), or of an animated WebP
+/// (its `ANMF` chunks); 1 for anything else.
 fn count_frames(body: &[u8]) -> usize {
-    if body.starts_with(b"GIF") {
-        // Image descriptors follow a graphic control extension's terminator; counting 0x2C
-        // after `00 21 F9` blocks is enough for the GIFs we write.
-        body.windows(3).filter(|w| w == b"\x21\xF9\x04").count()
-    } else if body.starts_with(b"RIFF") {
-        body.windows(4).filter(|w| w == b"ANMF").count()
-    } else {
-        1
+    if body.starts_with(b"RIFF") {
+        return body.windows(4).filter(|w| w == b"ANMF").count().max(1);
     }
+    if !body.starts_with(b"GIF") || body.len() < 13 {
+        return 1;
+    }
+    let table = |flags: u8| {
+        if flags & 0x80 != 0 {
+            3 << ((flags & 7) + 1)
+        } else {
+            0
+        }
+    };
+    // Sub-blocks from `at`: the index after their terminator.
+    let skip_blocks = |mut at: usize| {
+        while let Some(&len) = body.get(at) {
+            at += 1 + usize::from(len);
+            if len == 0 {
+                break;
+            }
+        }
+        at
+    };
+    let (mut at, mut frames) = (13 + table(body[10]), 0);
+    while let Some(&block) = body.get(at) {
+        match block {
+            0x21 => at = skip_blocks(at + 2),
+            0x2C => {
+                frames += 1;
+                let flags = body.get(at + 9).copied().unwrap_or(0);
+                at = skip_blocks(at + 10 + table(flags) + 1);
+            }
+            _ => break,
+        }
+    }
+    frames
 }
 
 pub(crate) fn run(mmrctl: &Path, sizes: Sizes) -> Result<()> {

@@ -53,10 +53,13 @@ type Waiter = (
     watch::Sender<Option<Result<Thumb, Error>>>,
 );
 
-/// One generation: the requests it serves, added to until it starts.
+/// One generation: the requests it serves, added to until it starts, and after that while what it
+/// decoded covers them (`cover`), until it has answered all of them.
 #[derive(Default)]
 struct Batch {
     started: bool,
+    /// What the running generation makes without decoding again; `None` once it is done.
+    cover: Option<thumbnail::Cover>,
     wanted: Vec<Waiter>,
 }
 
@@ -211,7 +214,8 @@ impl Service {
             if let Some((_, tx)) = b.wanted.iter().find(|(r, _)| *r == request) {
                 return tx.subscribe();
             }
-            if !b.started && open.is_none() {
+            let joins = !b.started || b.cover.is_some_and(|c| c.covers(&request));
+            if joins && open.is_none() {
                 let (tx, rx) = watch::channel(None);
                 b.wanted.push((request, tx));
                 open = Some(rx);
@@ -223,6 +227,7 @@ impl Service {
         let (tx, rx) = watch::channel(None);
         let batch = Arc::new(Mutex::new(Batch {
             started: false,
+            cover: None,
             wanted: vec![(request, tx)],
         }));
         list.push(batch.clone());
@@ -251,70 +256,59 @@ impl Service {
         &self,
         media: &Media,
         object: &ObjectRef,
-        batch: &Mutex<Batch>,
+        batch: &Arc<Mutex<Batch>>,
         settings: Settings,
     ) {
         let Ok(_permit) = self.thumbnails.workers.clone().acquire_owned().await else {
             return;
         };
-        let requests: Vec<thumbnail::Request> = {
-            let mut b = batch
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            b.started = true;
-            b.wanted.iter().map(|(r, _)| *r).collect()
+        let data = match self.read_source(object, &settings).await {
+            Ok(data) => data,
+            Err(e) => {
+                let mut b = lock(batch);
+                b.started = true;
+                for (_, tx) in &b.wanted {
+                    tx.send_replace(Some(Err(share(&e))));
+                }
+                return;
+            }
         };
-        let rendered = self.render(object, requests.clone(), settings).await;
+        let (worker_batch, worker_media) = (batch.clone(), media.clone());
+        let limits = settings.limits;
+        let made =
+            tokio::task::spawn_blocking(move || make(&data, limits, &worker_batch, &worker_media))
+                .await;
         self.thumbnails
             .generated
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let rendered: Vec<Result<Outcome, Error>> = match rendered {
-            Err(e) => requests.iter().map(|_| Err(share(&e))).collect(),
-            Ok(results) => results
-                .into_iter()
-                .map(|r| r.map_err(Error::Thumbnail))
-                .collect(),
-        };
-        // Answered first, stored after: the waiters do not wait for the write. Requests that
-        // come meanwhile still join this batch (it leaves the map once stored).
-        let answers: Vec<Result<Thumb, Error>> = rendered
-            .iter()
-            .map(|r| match r {
-                Err(e) => Err(share(e)),
-                Ok(Outcome::Original) => Ok(Thumb::Original(media.clone())),
-                Ok(Outcome::Made(t)) => Ok(Thumb::Made {
-                    content_type: t.content_type.to_owned(),
-                    bytes: Bytes::from(t.bytes.clone()),
-                    sha256: hex::encode(Sha256::digest(&t.bytes)),
-                }),
-            })
-            .collect();
-        {
-            let b = batch
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for ((_, tx), answer) in b.wanted.iter().zip(answers) {
-                tx.send_replace(Some(answer));
+        let (made, failure) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                let e = Error::Unavailable(format!("the thumbnail worker failed: {e}"));
+                let b = lock(batch);
+                for (_, tx) in &b.wanted {
+                    if tx.borrow().is_none() {
+                        tx.send_replace(Some(Err(share(&e))));
+                    }
+                }
+                return;
             }
+        };
+        if let Some(e) = failure {
+            self.thumbnails.failures.insert(object.sha256.clone(), e);
         }
-        for (request, result) in requests.iter().zip(rendered) {
-            if let Ok(outcome) = result
-                && let Err(e) = self.keep(media, object, request, outcome).await
-            {
+        // Answered already; stored now (requests meanwhile join this batch: it leaves the map
+        // once stored).
+        for (request, outcome) in made {
+            if let Err(e) = self.keep(media, object, &request, outcome).await {
                 tracing::warn!(mxc = %media.mxc(), error = %e, "a thumbnail was served but not stored; it is made again when asked for");
             }
         }
     }
 
-    /// Reads the source (at most `maxSourceBytes`, checked before), checks its sniffed format
-    /// against `thumbnails.types`, and renders on the blocking pool; a source that fails as a
-    /// whole is remembered.
-    async fn render(
-        &self,
-        object: &ObjectRef,
-        requests: Vec<thumbnail::Request>,
-        settings: Settings,
-    ) -> Result<Vec<Result<Outcome, thumbnail::Error>>, Error> {
+    /// The source (at most `maxSourceBytes`, checked before), if `thumbnails.types` lists its
+    /// sniffed format.
+    async fn read_source(&self, object: &ObjectRef, settings: &Settings) -> Result<Vec<u8>, Error> {
         let mut reader = self.store.read(object, 0, None).await?;
         let mut data = Vec::with_capacity(usize::try_from(object.size).unwrap_or(0));
         reader
@@ -329,17 +323,7 @@ impl Service {
                 format.mime()
             )));
         }
-        let limits = settings.limits;
-        let rendered =
-            tokio::task::spawn_blocking(move || thumbnail::render(&data, &requests, &limits))
-                .await
-                .map_err(|e| Error::Unavailable(format!("the thumbnail worker failed: {e}")))?;
-        rendered.map_err(|e| {
-            self.thumbnails
-                .failures
-                .insert(object.sha256.clone(), e.clone());
-            Error::Thumbnail(e)
-        })
+        Ok(data)
     }
 
     /// Stores one rendered thumbnail (or records that the source is its own thumbnail).
@@ -372,4 +356,72 @@ impl Service {
         }
         Ok(())
     }
+}
+
+fn lock(batch: &Mutex<Batch>) -> std::sync::MutexGuard<'_, Batch> {
+    batch
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The worker's part, on the blocking pool: every request of the batch, those that join while it
+/// runs included, each answered as soon as it is made. Returns what to store, and the source's
+/// failure when it has one (to remember).
+fn make(
+    data: &[u8],
+    limits: thumbnail::Limits,
+    batch: &Mutex<Batch>,
+    media: &Media,
+) -> (Vec<(thumbnail::Request, Outcome)>, Option<thumbnail::Error>) {
+    let mut decoder = match thumbnail::Decoder::new(data, limits) {
+        Ok(d) => d,
+        Err(e) => {
+            let mut b = lock(batch);
+            b.started = true;
+            for (_, tx) in &b.wanted {
+                tx.send_replace(Some(Err(Error::Thumbnail(e.clone()))));
+            }
+            return (Vec::new(), Some(e));
+        }
+    };
+    let (mut made, mut failure) = (Vec::new(), None);
+    let mut done = 0;
+    loop {
+        let requests: Vec<thumbnail::Request> = {
+            let mut b = lock(batch);
+            if done == b.wanted.len() {
+                b.cover = None;
+                break;
+            }
+            let requests: Vec<_> = b.wanted[done..].iter().map(|(r, _)| *r).collect();
+            b.started = true;
+            b.cover = Some(decoder.cover_after(&requests));
+            requests
+        };
+        let results = decoder.render(&requests);
+        {
+            let b = lock(batch);
+            for (i, result) in results.iter().enumerate() {
+                let answer = match result {
+                    Err(e) => Err(Error::Thumbnail(e.clone())),
+                    Ok(Outcome::Original) => Ok(Thumb::Original(media.clone())),
+                    Ok(Outcome::Made(t)) => Ok(Thumb::Made {
+                        content_type: t.content_type.to_owned(),
+                        bytes: Bytes::from(t.bytes.clone()),
+                        sha256: hex::encode(Sha256::digest(&t.bytes)),
+                    }),
+                };
+                b.wanted[done + i].1.send_replace(Some(answer));
+            }
+        }
+        done += requests.len();
+        for (request, result) in requests.into_iter().zip(results) {
+            match result {
+                Ok(outcome) => made.push((request, outcome)),
+                Err(thumbnail::Error::Encode(_)) => {}
+                Err(e) => failure = Some(e),
+            }
+        }
+    }
+    (made, failure)
 }

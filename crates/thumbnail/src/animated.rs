@@ -142,7 +142,9 @@ pub(crate) fn render(
     let total = source.animation.map_or(1, |a| a.frames).max(1);
     let mut out = Vec::new();
     {
-        let mut encoder = GifEncoder::new_with_speed(&mut out, 10);
+        // NeuQuant's fastest sampling: palettes for a thumbnail do not need more, and at the
+        // default speed the quantiser was most of an animation's time.
+        let mut encoder = GifEncoder::new_with_speed(&mut out, 30);
         encoder
             .set_repeat(Repeat::Infinite)
             .map_err(|e| Error::Encode(e.to_string()))?;

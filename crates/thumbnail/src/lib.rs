@@ -154,8 +154,24 @@ pub fn render(
     requests: &[Request],
     limits: &Limits,
 ) -> Result<Vec<Result<Outcome, Error>>, Error> {
-    catching(|| {
-        let source = inspect_inner(data)?;
+    let mut decoder = Decoder::new(data, *limits)?;
+    Ok(decoder.render(requests))
+}
+
+/// One source whose header passed the limits, keeping the still image it decoded, so that later
+/// requests it covers ([`Decoder::covers`]) are made without decoding again.
+pub struct Decoder<'a> {
+    data: &'a [u8],
+    source: Source,
+    limits: Limits,
+    deadline: Instant,
+    still: Option<Pixels>,
+}
+
+impl<'a> Decoder<'a> {
+    /// Reads and checks the header: nothing is decoded yet.
+    pub fn new(data: &'a [u8], limits: Limits) -> Result<Decoder<'a>, Error> {
+        let source = catching(|| inspect_inner(data))?;
         let pixels = u64::from(source.width) * u64::from(source.height);
         if pixels > limits.max_pixels {
             return Err(Error::TooManyPixels {
@@ -171,79 +187,177 @@ pub fn render(
                 max: MAX_FRAMES,
             });
         }
-        Ok(render_checked(data, &source, requests, limits))
-    })
-}
+        Ok(Decoder {
+            data,
+            source,
+            limits,
+            deadline: Instant::now() + limits.animation_time,
+            still: None,
+        })
+    }
 
-fn render_checked(
-    data: &[u8],
-    source: &Source,
-    requests: &[Request],
-    limits: &Limits,
-) -> Vec<Result<Outcome, Error>> {
-    let size = (source.width, source.height);
-    let plans: Vec<Option<Geometry>> = requests
-        .iter()
-        .map(|r| geometry(size, (r.width, r.height), r.method))
-        .collect();
-    let deadline = Instant::now() + limits.animation_time;
-    let mut results: Vec<Option<Result<Outcome, Error>>> = vec![None; requests.len()];
-    // Animated thumbnails first, each its own pass over the frames; what cannot be animated
-    // joins the still requests.
-    for (i, request) in requests.iter().enumerate() {
-        if let (true, Some(animation), Some(g)) = (request.animated, source.animation, plans[i])
-            && animation_allowed(data, animation, request, limits)
-        {
-            match animated::render(data, source, &g, deadline, limits.max_pixels) {
-                Ok(Some(t)) => results[i] = Some(Ok(Outcome::Made(t))),
-                Ok(None) => {}
-                Err(e) => results[i] = Some(Err(e)),
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    fn plan(&self, r: &Request) -> Option<Geometry> {
+        self.cover().plan(r)
+    }
+
+    fn animates(&self, r: &Request) -> bool {
+        self.cover().animates(r)
+    }
+
+    fn cover(&self) -> Cover {
+        Cover {
+            source: self.source,
+            limits: self.limits,
+            data_len: self.data.len() as u64,
+            still: self.still.as_ref().map(|p| (p.width, p.height)),
+        }
+    }
+
+    /// What this decoder covers once it has rendered `requests` (see [`Cover::covers`]): a
+    /// worker publishes it so that requests arriving meanwhile know whether to join.
+    pub fn cover_after(&self, requests: &[Request]) -> Cover {
+        let mut cover = self.cover();
+        for r in requests {
+            let still = Request {
+                animated: false,
+                ..*r
+            };
+            if let Some(n) = cover.need(&still) {
+                cover.still = Some(cover.still.map_or(n, |s| (s.0.max(n.0), s.1.max(n.1))));
             }
         }
+        cover
     }
-    let still: Vec<usize> = (0..requests.len())
-        .filter(|&i| results[i].is_none())
-        .collect();
-    let needs_pixels: Vec<usize> = still
-        .iter()
-        .copied()
-        .filter(|&i| plans[i].is_some() || !source.format.clients_render())
-        .collect();
-    for &i in &still {
-        if plans[i].is_none() && source.format.clients_render() {
-            results[i] = Some(Ok(Outcome::Original));
+}
+
+/// What a [`Decoder`] can make without decoding again: its source, limits and the size of the
+/// still image it holds (or will hold).
+#[derive(Debug, Clone, Copy)]
+pub struct Cover {
+    source: Source,
+    limits: Limits,
+    data_len: u64,
+    still: Option<(u32, u32)>,
+}
+
+impl Cover {
+    fn plan(&self, r: &Request) -> Option<Geometry> {
+        geometry(
+            (self.source.width, self.source.height),
+            (r.width, r.height),
+            r.method,
+        )
+    }
+
+    fn animates(&self, r: &Request) -> bool {
+        match (self.source.animation, self.plan(r)) {
+            (Some(a), Some(_)) => {
+                self.data_len <= self.limits.max_animate_bytes
+                    && a.area <= ANIMATION_PIXELS
+                    && r.width <= MAX_ANIMATED_BOX.0
+                    && r.height <= MAX_ANIMATED_BOX.1
+            }
+            _ => false,
         }
     }
-    if !needs_pixels.is_empty() {
-        // The largest output decides the decode scale.
-        let need = needs_pixels
+
+    /// The still pixels `r` needs (`None`: none: the original, or an animation).
+    fn need(&self, r: &Request) -> Option<(u32, u32)> {
+        let size = (self.source.width, self.source.height);
+        if r.animated && self.animates(r) {
+            return None;
+        }
+        match self.plan(r) {
+            None if self.source.format.clients_render() => None,
+            None => Some(size),
+            Some(g) => Some(g.needs(size)),
+        }
+    }
+
+    /// `r` can be made without decoding more (an animation makes its own pass in any case).
+    pub fn covers(&self, r: &Request) -> bool {
+        match (self.need(r), self.still) {
+            (None, _) => true,
+            (Some(need), Some(s)) => s.0 >= need.0 && s.1 >= need.1,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+impl Decoder<'_> {
+    /// Every request's thumbnail: animations each from their own pass over the frames, the rest
+    /// from one still image, decoded now unless the one kept covers them all.
+    pub fn render(&mut self, requests: &[Request]) -> Vec<Result<Outcome, Error>> {
+        let mut results: Vec<Option<Result<Outcome, Error>>> = vec![None; requests.len()];
+        for (i, request) in requests.iter().enumerate() {
+            if request.animated
+                && self.animates(request)
+                && let Some(g) = self.plan(request)
+            {
+                let deadline = self.deadline;
+                let max_pixels = self.limits.max_pixels;
+                match catching(|| {
+                    animated::render(self.data, &self.source, &g, deadline, max_pixels)
+                }) {
+                    Ok(Some(t)) => results[i] = Some(Ok(Outcome::Made(t))),
+                    // Past the deadline: a still, as the budget says.
+                    Ok(None) => {}
+                    Err(e) => results[i] = Some(Err(e)),
+                }
+            }
+        }
+        let mut need = None::<(u32, u32)>;
+        for (i, request) in requests.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let still_request = Request {
+                animated: false,
+                ..*request
+            };
+            match self.cover().need(&still_request) {
+                None => results[i] = Some(Ok(Outcome::Original)),
+                Some(n) => need = Some(need.map_or(n, |m| (m.0.max(n.0), m.1.max(n.1)))),
+            }
+        }
+        let Some(need) = need else {
+            return results
+                .into_iter()
+                .map(|r| r.unwrap_or(Ok(Outcome::Original)))
+                .collect();
+        };
+        let covered = self
+            .still
+            .as_ref()
+            .is_some_and(|p| p.width >= need.0 && p.height >= need.1);
+        if !covered {
+            match catching(|| decode_still(self.data, &self.source, need, &self.limits)) {
+                Ok(p) => self.still = Some(p),
+                Err(e) => {
+                    return results
+                        .into_iter()
+                        .map(|r| r.unwrap_or_else(|| Err(e.clone())))
+                        .collect();
+                }
+            }
+        }
+        let Some(pixels) = &self.still else {
+            return vec![Err(Error::Corrupt("no still image".into())); requests.len()];
+        };
+        requests
             .iter()
-            .map(|&i| plans[i].map_or(size, |g| g.needs(size)))
-            .fold((1, 1), |a, b| (a.0.max(b.0), a.1.max(b.1)));
-        match decode_still(data, source, need, limits) {
-            Ok(pixels) => {
-                for &i in &needs_pixels {
-                    results[i] = Some(thumbnail_of(&pixels, source, plans[i]).map(Outcome::Made));
-                }
-            }
-            Err(e) => {
-                for &i in &needs_pixels {
-                    results[i] = Some(Err(e.clone()));
-                }
-            }
-        }
+            .zip(results)
+            .map(|(request, result)| match result {
+                Some(r) => r,
+                None => catching(|| thumbnail_of(pixels, &self.source, self.plan(request)))
+                    .map(Outcome::Made),
+            })
+            .collect()
     }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or(Err(Error::Corrupt("no result".into()))))
-        .collect()
-}
-
-fn animation_allowed(data: &[u8], a: Animation, request: &Request, limits: &Limits) -> bool {
-    data.len() as u64 <= limits.max_animate_bytes
-        && a.area <= ANIMATION_PIXELS
-        && request.width <= MAX_ANIMATED_BOX.0
-        && request.height <= MAX_ANIMATED_BOX.1
 }
 
 /// The still image: the whole image, or an animation's `still_frame` (its first frame when the
