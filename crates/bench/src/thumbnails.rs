@@ -26,7 +26,7 @@ const COLD_VS_SYNAPSE: f64 = 4.0;
 const FIVE_VS_SYNAPSE: f64 = 10.0;
 const CONCURRENT_RSS_MIB: f64 = 150.0;
 /// The stated bound for the animated thumbnail (100 frames of 640x480 to 320x240).
-const ANIMATED_MS: f64 = 1500.0;
+const ANIMATED_MS: f64 = 1000.0;
 const ANIMATED_RSS_MIB: f64 = 100.0;
 
 /// Where `cargo xtask bench` puts libjpeg-turbo's `djpeg`.

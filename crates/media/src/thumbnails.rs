@@ -275,12 +275,13 @@ impl Service {
         };
         let (worker_batch, worker_media) = (batch.clone(), media.clone());
         let limits = settings.limits;
-        let made =
-            tokio::task::spawn_blocking(move || make(&data, limits, &worker_batch, &worker_media))
-                .await;
+        // Counted before its first answer goes out.
         self.thumbnails
             .generated
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let made =
+            tokio::task::spawn_blocking(move || make(&data, limits, &worker_batch, &worker_media))
+                .await;
         let (made, failure) = match made {
             Ok(made) => made,
             Err(e) => {

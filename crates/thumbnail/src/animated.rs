@@ -6,7 +6,7 @@
 use std::io::Cursor;
 use std::time::Instant;
 
-use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
+use image::codecs::gif::GifDecoder;
 use image::codecs::png::PngDecoder;
 use image::codecs::webp::WebPDecoder;
 use image::{AnimationDecoder, DynamicImage, Frames, ImageDecoder as _};
@@ -140,51 +140,51 @@ pub(crate) fn render(
     max_pixels: u64,
 ) -> Result<Option<Thumbnail>, Error> {
     let total = source.animation.map_or(1, |a| a.frames).max(1);
-    let mut out = Vec::new();
-    {
-        // NeuQuant's fastest sampling: palettes for a thumbnail do not need more, and at the
-        // default speed the quantiser was most of an animation's time.
-        let mut encoder = GifEncoder::new_with_speed(&mut out, 30);
-        encoder
-            .set_repeat(Repeat::Infinite)
-            .map_err(|e| Error::Encode(e.to_string()))?;
-        // Frames beyond MAX_OUTPUT_FRAMES are merged into the one before, delays added.
-        let mut pending: Option<(image::RgbaImage, u32)> = None;
-        for (i, frame) in frames(data, source.format, max_pixels)?.enumerate() {
-            if Instant::now() > deadline {
-                return Ok(None);
-            }
-            let frame = frame.map_err(corrupt)?;
-            let (num, den) = frame.delay().numer_denom_ms();
-            let delay_ms = num / den.max(1);
-            let i = i as u64;
-            // The first frame of each of the MAX_OUTPUT_FRAMES slots is kept: frame 0 always
-            // (a merged frame needs one before it, or its delay is lost).
-            let slot = |i: u64| i * MAX_OUTPUT_FRAMES / total;
-            let keep = total <= MAX_OUTPUT_FRAMES || i == 0 || slot(i) != slot(i - 1);
-            if !keep {
-                if let Some((_, d)) = pending.as_mut() {
-                    *d += delay_ms;
-                }
-                continue;
-            }
-            let pixels = Pixels::from_image(DynamicImage::ImageRgba8(frame.into_buffer()))
-                .oriented(source.orientation);
-            let resized = pixels.resize(geometry, (source.width, source.height))?;
-            let rgba = match resized.into_image() {
-                Some(image) => image.into_rgba8(),
-                None => return Err(Error::Encode("frame size".into())),
-            };
-            if let Some((image, delay)) = pending.replace((rgba, delay_ms)) {
-                write_frame(&mut encoder, image, delay)?;
-            }
+    let mut writer = None::<GifWriter>;
+    // Frames beyond MAX_OUTPUT_FRAMES are merged into the one before, delays added.
+    let mut pending: Option<(Vec<u8>, u32)> = None;
+    for (i, frame) in frames(data, source.format, max_pixels)?.enumerate() {
+        if Instant::now() > deadline {
+            return Ok(None);
         }
-        if let Some((image, delay)) = pending {
-            write_frame(&mut encoder, image, delay)?;
+        let frame = frame.map_err(corrupt)?;
+        let (num, den) = frame.delay().numer_denom_ms();
+        let delay_ms = num / den.max(1);
+        let i = i as u64;
+        // The first frame of each of the MAX_OUTPUT_FRAMES slots is kept: frame 0 always
+        // (a merged frame needs one before it, or its delay is lost).
+        let slot = |i: u64| i * MAX_OUTPUT_FRAMES / total;
+        let keep = total <= MAX_OUTPUT_FRAMES || i == 0 || slot(i) != slot(i - 1);
+        if !keep {
+            if let Some((_, d)) = pending.as_mut() {
+                *d += delay_ms;
+            }
+            continue;
+        }
+        let pixels = Pixels::from_image(DynamicImage::ImageRgba8(frame.into_buffer()))
+            .oriented(source.orientation);
+        let resized = pixels.resize(geometry, (source.width, source.height))?;
+        let rgba = match resized.into_image() {
+            Some(image) => image.into_rgba8().into_raw(),
+            None => return Err(Error::Encode("frame size".into())),
+        };
+        if writer.is_none() {
+            writer = Some(GifWriter::new(geometry.width, geometry.height, &rgba)?);
+        }
+        if let (Some(w), Some((previous, delay))) =
+            (writer.as_mut(), pending.replace((rgba, delay_ms)))
+        {
+            w.frame(&previous, delay)?;
         }
     }
+    let Some(mut writer) = writer else {
+        return Err(Error::Corrupt("the animation has no frame".into()));
+    };
+    if let Some((last, delay)) = pending {
+        writer.frame(&last, delay)?;
+    }
     Ok(Some(Thumbnail {
-        bytes: out,
+        bytes: writer.finish()?,
         content_type: "image/gif",
         width: geometry.width,
         height: geometry.height,
@@ -192,13 +192,86 @@ pub(crate) fn render(
     }))
 }
 
-fn write_frame(
-    encoder: &mut GifEncoder<&mut Vec<u8>>,
-    image: image::RgbaImage,
-    delay_ms: u32,
-) -> Result<(), Error> {
-    let delay = image::Delay::from_numer_denom_ms(delay_ms, 1);
-    encoder
-        .encode_frame(image::Frame::from_parts(image, 0, 0, delay))
-        .map_err(|e| Error::Encode(e.to_string()))
+/// An animated GIF with one palette for all its frames: learnt (NeuQuant) from the first frame,
+/// and each pixel mapped through a 15-bit colour table filled as colours appear, so mapping a
+/// frame costs a lookup per pixel instead of a palette search (which took most of the time).
+/// Index 255 is transparency; frames are cleared after showing (each is a whole canvas).
+struct GifWriter {
+    encoder: gif::Encoder<Vec<u8>>,
+    quant: color_quant::NeuQuant,
+    /// Palette index per 5-bit-per-channel colour, found on first use.
+    table: Vec<Option<u8>>,
+    width: u16,
+    height: u16,
+}
+
+const TRANSPARENT: u8 = 255;
+
+impl GifWriter {
+    fn new(width: u32, height: u32, first: &[u8]) -> Result<GifWriter, Error> {
+        let fail = |e: gif::EncodingError| Error::Encode(e.to_string());
+        let (w, h) = match (u16::try_from(width), u16::try_from(height)) {
+            (Ok(w), Ok(h)) => (w, h),
+            _ => {
+                return Err(Error::Encode(format!(
+                    "{width}x{height} is too large for a GIF"
+                )));
+            }
+        };
+        let quant = color_quant::NeuQuant::new(10, 255, first);
+        let mut palette = quant.color_map_rgb();
+        palette.resize(256 * 3, 0);
+        let mut encoder = gif::Encoder::new(Vec::new(), w, h, &palette).map_err(fail)?;
+        encoder.set_repeat(gif::Repeat::Infinite).map_err(fail)?;
+        Ok(GifWriter {
+            encoder,
+            quant,
+            table: vec![None; 1 << 15],
+            width: w,
+            height: h,
+        })
+    }
+
+    fn frame(&mut self, rgba: &[u8], delay_ms: u32) -> Result<(), Error> {
+        let mut has_transparency = false;
+        let indices: Vec<u8> = rgba
+            .chunks_exact(4)
+            .map(|p| {
+                if p[3] < 128 {
+                    has_transparency = true;
+                    return TRANSPARENT;
+                }
+                let cell = (usize::from(p[0] >> 3) << 10)
+                    | (usize::from(p[1] >> 3) << 5)
+                    | usize::from(p[2] >> 3);
+                *self.table[cell].get_or_insert_with(|| {
+                    // The cell's centre, so that every colour in it maps alike.
+                    let centre = |v: u8| (v & 0xF8) | 4;
+                    let index =
+                        self.quant
+                            .index_of(&[centre(p[0]), centre(p[1]), centre(p[2]), 255]);
+                    u8::try_from(index).unwrap_or(0).min(TRANSPARENT - 1)
+                })
+            })
+            .collect();
+        let frame = gif::Frame {
+            width: self.width,
+            height: self.height,
+            buffer: std::borrow::Cow::Owned(indices),
+            // In hundredths of a second.
+            delay: u16::try_from(delay_ms.div_ceil(10)).unwrap_or(u16::MAX),
+            dispose: gif::DisposalMethod::Background,
+            transparent: has_transparency.then_some(TRANSPARENT),
+            ..gif::Frame::default()
+        };
+        self.encoder
+            .write_frame(&frame)
+            .map_err(|e| Error::Encode(e.to_string()))
+    }
+
+    fn finish(self) -> Result<Vec<u8>, Error> {
+        self.encoder
+            .into_inner()
+            .map_err(|e| Error::Encode(e.to_string()))
+    }
 }
