@@ -337,7 +337,7 @@ fn build_release() -> Result<std::path::PathBuf> {
     let mut build = util::cargo();
     build
         .args(["build", "--release", "-p", "mmrctl", "-p", "bench"])
-        .env("PATH", tools::path_with(&nasm));
+        .env("PATH", tools::path_with(&[&nasm]));
     note!("running `{}`", util::display_cargo(&build));
     let status = util::run_status(&mut build)?;
     if !status.success() {
@@ -587,8 +587,8 @@ fn thumbnails_section(run: &Run, line: &str) -> Result<Section> {
         result("cold_synapse", format!("{:.1}× faster than Synapse", synapse_cold / cold))?,
     ));
     rows.push_str(&format!(
-        "| the five spec sizes of one upload | | {five:.1} ms (five requests at once, one \
-         decode) | {synapse_five:.0} ms (pre-generation at upload: {:.0} ms upload with the sizes, \
+        "| the five spec sizes of one upload | | {five:.1} ms (five requests at once: \
+         requests a running decode covers join it) | {synapse_five:.0} ms (pre-generation at upload: {:.0} ms upload with the sizes, \
          {:.0} ms without) | ≥ 10× faster than Synapse | {} |\n",
         n("synapse_upload_pregen_ms")?,
         n("synapse_upload_plain_ms")?,
@@ -633,8 +633,11 @@ fn thumbnails_section(run: &Run, line: &str) -> Result<Section> {
          (1/8 here: libjpeg-turbo through mozjpeg, the same library as the limit), so nearly all \
          of a cold thumbnail is the entropy decoding the limit measures; the resize \
          (Lanczos3, `fast_image_resize`) and the JPEG encode of 320x240 take under a millisecond \
-         each, and the rest is the request, the source read and the thumbnail's object and \
-         row. Synapse decodes the whole photo and resizes it with Pillow's LANCZOS.",
+         each, and the rest is the request, two row lookups and the source read (the thumbnail \
+         is stored after it is answered). Synapse decodes the whole photo and resizes it with \
+         Pillow's LANCZOS. The animated thumbnail is GIF decoding and compositing, the resize \
+         of each frame, and GIF encoding with one palette learnt from the first frame (a \
+         table lookup per pixel); Synapse writes animated WebP.",
         n("photo_bytes")? / 1e6,
         run.date,
         cell(&run.machine),

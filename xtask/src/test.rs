@@ -17,7 +17,10 @@ pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
     let tools_bin = tools::ensure_venv(&target)?;
     tools::ensure_systemd_analyze()?;
     let nginx = tools::ensure_nginx(&target)?;
-    let path = tools::path_with(&tools::ensure_nasm(&target)?);
+    let path = tools::path_with(&[
+        &tools::ensure_nasm(&target)?,
+        &tools::ensure_ffmpeg(&target)?,
+    ]);
 
     let with_env = |cmd: &mut Command| {
         cmd.env("PATH", &path)
@@ -90,7 +93,7 @@ pub(crate) fn ci() -> Result<ExitCode> {
             "warnings",
         ],
     ];
-    let path = tools::path_with(&tools::ensure_nasm(&util::target_dir())?);
+    let path = tools::path_with(&[&tools::ensure_nasm(&util::target_dir())?]);
     for args in steps {
         let mut cmd = util::cargo();
         cmd.args(args).env("PATH", &path);

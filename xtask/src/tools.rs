@@ -196,10 +196,76 @@ pub(crate) fn ensure_djpeg(target: &Path) -> Result<PathBuf> {
     )
 }
 
-/// `PATH` with the directory of `tool` first, for the cargo commands we run (build scripts find
-/// nasm there).
-pub(crate) fn path_with(tool: &Path) -> std::ffi::OsString {
-    let mut dirs: Vec<PathBuf> = tool.parent().map(Path::to_path_buf).into_iter().collect();
+/// A directory with `ffmpeg` and `ffprobe` for the video thumbnail tests: PATH's, else Debian's
+/// ffmpeg and the libraries it needs that the system lacks, unpacked under `<target>/ffmpeg`
+/// (never installed), with wrapper scripts in `<target>/ffmpeg/bin` that point the loader at
+/// them (so nothing else run by the tests sees those libraries).
+pub(crate) fn ensure_ffmpeg(target: &Path) -> Result<PathBuf> {
+    // Returns the ffmpeg to put first on PATH (ffprobe beside it).
+    if let (Some(ffmpeg), Some(_)) = (util::find_on_path("ffmpeg"), util::find_on_path("ffprobe")) {
+        note!("ffmpeg at {}", ffmpeg.display());
+        return Ok(ffmpeg);
+    }
+    let root = target.join("ffmpeg");
+    let bin = root.join("bin");
+    let real = root.join("usr/bin/ffmpeg");
+    if !util::is_executable(&real) {
+        let how = "install ffmpeg (`apt-get install ffmpeg`) or put ffmpeg and ffprobe on PATH";
+        // What ffmpeg needs beyond what is installed: the packages `apt-get install` would add.
+        let mut plan = Command::new("apt-get");
+        plan.args(["install", "-s", "--no-install-recommends", "ffmpeg"]);
+        let listed = util::run_captured(&mut plan, how)?;
+        let packages: Vec<&str> = listed
+            .lines()
+            .filter_map(|l| l.strip_prefix("Inst "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        if packages.is_empty() {
+            bail!("`apt-get install -s ffmpeg` lists nothing to install; {how}");
+        }
+        unpack(target, &root, "ffmpeg", &packages, how)?;
+    }
+    let libs = root.join("usr/lib/x86_64-linux-gnu");
+    let mut lib_dirs = vec![libs.clone()];
+    // BLAS/LAPACK live in subdirectories (alternatives on an installed system).
+    for sub in ["blas", "lapack", "pulseaudio"] {
+        lib_dirs.push(libs.join(sub));
+    }
+    let lib_path = std::env::join_paths(&lib_dirs)?;
+    std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+    for tool in ["ffmpeg", "ffprobe"] {
+        let wrapper = bin.join(tool);
+        let script = format!(
+            "#!/bin/sh\nLD_LIBRARY_PATH={} exec {} \"$@\"\n",
+            lib_path.to_string_lossy(),
+            root.join("usr/bin").join(tool).display()
+        );
+        std::fs::write(&wrapper, script)
+            .with_context(|| format!("cannot write {}", wrapper.display()))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let mut version = Command::new(bin.join("ffmpeg"));
+    version.arg("-version");
+    util::run_captured(
+        &mut version,
+        &format!(
+            "the unpacked ffmpeg does not run (a library may be missing: `LD_LIBRARY_PATH={} ldd {}`)",
+            lib_path.to_string_lossy(),
+            real.display()
+        ),
+    )?;
+    note!("ffmpeg at {} (unpacked, not installed)", bin.display());
+    Ok(bin.join("ffmpeg"))
+}
+
+/// `PATH` with the directories of `tools` first, for the commands we run (build scripts find nasm
+/// there, the thumbnailer ffmpeg).
+pub(crate) fn path_with(tools: &[&Path]) -> std::ffi::OsString {
+    let mut dirs: Vec<PathBuf> = tools
+        .iter()
+        .filter_map(|t| t.parent().map(Path::to_path_buf))
+        .collect();
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }

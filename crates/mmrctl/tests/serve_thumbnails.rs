@@ -296,7 +296,10 @@ fn fifty_identical_requests_make_one_thumbnail() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    assert_eq!(settled_count(&repo, "SELECT COUNT(*) FROM thumbnails", 1), 1);
+    assert_eq!(
+        settled_count(&repo, "SELECT COUNT(*) FROM thumbnails", 1),
+        1
+    );
     assert_eq!(
         repo.count("SELECT COUNT(*) FROM objects"),
         2,
@@ -392,4 +395,40 @@ fn frozen_media_has_thumbnails_on_the_authenticated_endpoint_only() {
         "{}",
         r.text()
     );
+}
+
+/// A video's thumbnail, when `types` lists it: its first frame through the ffmpeg on PATH
+/// (`cargo xtask test` provides one), never the video itself.
+#[test]
+fn videos_are_thumbnailed_from_their_first_frame_when_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("green.mp4");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-f", "lavfi", "-i"])
+        .arg("color=c=green:size=320x240:rate=10:duration=1")
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg: run the tests with `cargo xtask test`, which provides it");
+    assert!(status.success());
+    let mp4 = std::fs::read(&path).unwrap();
+    let listed = repo(|c| c["thumbnails"] = serde_json::json!({ "types": ["video/mp4"] }));
+    let id = listed.upload(HS, SHARED_SECRET, "video/mp4", Some("clip.mp4"), &mp4);
+    let r = thumb(&listed, V1, &id, "width=96&height=96&method=crop");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("image/png"));
+    let image = image::load_from_memory(&r.body).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (96, 96));
+    let p = image.get_pixel(48, 48);
+    assert!(p[1] > 100 && p[0] < 60, "green: {p:?}");
+    // Larger than the video: a PNG of its frame, not the video.
+    let r = thumb(&listed, V1, &id, "width=800&height=600");
+    assert_eq!(r.header("content-type"), Some("image/png"));
+    assert_eq!(dimensions(&r.body), (320, 240));
+    // Not listed (the default types): 400, saying so.
+    let unlisted = repo(|_| {});
+    let id = unlisted.upload(HS, SHARED_SECRET, "video/mp4", None, &mp4);
+    let r = thumb(&unlisted, V1, &id, "width=96&height=96");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("video/mp4"), "{}", r.text());
 }

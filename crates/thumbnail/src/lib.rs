@@ -16,6 +16,7 @@ mod raster;
 mod sizes;
 mod sniff;
 mod svg;
+mod video;
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -159,9 +160,10 @@ pub fn render(
 }
 
 /// One source whose header passed the limits, keeping the still image it decoded, so that later
-/// requests it covers ([`Decoder::covers`]) are made without decoding again.
+/// requests it covers ([`Cover::covers`]) are made without decoding again.
 pub struct Decoder<'a> {
-    data: &'a [u8],
+    /// The source; for a video, the PNG of its first frame.
+    data: std::borrow::Cow<'a, [u8]>,
     source: Source,
     limits: Limits,
     deadline: Instant,
@@ -169,9 +171,25 @@ pub struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    /// Reads and checks the header: nothing is decoded yet.
+    /// Reads and checks the header: nothing is decoded yet (but a video's first frame, which
+    /// ffmpeg extracts once its size passed `max_pixels`).
     pub fn new(data: &'a [u8], limits: Limits) -> Result<Decoder<'a>, Error> {
-        let source = catching(|| inspect_inner(data))?;
+        let (data, source) = match sniff(data) {
+            Some(format @ (Format::Mp4 | Format::Webm)) => {
+                let frame = video::first_frame(data, limits.max_pixels)?;
+                let still = catching(|| inspect_inner(&frame))?;
+                let source = Source {
+                    format,
+                    animation: None,
+                    ..still
+                };
+                (std::borrow::Cow::Owned(frame), source)
+            }
+            _ => (
+                std::borrow::Cow::Borrowed(data),
+                catching(|| inspect_inner(data))?,
+            ),
+        };
         let pixels = u64::from(source.width) * u64::from(source.height);
         if pixels > limits.max_pixels {
             return Err(Error::TooManyPixels {
@@ -301,7 +319,7 @@ impl Decoder<'_> {
                 let deadline = self.deadline;
                 let max_pixels = self.limits.max_pixels;
                 match catching(|| {
-                    animated::render(self.data, &self.source, &g, deadline, max_pixels)
+                    animated::render(&self.data, &self.source, &g, deadline, max_pixels)
                 }) {
                     Ok(Some(t)) => results[i] = Some(Ok(Outcome::Made(t))),
                     // Past the deadline: a still, as the budget says.
@@ -335,7 +353,7 @@ impl Decoder<'_> {
             .as_ref()
             .is_some_and(|p| p.width >= need.0 && p.height >= need.1);
         if !covered {
-            match catching(|| decode_still(self.data, &self.source, need, &self.limits)) {
+            match catching(|| decode_still(&self.data, &self.source, need, &self.limits)) {
                 Ok(p) => self.still = Some(p),
                 Err(e) => {
                     return results
@@ -379,6 +397,8 @@ fn decode_still(
         }
         // Vector: rendered at the size the output needs, never at the size it claims.
         (Format::Svg, _) => svg::render(data, need)?,
+        // The first frame, as a PNG.
+        (Format::Mp4 | Format::Webm, _) => raster::decode(data, Format::Png, limits.max_pixels)?,
         (format, Some(a)) if a.area <= ANIMATION_PIXELS && limits.still_frame > 0.0 => {
             let index = ((a.frames - 1) as f64 * limits.still_frame.clamp(0.0, 1.0)) as u64;
             animated::frame(data, format, index, limits.max_pixels)?

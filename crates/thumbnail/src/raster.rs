@@ -16,7 +16,7 @@ fn image_format(format: Format) -> Result<ImageFormat, Error> {
         Format::Webp => ImageFormat::WebP,
         Format::Bmp => ImageFormat::Bmp,
         Format::Tiff => ImageFormat::Tiff,
-        Format::Svg => return Err(Error::Unsupported),
+        Format::Svg | Format::Mp4 | Format::Webm => return Err(Error::Unsupported),
     })
 }
 

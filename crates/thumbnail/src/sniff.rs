@@ -12,6 +12,10 @@ pub enum Format {
     Tiff,
     /// Rendered, never served as it is (it can carry scripts).
     Svg,
+    /// MP4 and QuickTime (ISO media with a video brand): the first frame, through ffmpeg.
+    Mp4,
+    /// WebM and Matroska: the same.
+    Webm,
 }
 
 impl Format {
@@ -25,6 +29,8 @@ impl Format {
             Format::Bmp => "image/bmp",
             Format::Tiff => "image/tiff",
             Format::Svg => "image/svg+xml",
+            Format::Mp4 => "video/mp4",
+            Format::Webm => "video/webm",
         }
     }
 
@@ -53,11 +59,30 @@ pub fn sniff(data: &[u8]) -> Option<Format> {
         Some(Format::Bmp)
     } else if starts(b"II*\0") || starts(b"MM\0*") {
         Some(Format::Tiff)
+    } else if data.len() >= 12 && &data[4..8] == b"ftyp" && !is_still_brand(&data[8..12]) {
+        Some(Format::Mp4)
+    } else if starts(&[0x1A, 0x45, 0xDF, 0xA3]) {
+        Some(Format::Webm)
     } else if is_svg(data) {
         Some(Format::Svg)
     } else {
         None
     }
+}
+
+/// ISO media brands of still images (HEIF, AVIF): not videos.
+fn is_still_brand(brand: &[u8]) -> bool {
+    [
+        &b"heic"[..],
+        b"heix",
+        b"heim",
+        b"heis",
+        b"mif1",
+        b"msf1",
+        b"avif",
+        b"avis",
+    ]
+    .contains(&brand)
 }
 
 /// XML (after a BOM and blanks: a declaration, a comment, a doctype or the element) with an
@@ -82,6 +107,8 @@ pub fn listed(format: Format, types: &[String]) -> bool {
         Format::Jpeg => &["image/jpeg", "image/jpg", "image/pjpeg"],
         Format::Png => &["image/png", "image/apng"],
         Format::Bmp => &["image/bmp", "image/x-bmp"],
+        Format::Mp4 => &["video/mp4", "video/quicktime"],
+        Format::Webm => &["video/webm", "video/x-matroska"],
         other => &[other.mime()],
     };
     types

@@ -742,3 +742,90 @@ fn sparse_frames_on_a_large_canvas_are_over_the_animation_budget() {
     // the scale-down, the rest of the canvas is transparent.
     assert_eq!(decode(&t).image.get_pixel(48, 48)[3], 0);
 }
+
+/// A video made with the ffmpeg on PATH (`cargo xtask test` provides one) from a lavfi source.
+fn video(dir: &Path, name: &str, source: &str, codec: &[&str]) -> Vec<u8> {
+    let path = dir.join(name);
+    let status = Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-f", "lavfi", "-i", source])
+        .args(codec)
+        .arg(&path)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run ffmpeg ({e}): run the tests with `cargo xtask test`, which provides it"
+            )
+        });
+    assert!(status.success(), "ffmpeg could not make {name}");
+    std::fs::read(&path).expect("the video ffmpeg wrote")
+}
+
+/// Video: the first frame, through ffmpeg, thumbnailed like a still and never served as it is;
+/// the pixel limit holds from ffprobe's answer, before anything is decoded.
+#[test]
+fn video_thumbnails_come_from_the_first_frame() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mp4 = video(
+        dir.path(),
+        "red.mp4",
+        "color=c=red:size=640x480:rate=10:duration=1",
+        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
+    );
+    let webm = video(
+        dir.path(),
+        "blue.webm",
+        "color=c=blue:size=320x240:rate=10:duration=1",
+        &["-c:v", "libvpx"],
+    );
+    assert_eq!(thumbnail::sniff(&mp4), Some(Format::Mp4));
+    assert_eq!(thumbnail::sniff(&webm), Some(Format::Webm));
+    let requests = [
+        request(96, 96, Method::Crop, false),
+        request(320, 240, Method::Scale, true),
+        request(800, 600, Method::Scale, false),
+    ];
+    let results = thumbnail::render(&mp4, &requests, &limits()).expect("a video");
+    let made = |r: &Result<Outcome, Error>| match r {
+        Ok(Outcome::Made(t)) => t.clone(),
+        other => panic!("{other:?}"),
+    };
+    let sizes = [(96, 96), (320, 240), (640, 480)];
+    for (result, size) in results.iter().zip(sizes) {
+        let t = made(result);
+        assert_eq!((t.content_type, t.animated), ("image/png", false));
+        let image = image::load_from_memory(&t.bytes).expect("a PNG").to_rgb8();
+        assert_eq!(image.dimensions(), size);
+        let p = image.get_pixel(size.0 / 2, size.1 / 2);
+        assert!(p[0] > 200 && p[1] < 60 && p[2] < 60, "red: {p:?}");
+    }
+    let results = thumbnail::render(&webm, &[request(800, 600, Method::Scale, false)], &limits())
+        .expect("a video");
+    let t = made(&results[0]);
+    let image = image::load_from_memory(&t.bytes).expect("a PNG").to_rgb8();
+    assert_eq!(
+        image.dimensions(),
+        (320, 240),
+        "never upscaled, never the video itself"
+    );
+    let p = image.get_pixel(160, 120);
+    assert!(p[2] > 200 && p[0] < 60, "blue: {p:?}");
+
+    let small = Limits {
+        max_pixels: 100_000,
+        ..limits()
+    };
+    assert_eq!(
+        thumbnail::render(&mp4, &requests, &small).map(|_| ()),
+        Err(Error::TooManyPixels {
+            pixels: 640 * 480,
+            max: 100_000
+        })
+    );
+    // A container header and nothing after: ffprobe refuses it.
+    let mut broken = mp4[..32].to_vec();
+    broken.extend(std::iter::repeat_n(0x55, 500));
+    assert!(matches!(
+        thumbnail::render(&broken, &requests, &limits()),
+        Err(Error::Corrupt(_))
+    ));
+}
