@@ -378,7 +378,11 @@ impl Store {
 /// blocks when the pool has one ([`write_temp_filled`]), else chunk by chunk through the page cache
 /// ([`write_temp_chunks`]). Either way the memory in flight is bounded per upload and for all
 /// uploads at once.
-pub(crate) async fn write_temp<S, E>(dir: PathBuf, body: S, limits: Limits) -> Result<Written, Error>
+pub(crate) async fn write_temp<S, E>(
+    dir: PathBuf,
+    body: S,
+    limits: Limits,
+) -> Result<Written, Error>
 where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: std::fmt::Display,
