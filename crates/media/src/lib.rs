@@ -58,7 +58,8 @@ pub enum Error {
     /// The source is larger than `thumbnails.maxSourceBytes`.
     #[error("the media is larger than thumbnails.maxSourceBytes ({0} bytes)")]
     ThumbnailSourceTooLarge(u64),
-    /// A shared operation failed for a reason that only its first waiter saw in full.
+    /// Not now: a shared operation failed for a reason only its message keeps (store errors
+    /// are not shared), or the host is busy. Worth trying again.
     #[error("{0}")]
     Unavailable(String),
 }

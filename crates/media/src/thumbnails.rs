@@ -1,8 +1,8 @@
 //! Thumbnails as a media operation: the request normalised to a bucket, the row looked up, and
-//! otherwise one generation per media at a time on a pool of `thumbnails.numWorkers`: requests
-//! for the same thumbnail share its result, and different sizes of one media that wait together
-//! come from one decode. Sources that cannot be thumbnailed are remembered, so that clients
-//! retrying cost nothing (MMR #647).
+//! otherwise a generation on a pool of `thumbnails.numWorkers` (at most [`MAX_QUEUED`] waiting):
+//! requests for the same thumbnail share its result, and other sizes of one media join the
+//! generation that is running while what it decoded covers them. Sources that cannot be
+//! thumbnailed are remembered, so that clients retrying cost nothing (MMR #647).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,9 @@ pub struct ThumbnailParams {
     pub method: Method,
     /// `None`: `thumbnails.defaultAnimated`.
     pub animated: Option<bool>,
+    /// Asked on an authenticated endpoint: without, media frozen to those is not found (before
+    /// anything is decoded).
+    pub authenticated: bool,
 }
 
 /// What a thumbnail request gets.
@@ -43,6 +46,9 @@ pub enum Thumb {
         sha256: String,
     },
 }
+
+/// Generations waiting for a worker or running, at most; beyond, requests get 503.
+const MAX_QUEUED: usize = 256;
 
 /// How long a source that failed to thumbnail is remembered.
 const FAILURE_MEMORY: Duration = Duration::from_secs(3600);
@@ -71,6 +77,7 @@ pub(crate) struct Thumbnailer {
     batches: Mutex<Batches>,
     failures: moka::sync::Cache<String, thumbnail::Error>,
     generated: std::sync::atomic::AtomicU64,
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 impl Thumbnailer {
@@ -83,6 +90,7 @@ impl Thumbnailer {
                 .time_to_live(FAILURE_MEMORY)
                 .build(),
             generated: std::sync::atomic::AtomicU64::new(0),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -114,6 +122,14 @@ impl Settings {
             },
             types: t.types.clone(),
         }
+    }
+}
+
+/// A thumbnailer error as the service reports it: the host's troubles are not the source's.
+fn from_thumbnail(e: thumbnail::Error) -> Error {
+    match e {
+        thumbnail::Error::Unavailable(why) => Error::Unavailable(why),
+        e => Error::Thumbnail(e),
     }
 }
 
@@ -152,6 +168,11 @@ impl Service {
             thumbnail::bucket(params.width, params.height, &sizes, t.dynamic_sizing);
         let animated = t.allow_animated && params.animated.unwrap_or(t.default_animated);
         let media = self.media(config, origin, media_id, wait, fetch).await?;
+        if !params.authenticated && media.requires_auth {
+            return Err(Error::NotFound(
+                "This media is only served on the authenticated endpoint /_matrix/client/v1/media/thumbnail".into(),
+            ));
+        }
         let key = ThumbnailKey {
             origin: media.origin.clone(),
             media_id: media.media_id.clone(),
@@ -179,7 +200,7 @@ impl Service {
             method: params.method,
             animated,
         };
-        let mut result = self.join_batch(config, media.clone(), object, request);
+        let mut result = self.join_batch(config, media.clone(), object, request)?;
         let shared = result
             .wait_for(Option::is_some)
             .await
@@ -198,7 +219,7 @@ impl Service {
         media: Media,
         object: ObjectRef,
         request: thumbnail::Request,
-    ) -> watch::Receiver<Option<Result<Thumb, Error>>> {
+    ) -> Result<watch::Receiver<Option<Result<Thumb, Error>>>, Error> {
         let key = (media.origin.clone(), media.media_id.clone());
         let mut batches = self
             .thumbnails
@@ -212,7 +233,7 @@ impl Service {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some((_, tx)) = b.wanted.iter().find(|(r, _)| *r == request) {
-                return tx.subscribe();
+                return Ok(tx.subscribe());
             }
             let joins = !b.started || b.cover.is_some_and(|c| c.covers(&request));
             if joins && open.is_none() {
@@ -222,7 +243,14 @@ impl Service {
             }
         }
         if let Some(rx) = open {
-            return rx;
+            return Ok(rx);
+        }
+        let queued = &self.thumbnails.queued;
+        if queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= MAX_QUEUED {
+            queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Error::Unavailable(format!(
+                "{MAX_QUEUED} thumbnails are being made already; try again shortly"
+            )));
         }
         let (tx, rx) = watch::channel(None);
         let batch = Arc::new(Mutex::new(Batch {
@@ -236,20 +264,15 @@ impl Service {
         let service = self.clone();
         let settings = Settings::of(config);
         tokio::spawn(async move {
+            // Leaves the map however the generation ends (a panic included).
+            let _done = Done {
+                service: service.clone(),
+                key,
+                batch: batch.clone(),
+            };
             service.generate(&media, &object, &batch, settings).await;
-            let mut batches = service
-                .thumbnails
-                .batches
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(list) = batches.get_mut(&key) {
-                list.retain(|b| !Arc::ptr_eq(b, &batch));
-                if list.is_empty() {
-                    batches.remove(&key);
-                }
-            }
         });
-        rx
+        Ok(rx)
     }
 
     async fn generate(
@@ -262,6 +285,15 @@ impl Service {
         let Ok(_permit) = self.thumbnails.workers.clone().acquire_owned().await else {
             return;
         };
+        {
+            // Everyone who asked went away while it waited: no work for nobody.
+            let mut b = lock(batch);
+            if b.wanted.iter().all(|(_, tx)| tx.is_closed()) {
+                b.started = true;
+                b.cover = None;
+                return;
+            }
+        }
         let data = match self.read_source(object, &settings).await {
             Ok(data) => data,
             Err(e) => {
@@ -286,7 +318,9 @@ impl Service {
             Ok(made) => made,
             Err(e) => {
                 let e = Error::Unavailable(format!("the thumbnail worker failed: {e}"));
-                let b = lock(batch);
+                let mut b = lock(batch);
+                b.started = true;
+                b.cover = None;
                 for (_, tx) in &b.wanted {
                     if tx.borrow().is_none() {
                         tx.send_replace(Some(Err(share(&e))));
@@ -300,8 +334,8 @@ impl Service {
         }
         // Answered already; stored now (requests meanwhile join this batch: it leaves the map
         // once stored).
-        for (request, outcome) in made {
-            if let Err(e) = self.keep(media, object, &request, outcome).await {
+        for (request, kept) in made {
+            if let Err(e) = self.keep(media, object, &request, kept).await {
                 tracing::warn!(mxc = %media.mxc(), error = %e, "a thumbnail was served but not stored; it is made again when asked for");
             }
         }
@@ -327,13 +361,13 @@ impl Service {
         Ok(data)
     }
 
-    /// Stores one rendered thumbnail (or records that the source is its own thumbnail).
+    /// Stores one made thumbnail (or records that the source is its own thumbnail).
     async fn keep(
         &self,
         media: &Media,
         object: &ObjectRef,
         request: &thumbnail::Request,
-        outcome: Outcome,
+        kept: Kept,
     ) -> Result<(), Error> {
         let key = ThumbnailKey {
             origin: media.origin.clone(),
@@ -343,19 +377,56 @@ impl Service {
             method: request.method.as_str(),
             animated: request.animated,
         };
-        match outcome {
-            Outcome::Original => {
+        match kept {
+            Kept::Original { content_type } => {
                 self.store
-                    .link_thumbnail(&key, &media.content_type, object)
+                    .link_thumbnail(&key, content_type, object)
                     .await?
             }
-            Outcome::Made(t) => {
-                self.store
-                    .put_thumbnail(&key, t.content_type, Bytes::from(t.bytes))
-                    .await?;
+            Kept::Made {
+                content_type,
+                bytes,
+            } => {
+                self.store.put_thumbnail(&key, content_type, bytes).await?;
             }
         }
         Ok(())
+    }
+}
+
+/// What a generation stores for a request after answering it.
+enum Kept {
+    /// The source is the thumbnail, served as the type its bytes are.
+    Original { content_type: &'static str },
+    Made {
+        content_type: &'static str,
+        bytes: Bytes,
+    },
+}
+
+/// Removes its batch from the map when the generation's task ends, however it ends.
+struct Done {
+    service: Service,
+    key: (String, String),
+    batch: Arc<Mutex<Batch>>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let thumbnails = &self.service.thumbnails;
+        let mut batches = thumbnails
+            .batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(list) = batches.get_mut(&self.key) {
+            list.retain(|b| !Arc::ptr_eq(b, &self.batch));
+            if list.is_empty() {
+                batches.remove(&self.key);
+            }
+        }
+        thumbnails
+            .queued
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -366,24 +437,31 @@ fn lock(batch: &Mutex<Batch>) -> std::sync::MutexGuard<'_, Batch> {
 }
 
 /// The worker's part, on the blocking pool: every request of the batch, those that join while it
-/// runs included, each answered as soon as it is made. Returns what to store, and the source's
-/// failure when it has one (to remember).
+/// runs included, each answered as soon as it is made. Returns what to store (not the stills an
+/// animation fell back to for lack of time: another try may animate), and the source's failure
+/// when it has one (to remember).
 fn make(
     data: &[u8],
     limits: thumbnail::Limits,
     batch: &Mutex<Batch>,
     media: &Media,
-) -> (Vec<(thumbnail::Request, Outcome)>, Option<thumbnail::Error>) {
+) -> (Vec<(thumbnail::Request, Kept)>, Option<thumbnail::Error>) {
     let mut decoder = match thumbnail::Decoder::new(data, limits) {
         Ok(d) => d,
         Err(e) => {
             let mut b = lock(batch);
             b.started = true;
             for (_, tx) in &b.wanted {
-                tx.send_replace(Some(Err(Error::Thumbnail(e.clone()))));
+                tx.send_replace(Some(Err(from_thumbnail(e.clone()))));
             }
-            return (Vec::new(), Some(e));
+            return (Vec::new(), remembered(e));
         }
+    };
+    // Served as the type its bytes are, whatever the uploader said.
+    let original_type = decoder.source().format.mime();
+    let original = Media {
+        content_type: original_type.to_owned(),
+        ..media.clone()
     };
     let (mut made, mut failure) = (Vec::new(), None);
     let mut done = 0;
@@ -400,29 +478,56 @@ fn make(
             requests
         };
         let results = decoder.render(&requests);
-        {
-            let b = lock(batch);
-            for (i, result) in results.iter().enumerate() {
-                let answer = match result {
-                    Err(e) => Err(Error::Thumbnail(e.clone())),
-                    Ok(Outcome::Original) => Ok(Thumb::Original(media.clone())),
-                    Ok(Outcome::Made(t)) => Ok(Thumb::Made {
+        // Built before taking the lock: hashing is not done under it.
+        let mut answers = Vec::with_capacity(results.len());
+        for (request, result) in requests.iter().zip(results) {
+            answers.push(match result {
+                Err(e) => {
+                    failure = remembered(e.clone()).or(failure);
+                    Err(from_thumbnail(e))
+                }
+                Ok(Outcome::Original) => {
+                    made.push((
+                        *request,
+                        Kept::Original {
+                            content_type: original_type,
+                        },
+                    ));
+                    Ok(Thumb::Original(original.clone()))
+                }
+                Ok(Outcome::Made(t)) => {
+                    let sha256 = hex::encode(Sha256::digest(&t.bytes));
+                    let bytes = Bytes::from(t.bytes);
+                    if !t.fallback {
+                        made.push((
+                            *request,
+                            Kept::Made {
+                                content_type: t.content_type,
+                                bytes: bytes.clone(),
+                            },
+                        ));
+                    }
+                    Ok(Thumb::Made {
                         content_type: t.content_type.to_owned(),
-                        bytes: Bytes::from(t.bytes.clone()),
-                        sha256: hex::encode(Sha256::digest(&t.bytes)),
-                    }),
-                };
-                b.wanted[done + i].1.send_replace(Some(answer));
-            }
+                        bytes,
+                        sha256,
+                    })
+                }
+            });
+        }
+        let b = lock(batch);
+        for (i, answer) in answers.into_iter().enumerate() {
+            b.wanted[done + i].1.send_replace(Some(answer));
         }
         done += requests.len();
-        for (request, result) in requests.into_iter().zip(results) {
-            match result {
-                Ok(outcome) => made.push((request, outcome)),
-                Err(thumbnail::Error::Encode(_)) => {}
-                Err(e) => failure = Some(e),
-            }
-        }
     }
     (made, failure)
+}
+
+/// The failures worth remembering: those of the source, not of the host or the encoder.
+fn remembered(e: thumbnail::Error) -> Option<thumbnail::Error> {
+    match e {
+        thumbnail::Error::Encode(_) | thumbnail::Error::Unavailable(_) => None,
+        e => Some(e),
+    }
 }

@@ -412,6 +412,7 @@ fn expired_thumbnails_go_and_take_only_their_own_objects() {
                     height: h,
                     method: media::Method::Crop,
                     animated: None,
+                    authenticated: true,
                 };
                 media
                     .thumbnail(

@@ -257,14 +257,24 @@ fn a_source_smaller_than_the_box_is_served_as_it_is() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.body, small);
     assert_eq!(r.header("content-type"), Some("image/png"));
+    // Served as what the bytes are, not as what the uploader said.
+    let untyped = repo.upload(
+        HS,
+        SHARED_SECRET,
+        "application/octet-stream",
+        None,
+        &png(201, 150),
+    );
+    let r = thumb(&repo, V1, &untyped, "width=320&height=240");
+    assert_eq!(r.header("content-type"), Some("image/png"), "{}", r.text());
     // Recorded as the thumbnail (pointing at the original's object), so it is not decoded again.
     assert_eq!(
-        settled_count(&repo, "SELECT COUNT(*) FROM thumbnails", 1),
-        1
+        settled_count(&repo, "SELECT COUNT(*) FROM thumbnails", 2),
+        2
     );
     assert_eq!(
         repo.count("SELECT COUNT(*) FROM thumbnails t JOIN media m ON m.sha256 = t.sha256"),
-        1
+        2
     );
 }
 
@@ -362,6 +372,10 @@ fn animated_thumbnails_only_when_asked_and_allowed() {
         .unwrap();
     assert_eq!(frames.len(), 12);
     assert_eq!(frames[0].buffer().dimensions(), (320, 240));
+    // A still is never the animation, even when the GIF fits the box (the spec: MUST NOT).
+    let r = thumb(&repo, V1, &id, "width=800&height=600&animated=false");
+    assert_eq!(r.header("content-type"), Some("image/png"), "{}", r.text());
+    assert_eq!(dimensions(&r.body), (400, 300));
     // A still by default: the frame at stillFrame (0.5: the middle), as PNG.
     let r = thumb(&repo, V1, &id, "width=320&height=240");
     assert_eq!(r.header("content-type"), Some("image/png"));

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
-use store::{Media, Target};
+use store::Target;
 
 use crate::auth::query_param;
 use crate::error::{ApiError, ApiResult};
@@ -182,17 +182,6 @@ pub(crate) fn fetch_rule<'a>(
     }
 }
 
-/// Media uploaded after unauthenticated media was frozen is served on the authenticated
-/// endpoints only.
-pub(crate) fn check_frozen(media: &Media, authenticated: bool, endpoint: &str) -> ApiResult<()> {
-    if !authenticated && media.requires_auth {
-        return Err(ApiError::not_found(format!(
-            "This media is only served on the authenticated endpoint /_matrix/client/v1/media/{endpoint}"
-        )));
-    }
-    Ok(())
-}
-
 async fn download(
     state: &SharedState,
     ctx: &Ctx,
@@ -236,7 +225,12 @@ async fn download(
                 .map_err(|e| ApiError::internal(e.to_string()));
         }
     };
-    check_frozen(&media, authenticated, "download")?;
+    // Uploaded after unauthenticated media was frozen: the authenticated endpoint only.
+    if !authenticated && media.requires_auth {
+        return Err(ApiError::not_found(
+            "This media is only served on the authenticated endpoint /_matrix/client/v1/media/download",
+        ));
+    }
     let Some(object) = media.object.clone() else {
         return Err(ApiError::not_found("Not found"));
     };

@@ -190,6 +190,7 @@ impl From<media::Error> for ApiError {
                     }
                     T::Unsupported | T::Corrupt(_) => StatusCode::BAD_REQUEST,
                     T::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                    T::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 let errcode = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     "M_TOO_LARGE"

@@ -63,7 +63,8 @@ pub(crate) async fn thumbnail(
 ) -> ApiResult<Response> {
     let Peer { ctx, origin } = peer;
     let query = parts.uri.query();
-    let params = crate::thumbnails::params(query)?;
+    // Signed by a server: the authenticated family.
+    let params = crate::thumbnails::params(query, true)?;
     let (media, thumb) = state
         .media
         .thumbnail(

@@ -105,7 +105,7 @@ impl Metrics {
         );
         registry.register(
             "thumbnails_generated",
-            "Thumbnail generations (identical concurrent requests share one)",
+            "Thumbnail generations: decodes of a source (requests that share one count once)",
             m.thumbnails_generated.clone(),
         );
         registry.register(

@@ -11,9 +11,7 @@ use media::{Thumb, ThumbnailParams};
 
 use crate::SharedState;
 use crate::auth::query_param;
-use crate::client_media::{
-    check_frozen, etag_matches, fetch_rule, media_headers, serve_object, wait_param,
-};
+use crate::client_media::{etag_matches, fetch_rule, media_headers, serve_object, wait_param};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Authed, Ctx, R0, V1, V3, Version};
 
@@ -25,7 +23,7 @@ pub(crate) struct ThumbnailPath {
 
 /// `width`, `height` (required, positive integers), `method` (`scale`, the default, or `crop`),
 /// `animated` (`true`/`false`).
-pub(crate) fn params(query: Option<&str>) -> ApiResult<ThumbnailParams> {
+pub(crate) fn params(query: Option<&str>, authenticated: bool) -> ApiResult<ThumbnailParams> {
     let size = |name: &str| -> ApiResult<u32> {
         let value = query_param(query, name).ok_or_else(|| {
             ApiError::new(
@@ -62,6 +60,7 @@ pub(crate) fn params(query: Option<&str>) -> ApiResult<ThumbnailParams> {
         height,
         method,
         animated,
+        authenticated,
     })
 }
 
@@ -94,8 +93,8 @@ async fn thumbnail(
     authenticated: bool,
 ) -> ApiResult<Response> {
     let query = parts.uri.query();
-    let params = params(query)?;
-    let (media, thumb) = state
+    let params = params(query, authenticated)?;
+    let (_, thumb) = state
         .media
         .thumbnail(
             &ctx.config,
@@ -106,7 +105,6 @@ async fn thumbnail(
             fetch_rule(ctx, query, authenticated),
         )
         .await?;
-    check_frozen(&media, authenticated, "thumbnail")?;
     let allow_redirect =
         authenticated || query_param(query, "allow_redirect").is_some_and(|v| v == "true");
     match thumb {

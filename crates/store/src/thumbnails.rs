@@ -95,11 +95,16 @@ impl Store {
         let result = self
             .record_thumbnail(key, content_type, &written, ds.id(), placed.as_deref())
             .await;
-        if result.is_err()
-            && let Some(location) = &placed
-        {
-            self.remove_if_unreferenced(ds.id(), &written.sha256, location)
-                .await;
+        // Removed unless the row now uses it: on failure, and when another writer's object row
+        // (in another datastore, say) came first.
+        if let Some(location) = &placed {
+            let ours = result
+                .as_ref()
+                .is_ok_and(|t| t.object.datastore_id == ds.id() && &t.object.location == location);
+            if !ours {
+                self.remove_if_unreferenced(ds.id(), &written.sha256, location)
+                    .await;
+            }
         }
         result
     }
@@ -185,44 +190,51 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes thumbnail rows made before `before_ms`, and then each object no row references
-    /// any more (under its hash lock). Works in batches; returns how many rows went.
+    /// Deletes thumbnail rows made before `before_ms`, and with them each object no row references
+    /// any more: one content at a time, rows and object in one transaction under its hash lock, so
+    /// that a run stopped anywhere leaves nothing unreferenced behind. Returns how many rows went.
     pub async fn expire_thumbnails(&self, before_ms: i64) -> Result<u64, Error> {
         const BATCH: i64 = 500;
         let mut total = 0;
         loop {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await?;
-            let rows = tx
+            let hashes: Vec<String> = self
+                .client()
+                .await?
                 .query(
-                    "DELETE FROM thumbnails WHERE ctid IN (
-                         SELECT ctid FROM thumbnails WHERE created_ts < $1 LIMIT $2)
-                     RETURNING sha256",
+                    "SELECT DISTINCT sha256 FROM thumbnails WHERE created_ts < $1 LIMIT $2",
                     &[&before_ms, &BATCH],
                 )
-                .await?;
-            tx.commit().await?;
-            let n = rows.len() as u64;
-            total += n;
-            let mut hashes: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            hashes.sort();
-            hashes.dedup();
-            for sha256 in hashes {
-                self.delete_object_if_unused(&sha256).await?;
-            }
-            if n < BATCH as u64 {
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if hashes.is_empty() {
                 return Ok(total);
+            }
+            for sha256 in &hashes {
+                let mut client = self.client().await?;
+                let tx = client.transaction().await?;
+                tx.query_one(LOCK_HASH, &[sha256]).await?;
+                total += tx
+                    .execute(
+                        "DELETE FROM thumbnails WHERE sha256 = $1 AND created_ts < $2",
+                        &[sha256, &before_ms],
+                    )
+                    .await?;
+                self.delete_object_if_unused(&tx, sha256).await?;
+                tx.commit().await?;
             }
         }
     }
 
     /// Deletes the object `sha256` (row and file) when no media or thumbnail row references it,
-    /// decided under its hash lock, held until the file is gone, so that no upload of the same
+    /// in `tx`, which holds its hash lock until the file is gone, so that no upload of the same
     /// content can link to the file in between (as `delete_unreferenced`).
-    pub(crate) async fn delete_object_if_unused(&self, sha256: &str) -> Result<bool, Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.query_one(LOCK_HASH, &[&sha256]).await?;
+    async fn delete_object_if_unused(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        sha256: &str,
+    ) -> Result<bool, Error> {
         let deleted = tx
             .query_opt(
                 "DELETE FROM objects o WHERE o.sha256 = $1
@@ -238,7 +250,6 @@ impl Store {
                 ds.delete(&location).await?;
             }
         }
-        tx.commit().await?;
         Ok(deleted.is_some())
     }
 }

@@ -157,7 +157,7 @@ pub(crate) fn render(
         let keep = total <= MAX_OUTPUT_FRAMES || i == 0 || slot(i) != slot(i - 1);
         if !keep {
             if let Some((_, d)) = pending.as_mut() {
-                *d += delay_ms;
+                *d = d.saturating_add(delay_ms);
             }
             continue;
         }
@@ -189,6 +189,7 @@ pub(crate) fn render(
         width: geometry.width,
         height: geometry.height,
         animated: true,
+        fallback: false,
     }))
 }
 

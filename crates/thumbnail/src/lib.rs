@@ -26,8 +26,8 @@ use image::metadata::Orientation;
 pub use sizes::{Geometry, Method, bucket, geometry};
 pub use sniff::{Format, listed, sniff};
 
-/// Why no thumbnail was made. Every variant but [`Error::Encode`] is about the source, and the
-/// same source fails the same way again (callers may remember it).
+/// Why no thumbnail was made. Every variant but [`Error::Encode`] and [`Error::Unavailable`] is
+/// about the source, and the same source fails the same way again (callers may remember it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("the media is not an image format that can be thumbnailed")]
@@ -40,6 +40,10 @@ pub enum Error {
     Corrupt(String),
     #[error("the thumbnail could not be encoded: {0}")]
     Encode(String),
+    /// The host, not the source: a helper program that could not start or finish in time, a
+    /// temp file that could not be written. Worth trying again later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The bounds of one call.
@@ -90,6 +94,9 @@ pub struct Thumbnail {
     pub width: u32,
     pub height: u32,
     pub animated: bool,
+    /// A still made because an animation ran out of time: right for now, not worth keeping
+    /// (another try may animate).
+    pub fallback: bool,
 }
 
 /// What the header says.
@@ -166,7 +173,6 @@ pub struct Decoder<'a> {
     data: std::borrow::Cow<'a, [u8]>,
     source: Source,
     limits: Limits,
-    deadline: Instant,
     still: Option<Pixels>,
 }
 
@@ -176,7 +182,7 @@ impl<'a> Decoder<'a> {
     pub fn new(data: &'a [u8], limits: Limits) -> Result<Decoder<'a>, Error> {
         let (data, source) = match sniff(data) {
             Some(format @ (Format::Mp4 | Format::Webm)) => {
-                let frame = video::first_frame(data, limits.max_pixels)?;
+                let frame = video::first_frame(data, format, limits.max_pixels)?;
                 let still = catching(|| inspect_inner(&frame))?;
                 let source = Source {
                     format,
@@ -209,7 +215,6 @@ impl<'a> Decoder<'a> {
             data,
             source,
             limits,
-            deadline: Instant::now() + limits.animation_time,
             still: None,
         })
     }
@@ -240,6 +245,7 @@ impl<'a> Decoder<'a> {
     pub fn cover_after(&self, requests: &[Request]) -> Cover {
         let mut cover = self.cover();
         for r in requests {
+            // An animation may fall back to a still: counted as one.
             let still = Request {
                 animated: false,
                 ..*r
@@ -290,7 +296,12 @@ impl Cover {
             return None;
         }
         match self.plan(r) {
-            None if self.source.format.clients_render() => None,
+            // The original, unless it is an animation and a still was asked for.
+            None if self.source.format.clients_render()
+                && (self.source.animation.is_none() || r.animated) =>
+            {
+                None
+            }
             None => Some(size),
             Some(g) => Some(g.needs(size)),
         }
@@ -311,20 +322,22 @@ impl Decoder<'_> {
     /// from one still image, decoded now unless the one kept covers them all.
     pub fn render(&mut self, requests: &[Request]) -> Vec<Result<Outcome, Error>> {
         let mut results: Vec<Option<Result<Outcome, Error>>> = vec![None; requests.len()];
+        let mut fallback = vec![false; requests.len()];
         for (i, request) in requests.iter().enumerate() {
             if request.animated
                 && self.animates(request)
                 && let Some(g) = self.plan(request)
             {
-                let deadline = self.deadline;
+                // Each animation its own time.
+                let deadline = Instant::now() + self.limits.animation_time;
                 let max_pixels = self.limits.max_pixels;
                 match catching(|| {
                     animated::render(&self.data, &self.source, &g, deadline, max_pixels)
                 }) {
                     Ok(Some(t)) => results[i] = Some(Ok(Outcome::Made(t))),
-                    // Past the deadline: a still, as the budget says.
-                    Ok(None) => {}
-                    Err(e) => results[i] = Some(Err(e)),
+                    // Past the deadline, or frames that fail to decode (a truncated tail): a
+                    // still, which does not need them.
+                    Ok(None) | Err(_) => fallback[i] = true,
                 }
             }
         }
@@ -333,8 +346,9 @@ impl Decoder<'_> {
             if results[i].is_some() {
                 continue;
             }
+            // An animation that fell back is a still request now.
             let still_request = Request {
-                animated: false,
+                animated: request.animated && !fallback[i],
                 ..*request
             };
             match self.cover().need(&still_request) {
@@ -369,10 +383,11 @@ impl Decoder<'_> {
         requests
             .iter()
             .zip(results)
-            .map(|(request, result)| match result {
+            .zip(fallback)
+            .map(|((request, result), fallback)| match result {
                 Some(r) => r,
                 None => catching(|| thumbnail_of(pixels, &self.source, self.plan(request)))
-                    .map(Outcome::Made),
+                    .map(|t| Outcome::Made(Thumbnail { fallback, ..t })),
             })
             .collect()
     }
@@ -562,6 +577,7 @@ impl Pixels {
             width,
             height,
             animated,
+            fallback: false,
         })
     }
 }

@@ -42,9 +42,14 @@ fn reader(
     Ok(reader)
 }
 
+/// The allocation limit while reading a header (as for a source of this many pixels).
+const HEADER_PIXELS: u64 = 8 << 20;
+
 /// Size and orientation from the header; no pixel is decoded.
 pub(crate) fn header(data: &[u8], format: Format) -> Result<((u32, u32), Orientation), Error> {
-    let mut decoder = reader(data, format, u64::MAX / 16)?
+    // Headers and the chunks before the pixels are small; a source over its pixel limit is
+    // refused by the caller with the size read here.
+    let mut decoder = reader(data, format, HEADER_PIXELS)?
         .into_decoder()
         .map_err(corrupt)?;
     let (w, h) = decoder.dimensions();

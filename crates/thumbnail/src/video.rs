@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::Error;
+use crate::{Error, Format};
 
 /// One tool's run, at most this long.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -45,9 +45,11 @@ fn run(mut cmd: Command, max: u64) -> Result<Vec<u8>, Error> {
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
-        .map_err(|e| Error::Corrupt(format!("cannot run {name}: {e}")))?;
+        .map_err(|e| Error::Unavailable(format!("cannot run {name}: {e}")))?;
     let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(Error::Corrupt(format!("{name} has no output")));
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(Error::Unavailable(format!("{name} has no output")));
     };
     let reader = std::thread::spawn(move || {
         let mut out = Vec::new();
@@ -74,15 +76,15 @@ fn run(mut cmd: Command, max: u64) -> Result<Vec<u8>, Error> {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
         let _ = child.wait();
-        return Err(Error::Corrupt(format!(
+        return Err(Error::Unavailable(format!(
             "{name} did not finish within {} s",
             DEADLINE.as_secs()
         )));
     };
     let out = reader
         .join()
-        .map_err(|_| Error::Corrupt(format!("reading {name}'s output failed")))?
-        .map_err(|e| Error::Corrupt(format!("reading {name}'s output: {e}")))?;
+        .map_err(|_| Error::Unavailable(format!("reading {name}'s output failed")))?
+        .map_err(|e| Error::Unavailable(format!("reading {name}'s output: {e}")))?;
     let errors = errors.join().unwrap_or_default();
     if !status.success() {
         let why = errors.lines().next().unwrap_or("no message");
@@ -97,18 +99,12 @@ fn run(mut cmd: Command, max: u64) -> Result<Vec<u8>, Error> {
 }
 
 /// The coded size of the first video stream.
-fn size(path: &Path) -> Result<(u32, u32), Error> {
+fn size(path: &Path, demuxer: &str) -> Result<(u32, u32), Error> {
     let mut cmd = Command::new("ffprobe");
-    cmd.args([
-        "-v",
-        "error",
-        "-protocol_whitelist",
-        "file",
-        "-select_streams",
-        "v:0",
-    ])
-    .args(["-show_entries", "stream=width,height", "-of", "csv=p=0:s=x"])
-    .arg(path);
+    cmd.args(["-v", "error", "-protocol_whitelist", "file", "-f", demuxer])
+        .args(["-select_streams", "v:0"])
+        .args(["-show_entries", "stream=width,height", "-of", "csv=p=0:s=x"])
+        .arg(path);
     let out = run(cmd, 4096)?;
     let text = String::from_utf8_lossy(&out);
     let parsed = text
@@ -124,17 +120,23 @@ fn size(path: &Path) -> Result<(u32, u32), Error> {
 }
 
 /// The first frame as a PNG (rotated as the video says it is shown).
-pub(crate) fn first_frame(data: &[u8], max_pixels: u64) -> Result<Vec<u8>, Error> {
+pub(crate) fn first_frame(data: &[u8], format: Format, max_pixels: u64) -> Result<Vec<u8>, Error> {
     if !available() {
         return Err(Error::Unsupported);
     }
-    let io = |e: std::io::Error| Error::Corrupt(format!("a temp file for ffmpeg: {e}"));
+    // The demuxer of the sniffed container, never ffmpeg's own guess (which would accept, say, a
+    // playlist naming other files).
+    let demuxer = match format {
+        Format::Webm => "matroska",
+        _ => "mov",
+    };
+    let io = |e: std::io::Error| Error::Unavailable(format!("a temp file for ffmpeg: {e}"));
     let mut file = tempfile::Builder::new()
         .prefix("mmrctl-video-")
         .tempfile()
         .map_err(io)?;
     std::io::Write::write_all(&mut file, data).map_err(io)?;
-    let (w, h) = size(file.path())?;
+    let (w, h) = size(file.path(), demuxer)?;
     let pixels = u64::from(w) * u64::from(h);
     if pixels > max_pixels {
         return Err(Error::TooManyPixels {
@@ -143,26 +145,20 @@ pub(crate) fn first_frame(data: &[u8], max_pixels: u64) -> Result<Vec<u8>, Error
         });
     }
     let mut cmd = Command::new("ffmpeg");
-    cmd.args([
-        "-nostdin",
-        "-v",
-        "error",
-        "-protocol_whitelist",
-        "file",
-        "-i",
-    ])
-    .arg(file.path())
-    .args([
-        "-map",
-        "0:v:0",
-        "-frames:v",
-        "1",
-        "-f",
-        "image2pipe",
-        "-c:v",
-        "png",
-        "-",
-    ]);
+    cmd.args(["-nostdin", "-v", "error", "-protocol_whitelist", "file"])
+        .args(["-f", demuxer, "-i"])
+        .arg(file.path())
+        .args([
+            "-map",
+            "0:v:0",
+            "-frames:v",
+            "1",
+            "-f",
+            "image2pipe",
+            "-c:v",
+            "png",
+            "-",
+        ]);
     // 16-bit RGBA at most, and the container's share.
     run(cmd, pixels * 8 + (1 << 20))
 }

@@ -159,6 +159,10 @@ const ANIMATIONS: &[(&str, (u32, u32), Format, u64)] = &[
 fn check_outcome(name: &str, source: (u32, u32), format: Format, r: Request, got: Outcome) {
     let (sw, sh) = source;
     let fits = sw <= r.width && sh <= r.height;
+    // An animation is its own thumbnail only when an animation was asked for (the spec: a still
+    // request MUST NOT get an animated image).
+    let animation = ANIMATIONS.iter().any(|(n, ..)| *n == name);
+    let as_is = format.clients_render() && (!animation || r.animated);
     let t = match got {
         Outcome::Original => {
             assert!(
@@ -166,8 +170,8 @@ fn check_outcome(name: &str, source: (u32, u32), format: Format, r: Request, got
                 "{name} {r:?}: Original for a source larger than the box"
             );
             assert!(
-                format.clients_render(),
-                "{name} {r:?}: Original for {format:?}, which clients cannot show"
+                as_is,
+                "{name} {r:?}: Original for {format:?}, which is not shown as it is here"
             );
             return;
         }
@@ -177,7 +181,7 @@ fn check_outcome(name: &str, source: (u32, u32), format: Format, r: Request, got
     let (w, h) = (t.width, t.height);
     if fits {
         assert!(
-            !format.clients_render(),
+            !as_is,
             "{name} {r:?}: a fitting {format:?} source was re-encoded"
         );
         assert_eq!((w, h), source, "{name} {r:?}: re-encoded at another size");
@@ -597,14 +601,7 @@ fn animation_over_the_byte_limit_is_a_still_png() {
 fn full_size(name: &str) -> image::RgbaImage {
     let data = file(name);
     if name.ends_with(".jpg") {
-        let t = Thumbnail {
-            bytes: data.to_vec(),
-            content_type: "image/jpeg",
-            width: 0,
-            height: 0,
-            animated: false,
-        };
-        let d = mozjpeg::Decompress::new_mem(&t.bytes).expect("JPEG header");
+        let d = mozjpeg::Decompress::new_mem(data).expect("JPEG header");
         let mut started = d.rgb().expect("JPEG decode");
         let (w, h) = (started.width() as u32, started.height() as u32);
         let rgb: Vec<u8> = started.read_scanlines().expect("JPEG scanlines");
