@@ -11,7 +11,6 @@ use bytes::Bytes;
 use federation::multipart::Envelope;
 use futures_util::StreamExt as _;
 
-use crate::auth::query_param;
 use crate::error::{ApiError, ApiResult};
 use crate::peer::Peer;
 use crate::{SharedState, headers};
@@ -25,9 +24,7 @@ pub(crate) async fn download(
     parts: Parts,
 ) -> ApiResult<Response> {
     let Peer { ctx, origin } = peer;
-    let wait = media::Wait::from_millis(
-        query_param(parts.uri.query(), "timeout_ms").and_then(|t| t.parse::<u64>().ok()),
-    );
+    let wait = crate::client_media::wait_param(parts.uri.query());
     let media = state
         .media
         .media(

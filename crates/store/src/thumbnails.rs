@@ -38,6 +38,32 @@ fn dim(v: u32) -> i32 {
     i32::try_from(v).unwrap_or(i32::MAX)
 }
 
+/// The row for `key`, pointing at `sha256`, unless one exists (another instance's wins).
+async fn insert_row(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key: &ThumbnailKey,
+    content_type: &str,
+    sha256: &str,
+    created_ts: i64,
+) -> Result<u64, Error> {
+    Ok(tx
+        .execute(
+            INSERT,
+            &[
+                &key.origin,
+                &key.media_id,
+                &dim(key.width),
+                &dim(key.height),
+                &key.method,
+                &key.animated,
+                &content_type,
+                &sha256,
+                &created_ts,
+            ],
+        )
+        .await?)
+}
+
 impl Store {
     pub async fn thumbnail(&self, key: &ThumbnailKey) -> Result<Option<StoredThumbnail>, Error> {
         let client = self.client().await?;
@@ -135,21 +161,7 @@ impl Store {
             // Under the lock: a purge of an earlier object with this hash may have removed the file.
             ds.place(&written.temp, sha256).await?;
         }
-        tx.execute(
-            INSERT,
-            &[
-                &key.origin,
-                &key.media_id,
-                &dim(key.width),
-                &dim(key.height),
-                &key.method,
-                &key.animated,
-                &content_type,
-                &sha256,
-                &now,
-            ],
-        )
-        .await?;
+        insert_row(&tx, key, content_type, sha256, now).await?;
         let object_row = tx.query_one(SELECT_OBJECT, &[&sha256]).await?;
         tx.commit().await?;
         let ours = StoredThumbnail {
@@ -171,21 +183,7 @@ impl Store {
         let tx = client.transaction().await?;
         // Under the hash lock, so that the object cannot be purged between the check and the row.
         tx.query_one(LOCK_HASH, &[&object.sha256]).await?;
-        tx.execute(
-            INSERT,
-            &[
-                &key.origin,
-                &key.media_id,
-                &dim(key.width),
-                &dim(key.height),
-                &key.method,
-                &key.animated,
-                &content_type,
-                &object.sha256,
-                &now_ms(),
-            ],
-        )
-        .await?;
+        insert_row(&tx, key, content_type, &object.sha256, now_ms()).await?;
         tx.commit().await?;
         Ok(())
     }
