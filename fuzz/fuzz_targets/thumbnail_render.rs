@@ -2,7 +2,8 @@
 //! aborts, nothing outgrows libFuzzer's `-rss_limit_mb`, and what it makes is what was asked
 //! (never larger than the box or the source, readable back at the size it says).
 //!
-//! Input: byte 0 picks the format (`FORMATS[byte % 6]`, its signature is put in front of the
+//! Input: byte 0 picks the format (SVG when bit 5 is set, else `FORMATS[byte % 6]`; its
+//! signature is put in front of the
 //! rest unless the rest already starts with a signature `sniff` knows, so that every decoder is
 //! reached) and, in bits 3-4, the still frame of an animation (`STILL_FRAMES`); the rest is the
 //! file. The limits are small (4 MP, animations only up to 16 KiB and 50 ms) to keep iterations
@@ -83,6 +84,9 @@ fn with_signature(format: Format, rest: &[u8]) -> Cow<'_, [u8]> {
         }
         Format::Bmp => b"BM".to_vec(),
         Format::Tiff => b"II*\0".to_vec(),
+        Format::Svg => br#"<svg xmlns="http://www.w3.org/2000/svg" width="64" height="48">"#.to_vec(),
+        // Videos need ffmpeg, which the fuzzer does not have: they are `Unsupported` here.
+        Format::Mp4 | Format::Webm => Vec::new(),
     };
     file.extend_from_slice(rest);
     Cow::Owned(file)
@@ -99,7 +103,12 @@ fuzz_target!(
         let Some((&selector, rest)) = data.split_first() else {
             return;
         };
-        let file = with_signature(FORMATS[usize::from(selector % 6)], rest);
+        let format = if selector & 0x20 != 0 {
+            Format::Svg
+        } else {
+            FORMATS[usize::from(selector % 6)]
+        };
+        let file = with_signature(format, rest);
         let limits = Limits {
             max_pixels: 4_000_000,
             max_animate_bytes: 16 * 1024,
@@ -137,6 +146,7 @@ fn check(file: &[u8], results: &[Result<Outcome, Error>], limits: &Limits) {
                 if source.width > request.width
                     || source.height > request.height
                     || !source.format.clients_render()
+                    || (source.animation.is_some() && !request.animated)
                 {
                     finding!("the original {source:?} served for {request:?}");
                 }
