@@ -136,13 +136,19 @@ fn limit_ms(djpeg: &Path, photo: &Path, runs: usize) -> Result<f64> {
     Ok(percentile_ms(&times, 0.5))
 }
 
-fn upload(target: &Target, body: &[u8], content_type: &str) -> Result<(String, Duration)> {
-    let url = format!("{}/_matrix/media/v3/upload", target.base_url);
-    let auth = format!("Bearer {}", target.token);
-    let mut headers = vec![("Authorization", auth.as_str())];
+/// The headers of a request to `target` as its user (`auth`: the `Authorization` value).
+fn headers<'a>(target: &'a Target, auth: &'a str) -> Vec<(&'static str, &'a str)> {
+    let mut headers = vec![("Authorization", auth)];
     if let Some(host) = &target.host {
         headers.push(("Host", host));
     }
+    headers
+}
+
+fn upload(target: &Target, body: &[u8], content_type: &str) -> Result<(String, Duration)> {
+    let url = format!("{}/_matrix/media/v3/upload", target.base_url);
+    let auth = format!("Bearer {}", target.token);
+    let headers = headers(target, &auth);
     let started = Instant::now();
     let r = testkit::http::send("POST", &url, &headers, Some(content_type), body);
     let took = started.elapsed();
@@ -163,10 +169,7 @@ fn thumbnail(target: &Target, id: &str, query: &str) -> Result<(Vec<u8>, Duratio
         target.base_url, target.server_name
     );
     let auth = format!("Bearer {}", target.token);
-    let mut headers = vec![("Authorization", auth.as_str())];
-    if let Some(host) = &target.host {
-        headers.push(("Host", host));
-    }
+    let headers = headers(target, &auth);
     let started = Instant::now();
     let r = testkit::http::get(&url, &headers);
     let took = started.elapsed();

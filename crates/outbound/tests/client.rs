@@ -4,53 +4,21 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail by panicking.
 
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, TcpListener};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use outbound::{AddressFilter, Client, Error, Method, Purpose};
 
-/// Answers every connection with `response` (after reading the request head), counting them.
-struct Canned {
-    port: u16,
-    connections: Arc<AtomicUsize>,
-    /// The request heads received, in order.
-    heads: Arc<std::sync::Mutex<Vec<String>>>,
-}
+mod support;
 
+use support::Canned;
+
+/// A canned server on `ip`, any port.
 fn serve(ip: &str, response: impl Fn(u16) -> Vec<u8> + Send + 'static, stall: bool) -> Canned {
-    let listener = TcpListener::bind((ip, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let count = connections.clone();
-    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = heads.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            seen.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&head).into_owned());
-            let _ = stream.write_all(&response(port));
-            if stall {
-                std::thread::sleep(Duration::from_secs(30));
-            }
-        }
-    });
-    Canned {
-        port,
-        connections,
-        heads,
-    }
+    support::serve((ip, 0), response, stall)
 }
 
 fn purpose(max_bytes: Option<u64>, redirects: usize) -> Purpose {
@@ -100,7 +68,7 @@ fn a_body_over_the_cap_fails_while_streaming() {
         },
         false,
     );
-    let url = format!("http://127.0.0.1:{}/", big.port);
+    let url = format!("http://127.0.0.1:{}/", big.port());
     rt().block_on(async {
         let c = client(&[]);
         let r = c
@@ -140,7 +108,7 @@ fn redirects_are_followed_only_when_the_purpose_asks() {
         |_| b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
         false,
     );
-    let target_port = target.port;
+    let target_port = target.port();
     let redirect = serve(
         "127.0.0.1",
         move |_| {
@@ -151,7 +119,7 @@ fn redirects_are_followed_only_when_the_purpose_asks() {
         },
         false,
     );
-    let url = format!("http://127.0.0.1:{}/", redirect.port);
+    let url = format!("http://127.0.0.1:{}/", redirect.port());
     rt().block_on(async {
         let c = client(&[]);
         let r = c
@@ -176,7 +144,7 @@ fn a_stalled_body_times_out() {
         |_| b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf".to_vec(),
         true,
     );
-    let url = format!("http://127.0.0.1:{}/", stalled.port);
+    let url = format!("http://127.0.0.1:{}/", stalled.port());
     rt().block_on(async {
         let mut p = purpose(None, 0);
         p.total = None;
@@ -199,7 +167,7 @@ fn refused_addresses_are_never_connected_to() {
         |_| b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
         false,
     );
-    let denied_port = denied.port;
+    let denied_port = denied.port();
     let redirect = serve(
         "127.0.0.3",
         move |_| {
@@ -227,7 +195,7 @@ fn refused_addresses_are_never_connected_to() {
         let e = c
             .send(
                 Method::GET,
-                &format!("http://localhost:{}/", named.port),
+                &format!("http://localhost:{}/", named.port()),
                 purpose(None, 0),
                 |r| r,
             )
@@ -238,7 +206,7 @@ fn refused_addresses_are_never_connected_to() {
         let e = c
             .send(
                 Method::GET,
-                &format!("http://127.0.0.3:{}/", redirect.port),
+                &format!("http://127.0.0.3:{}/", redirect.port()),
                 purpose(None, 2),
                 |r| r,
             )
@@ -270,11 +238,15 @@ fn a_purpose_follows_as_many_redirects_as_it_allows_and_no_more() {
         |_| b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nend".to_vec(),
         false,
     );
-    let end_port = end.port;
+    let end_port = end.port();
     // Redirects to itself forever, by a relative Location.
     let endless = serve(
         "127.0.0.1",
-        |_| b"HTTP/1.1 302 Found\r\nLocation: /again\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        // Closed after each answer, so that every hop is one connection to count.
+        |_| {
+            b"HTTP/1.1 302 Found\r\nLocation: /again\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec()
+        },
         false,
     );
     // One hop, to another origin.
@@ -290,7 +262,7 @@ fn a_purpose_follows_as_many_redirects_as_it_allows_and_no_more() {
     );
     rt().block_on(async {
         let c = client(&[]);
-        let url = format!("http://127.0.0.1:{}/", endless.port);
+        let url = format!("http://127.0.0.1:{}/", endless.port());
         let e = c
             .send(Method::GET, &url, purpose(None, 2), |r| r)
             .await
@@ -301,7 +273,7 @@ fn a_purpose_follows_as_many_redirects_as_it_allows_and_no_more() {
             2 * 3,
             "the request and two hops, no more"
         );
-        let url = format!("http://127.0.0.1:{}/", elsewhere.port);
+        let url = format!("http://127.0.0.1:{}/", elsewhere.port());
         let r = c
             .send(Method::GET, &url, purpose(None, 1), |r| {
                 r.header("Authorization", "Bearer secret")

@@ -6,10 +6,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail by panicking.
 
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outbound::{Client, Method, NetworkFilter, Overrides, Purpose, Resolver, header};
@@ -19,39 +18,13 @@ fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, last)
 }
 
-/// Answers every request with `response(port)`, keeping the request heads.
-struct Server {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    heads: Arc<Mutex<Vec<String>>>,
-}
+mod support;
 
-fn serve(ip: Ipv4Addr, port: u16, response: impl Fn(u16) -> String + Send + 'static) -> Server {
-    let listener = TcpListener::bind((ip, port)).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let (count, seen) = (connections.clone(), heads.clone());
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
-                head.push(byte[0]);
-            }
-            seen.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&head).into_owned());
-            let _ = stream.write_all(response(addr.port()).as_bytes());
-        }
-    });
-    Server {
-        addr,
-        connections,
-        heads,
-    }
+use support::Canned;
+
+/// A canned server at `ip:port` (0: any) answering `response(port)`.
+fn serve(ip: Ipv4Addr, port: u16, response: impl Fn(u16) -> String + Send + 'static) -> Canned {
+    support::serve((ip, port), move |p| response(p).into_bytes(), false)
 }
 
 fn ok(body: &'static str) -> impl Fn(u16) -> String {

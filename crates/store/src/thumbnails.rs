@@ -95,14 +95,14 @@ impl Store {
         }))
     }
 
-    /// Stores a made thumbnail in the `thumbnails` datastore and records its row. Another instance
-    /// may have recorded the same key first: its row wins, and is returned.
+    /// Stores a made thumbnail in the `thumbnails` datastore and records its row (another
+    /// instance's row for the key, recorded first, stays); returns the content's object.
     pub async fn put_thumbnail(
         &self,
         key: &ThumbnailKey,
         content_type: &str,
         bytes: Bytes,
-    ) -> Result<StoredThumbnail, Error> {
+    ) -> Result<ObjectRef, Error> {
         let ds = self
             .datastores
             .for_kind(MediaKind::Thumbnails)
@@ -126,7 +126,7 @@ impl Store {
         if let Some(location) = &placed {
             let ours = result
                 .as_ref()
-                .is_ok_and(|t| t.object.datastore_id == ds.id() && &t.object.location == location);
+                .is_ok_and(|o| o.datastore_id == ds.id() && &o.location == location);
             if !ours {
                 self.remove_if_unreferenced(ds.id(), &written.sha256, location)
                     .await;
@@ -142,7 +142,7 @@ impl Store {
         written: &crate::pipeline::Written,
         ds_id: &str,
         placed: Option<&str>,
-    ) -> Result<StoredThumbnail, Error> {
+    ) -> Result<ObjectRef, Error> {
         let ds = self
             .datastores
             .get(ds_id)
@@ -164,12 +164,7 @@ impl Store {
         insert_row(&tx, key, content_type, sha256, now).await?;
         let object_row = tx.query_one(SELECT_OBJECT, &[&sha256]).await?;
         tx.commit().await?;
-        let ours = StoredThumbnail {
-            content_type: content_type.to_owned(),
-            object: object_from_row(sha256, &object_row),
-        };
-        // Another instance's row for this key may predate ours (ON CONFLICT DO NOTHING).
-        Ok(self.thumbnail(key).await?.unwrap_or(ours))
+        Ok(object_from_row(sha256, &object_row))
     }
 
     /// Records that `object` (the source's own content) is the thumbnail for `key`.

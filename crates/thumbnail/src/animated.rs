@@ -162,12 +162,9 @@ pub(crate) fn render(
             continue;
         }
         let pixels = Pixels::from_image(DynamicImage::ImageRgba8(frame.into_buffer()))
-            .oriented(source.orientation);
+            .oriented(source.orientation)?;
         let resized = pixels.resize(geometry, (source.width, source.height))?;
-        let rgba = match resized.into_image() {
-            Some(image) => image.into_rgba8().into_raw(),
-            None => return Err(Error::Encode("frame size".into())),
-        };
+        let rgba = resized.into_image()?.into_rgba8().into_raw();
         if writer.is_none() {
             writer = Some(GifWriter::new(geometry.width, geometry.height, &rgba)?);
         }

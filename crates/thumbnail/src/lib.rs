@@ -420,7 +420,7 @@ fn decode_still(
         }
         (format, _) => raster::decode(data, format, limits.max_pixels)?,
     };
-    Ok(pixels.oriented(source.orientation))
+    pixels.oriented(source.orientation)
 }
 
 fn thumbnail_of(
@@ -511,27 +511,23 @@ impl Pixels {
         }
     }
 
-    fn into_image(self) -> Option<image::DynamicImage> {
-        if self.alpha {
-            image::RgbaImage::from_raw(self.width, self.height, self.data)
-                .map(image::DynamicImage::ImageRgba8)
+    fn into_image(self) -> Result<image::DynamicImage, Error> {
+        let (w, h) = (self.width, self.height);
+        let image = if self.alpha {
+            image::RgbaImage::from_raw(w, h, self.data).map(image::DynamicImage::ImageRgba8)
         } else {
-            image::RgbImage::from_raw(self.width, self.height, self.data)
-                .map(image::DynamicImage::ImageRgb8)
-        }
+            image::RgbImage::from_raw(w, h, self.data).map(image::DynamicImage::ImageRgb8)
+        };
+        image.ok_or_else(|| Error::Encode(format!("the pixels do not make a {w}x{h} image")))
     }
 
-    fn oriented(self, orientation: Orientation) -> Pixels {
+    fn oriented(self, orientation: Orientation) -> Result<Pixels, Error> {
         if orientation == Orientation::NoTransforms {
-            return self;
+            return Ok(self);
         }
-        match self.clone().into_image() {
-            Some(mut image) => {
-                image.apply_orientation(orientation);
-                Pixels::from_image(image)
-            }
-            None => self,
-        }
+        let mut image = self.into_image()?;
+        image.apply_orientation(orientation);
+        Ok(Pixels::from_image(image))
     }
 
     /// Resizes to `g` (whose crop box is in `source` pixels; these pixels may be a DCT-scaled
