@@ -334,6 +334,30 @@ pub struct UrlPreviews {
     pub user_agent: String,
     #[serde(rename = "oEmbed")]
     pub o_embed: bool,
+    /// mmrctl: an oEmbed provider list in oembed.com's `providers.json` format, used instead of
+    /// the one shipped in the binary.
+    #[serde(
+        rename = "oEmbedProvidersFile",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub o_embed_providers_file: Option<String>,
+    /// mmrctl: ports URLs may name besides their scheme's default (80, 443).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_ports: Vec<u16>,
+    /// mmrctl: redirects followed per fetch, each target checked as the first URL.
+    #[serde(skip_serializing_if = "is_five")]
+    pub max_redirects: u32,
+    /// mmrctl: the network's NAT64 `/96` prefixes (beside `64:ff9b::/96`): an address in one
+    /// is judged by the IPv4 address it carries.
+    #[serde(rename = "nat64Prefixes", skip_serializing_if = "Vec::is_empty")]
+    pub nat64_prefixes: Vec<String>,
+    /// mmrctl: DNS servers (`ip:port`) for preview lookups; empty uses `/etc/resolv.conf`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+}
+
+fn is_five(n: &u32) -> bool {
+    *n == 5
 }
 
 impl Default for UrlPreviews {
@@ -365,6 +389,11 @@ impl Default for UrlPreviews {
             default_language: "en-US,en".into(),
             user_agent: "matrix-media-repo".into(),
             o_embed: false,
+            o_embed_providers_file: None,
+            allowed_ports: Vec::new(),
+            max_redirects: 5,
+            nat64_prefixes: Vec::new(),
+            nameservers: Vec::new(),
         }
     }
 }

@@ -29,13 +29,17 @@ pub enum Job {
     /// `thumbnails.expireAfterDays`: thumbnails older than that are deleted (made again when
     /// asked for), and their objects when nothing else uses them.
     ExpireThumbnails,
+    /// `urlPreviews.expireAfterDays`: previews older than that are deleted (fetched again when
+    /// asked for), and remembered failures whose time ran out.
+    ExpirePreviews,
 }
 
 impl Job {
-    pub const ALL: [Job; 3] = [
+    pub const ALL: [Job; 4] = [
         Job::ExpireReservations,
         Job::StaleTempFiles,
         Job::ExpireThumbnails,
+        Job::ExpirePreviews,
     ];
 
     /// The job's name, in logs and in its lock.
@@ -44,6 +48,7 @@ impl Job {
             Job::ExpireReservations => "expire-reservations",
             Job::StaleTempFiles => "stale-temp-files",
             Job::ExpireThumbnails => "expire-thumbnails",
+            Job::ExpirePreviews => "expire-previews",
         }
     }
 
@@ -60,7 +65,9 @@ impl Job {
             Job::ExpireReservations => {
                 Duration::from_secs(config.uploads.max_age_seconds.clamp(1, 600))
             }
-            Job::StaleTempFiles | Job::ExpireThumbnails => Duration::from_secs(3600),
+            Job::StaleTempFiles | Job::ExpireThumbnails | Job::ExpirePreviews => {
+                Duration::from_secs(3600)
+            }
         }
     }
 
@@ -84,6 +91,16 @@ impl Job {
                     format!("{n} thumbnails older than {days} days deleted")
                 }
             },
+            Job::ExpirePreviews => {
+                // 0 keeps previews (MMR's meaning); expired failures go either way.
+                let days = config.url_previews.expire_after_days;
+                let before = match days {
+                    0 => i64::MIN,
+                    d => store::now_ms() - i64::from(d) * 86_400_000,
+                };
+                let n = store.expire_previews(before).await?;
+                format!("{n} URL previews deleted (urlPreviews.expireAfterDays: {days})")
+            }
         })
     }
 }

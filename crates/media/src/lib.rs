@@ -9,6 +9,7 @@
 mod body;
 mod download;
 pub mod jobs;
+mod previews;
 mod quota;
 mod remote;
 mod thumbnails;
@@ -17,6 +18,7 @@ mod upload;
 use std::sync::Arc;
 
 pub use download::Wait;
+pub use previews::{PreviewParams, Setup as PreviewSetup};
 pub use remote::{Fetch, Found, Live, load_signers};
 pub use thumbnail::Method;
 pub use thumbnails::{Thumb, ThumbnailParams, workers as thumbnail_workers};
@@ -58,6 +60,15 @@ pub enum Error {
     /// The source is larger than `thumbnails.maxSourceBytes`.
     #[error("the media is larger than thumbnails.maxSourceBytes ({0} bytes)")]
     ThumbnailSourceTooLarge(u64),
+    /// URL previews are off (`urlPreviews.enabled`).
+    #[error("URL previews are not enabled on this server")]
+    PreviewsDisabled,
+    /// The URL, or where it leads, is not one previews may reach (the message says why).
+    #[error("{0}")]
+    PreviewDenied(String),
+    /// The page could not be fetched (the message says why).
+    #[error("{0}")]
+    PreviewFailed(String),
     /// Not now: a shared operation failed for a reason only its message keeps (store errors
     /// are not shared), or the host is busy. Worth trying again.
     #[error("{0}")]
@@ -69,6 +80,7 @@ pub enum Error {
 pub struct Service {
     store: store::Store,
     thumbnails: Arc<thumbnails::Thumbnailer>,
+    previews: Arc<previews::Previewer>,
     /// `None`: remote media is never fetched (tests of local media only).
     remote: Option<Arc<remote::Remote>>,
 }
@@ -79,23 +91,28 @@ impl Service {
         Service {
             store,
             thumbnails: Arc::new(thumbnails::Thumbnailer::new(2)),
+            previews: Arc::new(previews::Previewer::new(2)),
             remote: None,
         }
     }
 
     /// A service that fetches remote media with `client`, signed by `signers` (see
     /// [`load_signers`]), at most `workers` fetches at once (`downloads.numWorkers`), and makes
-    /// at most `thumbnail_workers` thumbnails at once ([`thumbnail_workers`]).
+    /// at most `thumbnail_workers` thumbnails at once ([`thumbnail_workers`]) and at most
+    /// `preview_workers` URL previews (`urlPreviews.numWorkers`; previews need
+    /// [`Service::configure_previews`]).
     pub fn with_federation(
         store: store::Store,
         client: federation::Client,
         signers: std::collections::HashMap<String, federation::Signer>,
         workers: usize,
         thumbnail_workers: usize,
+        preview_workers: usize,
     ) -> Service {
         Service {
             store,
             thumbnails: Arc::new(thumbnails::Thumbnailer::new(thumbnail_workers)),
+            previews: Arc::new(previews::Previewer::new(preview_workers)),
             remote: Some(Arc::new(remote::Remote::new(client, signers, workers))),
         }
     }

@@ -210,6 +210,11 @@ impl Overrides {
     }
 }
 
+/// A name all of whose addresses the filter refused: nothing was connected to.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refused(pub(crate) String);
+
 /// What a client resolves names with (reqwest calls it for every new connection to a host
 /// name; IP literals never reach it).
 pub(crate) struct NameResolver {
@@ -259,7 +264,10 @@ impl Resolve for NameResolver {
                 } else {
                     refusals.join(", ")
                 };
-                return Err(format!("{host} resolves to no allowed address ({why})").into());
+                let refused: Box<dyn std::error::Error + Send + Sync> = Box::new(Refused(format!(
+                    "{host} resolves to no allowed address ({why})"
+                )));
+                return Err(refused);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })

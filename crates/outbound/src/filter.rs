@@ -8,10 +8,11 @@
 //! - an IPv4-mapped (`::ffff:a.b.c.d`) or IPv4-compatible (`::a.b.c.d`) IPv6 address *is* that
 //!   IPv4 address (a dual-stack socket connecting to `::ffff:10.0.0.1` reaches `10.0.0.1`), as
 //!   Go's `net.IPNet.Contains` treats it in MMR;
-//! - a 6to4 (`2002::/16`), Teredo (`2001::/32`) or NAT64 well-known-prefix (`64:ff9b::/96`)
-//!   address is matched itself *and* by the IPv4 address it embeds (Teredo embeds two, the
-//!   server's and the client's: both must be allowed), since a relay would carry the packet to
-//!   that IPv4 address.
+//! - a 6to4 (`2002::/16`), Teredo (`2001::/32`) or NAT64 address (the well-known prefix
+//!   `64:ff9b::/96`, and the network-specific `/96` prefixes configured with
+//!   [`NetworkFilter::with_nat64`]) is matched itself *and* by the IPv4 address it embeds
+//!   (Teredo embeds two, the server's and the client's: both must be allowed), since a relay
+//!   would carry the packet to that IPv4 address.
 //!
 //! Whatever the lists say, these are never connected to: unspecified addresses (`0.0.0.0/8`,
 //! `::`), the broadcast address and multicast (`224.0.0.0/4`, `ff00::/8`).
@@ -19,7 +20,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::AddressFilter;
 
@@ -92,6 +93,8 @@ fn normalise_net(net: IpNet) -> IpNet {
 pub struct NetworkFilter {
     allowed: Vec<IpNet>,
     disallowed: Vec<IpNet>,
+    /// Network-specific NAT64 prefixes (`/96`), beside the well-known one.
+    nat64: Vec<Ipv6Net>,
 }
 
 impl NetworkFilter {
@@ -108,7 +111,29 @@ impl NetworkFilter {
         Ok(NetworkFilter {
             allowed: read(&allowed)?,
             disallowed: read(&disallowed)?,
+            nat64: Vec::new(),
         })
+    }
+
+    /// The network's NAT64 prefixes (RFC 6052 `/96`s, as the operator's DNS64 uses them): an
+    /// address in one is also judged by the IPv4 address it carries. The error names the first
+    /// entry that is not a `/96` IPv6 network.
+    pub fn with_nat64<P: AsRef<str>>(
+        mut self,
+        prefixes: &[P],
+    ) -> Result<NetworkFilter, BadNetwork> {
+        for p in prefixes {
+            let entry = p.as_ref();
+            match entry.trim().parse::<Ipv6Net>() {
+                Ok(net) if net.prefix_len() == 96 => self.nat64.push(net.trunc()),
+                _ => {
+                    return Err(BadNetwork {
+                        entry: entry.to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// From networks already read.
@@ -116,6 +141,7 @@ impl NetworkFilter {
         NetworkFilter {
             allowed: allowed.into_iter().map(normalise_net).collect(),
             disallowed: disallowed.into_iter().map(normalise_net).collect(),
+            nat64: Vec::new(),
         }
     }
 
@@ -131,6 +157,7 @@ impl NetworkFilter {
         NetworkFilter {
             allowed: read(allowed),
             disallowed: read(disallowed),
+            nat64: Vec::new(),
         }
     }
 
@@ -152,7 +179,7 @@ impl NetworkFilter {
             return Err(Refusal::Disallowed(*net));
         }
         if let IpAddr::V6(v6) = ip {
-            for (how, v4) in embedded_ipv4(v6) {
+            for (how, v4) in embedded_ipv4(v6, &self.nat64) {
                 if let Err(why) = self.check(IpAddr::V4(v4)) {
                     return Err(Refusal::Embedded {
                         how,
@@ -173,6 +200,34 @@ impl NetworkFilter {
 impl AddressFilter for NetworkFilter {
     fn refuses(&self, ip: IpAddr) -> Option<String> {
         self.check(ip).err().map(|r| r.to_string())
+    }
+}
+
+/// A [`NetworkFilter`] with rules for the URLs themselves, for requests whose URL a user chose
+/// (URL previews): a port other than the scheme's default is refused unless listed, and so is a
+/// URL with credentials in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlFilter {
+    pub networks: NetworkFilter,
+    pub ports: Vec<u16>,
+}
+
+impl AddressFilter for UrlFilter {
+    fn refuses(&self, ip: IpAddr) -> Option<String> {
+        self.networks.refuses(ip)
+    }
+
+    fn refuses_url(&self, url: &url::Url) -> Option<String> {
+        if !url.username().is_empty() || url.password().is_some() {
+            return Some("URLs with credentials in them are not fetched".to_owned());
+        }
+        // `Url` drops a port that is the scheme's default: what remains is another one.
+        match url.port() {
+            Some(port) if !self.ports.contains(&port) => Some(format!(
+                "port {port} is not allowed (only the scheme's default, and those listed in allowedPorts)"
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -237,7 +292,7 @@ fn always_refused(ip: IpAddr) -> Option<&'static str> {
 }
 
 /// The IPv4 addresses a 6to4, Teredo or NAT64 address carries packets to.
-fn embedded_ipv4(v6: Ipv6Addr) -> Vec<(&'static str, Ipv4Addr)> {
+fn embedded_ipv4(v6: Ipv6Addr, nat64: &[Ipv6Net]) -> Vec<(&'static str, Ipv4Addr)> {
     let o = v6.octets();
     let s = v6.segments();
     let v4 = |a: &[u8]| Ipv4Addr::new(a[0], a[1], a[2], a[3]);
@@ -251,8 +306,8 @@ fn embedded_ipv4(v6: Ipv6Addr) -> Vec<(&'static str, Ipv4Addr)> {
             ("Teredo (server)", v4(&o[4..8])),
             ("Teredo (client)", v4(&client)),
         ]
-    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        // NAT64 well-known prefix (RFC 6052): 64:ff9b::/96.
+    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || nat64.iter().any(|n| n.contains(&v6)) {
+        // NAT64 (RFC 6052): the well-known 64:ff9b::/96, or the network's own /96.
         vec![("NAT64", v4(&o[12..16]))]
     } else {
         Vec::new()

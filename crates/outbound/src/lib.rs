@@ -23,7 +23,7 @@ pub mod dns;
 pub mod filter;
 
 pub use dns::{DnsError, Overrides, Resolver, SrvRecord};
-pub use filter::{BadNetwork, NetworkFilter, Refusal};
+pub use filter::{BadNetwork, NetworkFilter, Refusal, UrlFilter};
 pub use reqwest::{Method, RequestBuilder, StatusCode, Url, header};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +37,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// A name whose every address the filter refused is [`Error::Denied`] (nothing was sent),
+    /// whatever layers of the HTTP stack it came through.
     fn http(e: &reqwest::Error) -> Error {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            if let Some(refused) = c.downcast_ref::<dns::Refused>() {
+                return Error::Denied {
+                    url: e.url().map(Url::to_string).unwrap_or_default(),
+                    reason: refused.0.clone(),
+                };
+            }
+            cause = c.source();
+        }
         Error::Http(chain(e))
     }
 
@@ -64,6 +76,26 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub trait AddressFilter: Send + Sync + 'static {
     /// Why `ip` is refused, or `None` when it is allowed.
     fn refuses(&self, ip: IpAddr) -> Option<String>;
+
+    /// Why a URL (the first or a redirect's) is refused whatever it resolves to; its IP
+    /// literal, if it has one, is checked with [`AddressFilter::refuses`] as well.
+    fn refuses_url(&self, _url: &Url) -> Option<String> {
+        None
+    }
+}
+
+/// Why `url` would be refused before anything is sent: not http(s), refused by the filter's URL
+/// rules, or an IP literal the filter refuses (names are checked when they resolve). `url` is
+/// read as the WHATWG URL standard says, as browsers do: an IP literal in any notation
+/// (`2130706433`, `0x7f.1`, `0177.0.0.1`, `[::ffff:7f00:1]`) is the address it denotes.
+pub fn refusal(filter: Option<&dyn AddressFilter>, url: &Url) -> Option<String> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Some(format!("`{}` is not http or https", url.scheme()));
+    }
+    let filter = filter?;
+    filter
+        .refuses_url(url)
+        .or_else(|| literal_refused(filter, url))
 }
 
 /// What a request is for, and the bounds that go with it.
@@ -91,6 +123,17 @@ impl Purpose {
         }
     }
 
+    /// A page or image fetched for a URL preview: everything within `total`, at most
+    /// `max_bytes`, at most `redirects` redirects.
+    pub fn preview(total: Duration, max_bytes: u64, redirects: usize) -> Purpose {
+        Purpose {
+            total: Some(total),
+            read: total,
+            max_bytes: Some(max_bytes),
+            redirects,
+        }
+    }
+
     /// A media file fetched for an import: as long as it takes, at most `max_bytes`.
     pub fn import(max_bytes: u64) -> Purpose {
         Purpose {
@@ -111,6 +154,7 @@ pub struct Client {
     dns: Option<Resolver>,
     overrides: Option<Overrides>,
     user_agent: Arc<str>,
+    accept_invalid_certs: bool,
 }
 
 /// Connecting, name resolution included, whatever the purpose.
@@ -123,9 +167,17 @@ pub struct ClientBuilder {
     filter: Option<Arc<dyn AddressFilter>>,
     dns: Option<Resolver>,
     overrides: Option<Overrides>,
+    accept_invalid_certs: bool,
 }
 
 impl ClientBuilder {
+    /// Certificates are not checked (`urlPreviews.previewUnsafeCertificates`): the connection is
+    /// encrypted but could be anyone's.
+    pub fn accept_invalid_certs(mut self, yes: bool) -> ClientBuilder {
+        self.accept_invalid_certs = yes;
+        self
+    }
+
     /// Every address connected to must pass `filter`: each one a name resolves to (overrides
     /// included), and IP literals in URLs and redirects.
     pub fn filter(mut self, filter: Arc<dyn AddressFilter>) -> ClientBuilder {
@@ -160,7 +212,8 @@ impl ClientBuilder {
             .user_agent(&self.user_agent)
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(32)
-            .redirect(reqwest::redirect::Policy::none());
+            .redirect(reqwest::redirect::Policy::none())
+            .tls_danger_accept_invalid_certs(self.accept_invalid_certs);
         if self.filter.is_some() || self.dns.is_some() || overrides.is_some() {
             // A proxy would resolve the names itself, out of the filter's and the overrides'
             // sight.
@@ -176,6 +229,7 @@ impl ClientBuilder {
             dns: self.dns,
             overrides,
             user_agent: Arc::from(self.user_agent),
+            accept_invalid_certs: self.accept_invalid_certs,
         })
     }
 }
@@ -200,6 +254,7 @@ impl Client {
             filter: None,
             dns: None,
             overrides: None,
+            accept_invalid_certs: false,
         }
     }
 
@@ -224,6 +279,7 @@ impl Client {
             filter: self.filter.clone(),
             dns: self.dns.clone(),
             overrides: None,
+            accept_invalid_certs: self.accept_invalid_certs,
         }
         .finish(None)
     }
@@ -298,14 +354,9 @@ impl Client {
         }
     }
 
-    /// Refuses a URL that is not http(s), or whose IP literal the filter refuses.
+    /// Refuses a URL as [`refusal`] says.
     fn check(&self, url: &Url) -> Result<(), Error> {
-        let reason = if !matches!(url.scheme(), "http" | "https") {
-            Some(format!("`{}` is not http or https", url.scheme()))
-        } else {
-            self.filter.as_deref().and_then(|f| literal_refused(f, url))
-        };
-        match reason {
+        match refusal(self.filter.as_deref(), url) {
             Some(reason) => Err(Error::Denied {
                 url: url.to_string(),
                 reason,
@@ -363,6 +414,11 @@ impl Response {
 
     pub fn content_length(&self) -> Option<u64> {
         self.inner.content_length()
+    }
+
+    /// The URL that answered (the last one, after redirects).
+    pub fn url(&self) -> &Url {
+        self.inner.url()
     }
 
     /// The body as it arrives: an error when a piece takes longer than the purpose's `read`, or

@@ -208,6 +208,24 @@ impl From<media::Error> for ApiError {
                 ),
             ),
             E::Unavailable(why) => ApiError::unavailable(why, 5),
+            E::PreviewsDisabled => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "M_UNRECOGNIZED",
+                "URL previews are not enabled on this server",
+            ),
+            E::PreviewDenied(why) => {
+                tracing::info!(reason = %why, "URL preview refused");
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "M_FORBIDDEN",
+                    format!("This URL cannot be previewed: {why}"),
+                )
+            }
+            E::PreviewFailed(why) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "M_UNKNOWN",
+                format!("The URL could not be previewed: {why}"),
+            ),
         }
     }
 }

@@ -17,6 +17,7 @@ mod federation_media;
 mod headers;
 mod metrics;
 mod peer;
+mod previews;
 mod range;
 mod serve;
 mod thumbnails;
@@ -56,16 +57,24 @@ impl AppState {
             .map_err(|e| Error::Startup(format!("HTTP client: {e}")))?;
         let federation = federation_client(&config)?;
         let signers = media::load_signers(&config).map_err(Error::Startup)?;
+        let keyring = federation::keyring::Keyring::new(federation.clone());
+        let media = media::Service::with_federation(
+            store,
+            federation,
+            signers,
+            usize::try_from(config.downloads.num_workers).unwrap_or(1),
+            media::thumbnail_workers(&config),
+            usize::try_from(config.url_previews.num_workers).unwrap_or(1),
+        );
+        if config.url_previews.enabled {
+            media.configure_previews(
+                media::PreviewSetup::new(&config, USER_AGENT).map_err(Error::Startup)?,
+            );
+        }
         Ok(AppState {
             auth: auth::Auth::new(http, &config),
-            keyring: federation::keyring::Keyring::new(federation.clone()),
-            media: media::Service::with_federation(
-                store,
-                federation,
-                signers,
-                usize::try_from(config.downloads.num_workers).unwrap_or(1),
-                media::thumbnail_workers(&config),
-            ),
+            keyring,
+            media,
             config: ArcSwap::from_pointee(config),
             metrics: metrics::Metrics::new(),
         })
@@ -82,6 +91,14 @@ impl AppState {
             Ok(signers) => self.media.reconfigure(signers),
             Err(e) => {
                 tracing::error!(error = %e, "signing keys not reloaded; the previous ones stay in use")
+            }
+        }
+        if config.url_previews.enabled {
+            match media::PreviewSetup::new(&config, USER_AGENT) {
+                Ok(setup) => self.media.configure_previews(setup),
+                Err(e) => {
+                    tracing::error!(error = %e, "URL preview settings not reloaded; the previous ones stay in use")
+                }
             }
         }
         self.config.store(Arc::new(config));
@@ -136,6 +153,14 @@ pub fn router(state: SharedState) -> Router {
         .route(
             "/_matrix/federation/v1/media/thumbnail/{media_id}",
             get(federation_media::thumbnail),
+        )
+        .route(
+            "/_matrix/media/{version}/preview_url",
+            get(previews::preview_legacy),
+        )
+        .route(
+            "/_matrix/client/v1/media/preview_url",
+            get(previews::preview_authenticated),
         )
         .route("/_matrix/media/{version}/config", get(m::config_legacy))
         .route("/_matrix/client/v1/media/config", get(m::config))

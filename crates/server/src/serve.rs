@@ -77,7 +77,6 @@ fn unsupported_settings(c: &Config) -> Vec<&'static str> {
         c.repo.log_directory != "-" && !c.repo.log_directory.is_empty(),
         "repo.logDirectory (logs go to stderr/journald)",
     );
-    note(c.url_previews.enabled, "urlPreviews");
     note(
         c.archiving.enabled && c.archiving.self_service,
         "archiving.selfService",

@@ -15,6 +15,7 @@ pub mod ids;
 mod jobs;
 pub mod objects;
 mod pipeline;
+mod previews;
 mod s3;
 mod schema;
 mod streamcopy;
@@ -33,6 +34,7 @@ pub use check::CheckReport;
 pub use datastore::{BackendError, Datastore, Datastores, Reader};
 pub use jobs::JobLock;
 pub use pipeline::{Limits, NewMedia, Quota, Target, Uploaded};
+pub use previews::{PreviewKey, StoredPreview};
 pub use thumbnails::{StoredThumbnail, ThumbnailKey};
 pub use transfer::TransferReport;
 

@@ -32,6 +32,14 @@ const INSERT_MEDIA: &str =
     "INSERT INTO media (origin, media_id, kind, sha256, content_type, upload_name, user_id,
                         created_ts, quarantined, requires_auth)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING";
+/// A preview image's media row, unless this origin's previews already have one for the content
+/// (`$4`); taken with the hash lock held, so identical images racing make one row.
+const INSERT_PREVIEW_IMAGE: &str =
+    "INSERT INTO media (origin, media_id, kind, sha256, content_type, upload_name, user_id,
+                        created_ts, quarantined, requires_auth)
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+     WHERE NOT EXISTS (SELECT 1 FROM preview_images WHERE origin = $1 AND sha256 = $4)
+     ON CONFLICT DO NOTHING";
 const COMPLETE_PENDING: &str =
     "UPDATE media SET sha256 = $3, content_type = $4, upload_name = $5, expires_ts = NULL
      WHERE origin = $1 AND media_id = $2 AND sha256 IS NULL AND user_id = $6 AND expires_ts > $7";
@@ -101,6 +109,9 @@ pub enum Target {
     Id(String),
     /// The pending MSC2246 row with this id.
     Pending(String),
+    /// An image a URL preview found: one media row per content per origin, shared by every
+    /// preview that shows it (a new row, with a fresh id, only for content not seen yet).
+    PreviewImage,
 }
 
 /// The outcome of an upload.
@@ -249,17 +260,21 @@ impl Store {
         let location = placed.map_or_else(|| ds.location_for(&written.sha256), ToOwned::to_owned);
         let sha256 = written.sha256.as_str();
         let mut client = self.client().await?;
+        let insert_sql = match target {
+            Target::PreviewImage => INSERT_PREVIEW_IMAGE,
+            _ => INSERT_MEDIA,
+        };
         let (lock, insert_object, select_object, insert_media, complete_pending, notify) = tokio::try_join!(
             client.prepare_cached(LOCK_HASH),
             client.prepare_cached(INSERT_OBJECT),
             client.prepare_cached(SELECT_OBJECT),
-            client.prepare_cached(INSERT_MEDIA),
+            client.prepare_cached(insert_sql),
             client.prepare_cached(COMPLETE_PENDING),
             client.prepare_cached("SELECT pg_notify($1, $2)"),
         )?;
         for _attempt in 0..3 {
             let media_id = match target {
-                Target::NewId => {
+                Target::NewId | Target::PreviewImage => {
                     ids::new_media_id().map_err(|e| Error::Io(std::io::Error::other(e)))?
                 }
                 Target::Id(id) | Target::Pending(id) => id.clone(),
@@ -270,7 +285,7 @@ impl Store {
             }
             let media_rows = async {
                 match target {
-                    Target::NewId | Target::Id(_) => {
+                    Target::NewId | Target::Id(_) | Target::PreviewImage => {
                         tx.execute(
                             &insert_media,
                             &[
@@ -324,11 +339,16 @@ impl Store {
                     ds.place(&written.temp, sha256).await?;
                 }
             }
+            if let Target::PreviewImage = target {
+                return self
+                    .preview_image(tx, new, sha256, &media_id, media_rows == 0)
+                    .await;
+            }
             if media_rows == 0 {
                 drop(tx);
                 match target {
                     // A generated id collided: draw another.
-                    Target::NewId => continue,
+                    Target::NewId | Target::PreviewImage => continue,
                     Target::Id(_) => return Err(Error::MediaIdTaken),
                     Target::Pending(id) => {
                         return Err(match self.media(&new.origin, id).await? {

@@ -9,9 +9,10 @@ use crate::Error;
 const MIGRATION_LOCK: i64 = 0x6d6d_7263_746c; // "mmrctl"
 
 /// Append only: a released migration never changes.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
     -- Content: one row per SHA-256, in exactly one datastore at a location derived from the hash.
     CREATE TABLE objects (
         sha256       TEXT PRIMARY KEY,
@@ -58,7 +59,37 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     );
     CREATE INDEX thumbnails_sha256 ON thumbnails (sha256);
     "#,
-)];
+    ),
+    (
+        2,
+        r#"
+    -- URL previews per (origin, URL, time bucket, language): the preview's JSON, or why it
+    -- failed until `expires_ts`.
+    CREATE TABLE url_previews (
+        origin      TEXT NOT NULL,
+        url         TEXT NOT NULL,
+        bucket_ts   BIGINT NOT NULL,
+        language    TEXT NOT NULL,
+        preview     TEXT,
+        error_kind  TEXT,
+        error       TEXT,
+        expires_ts  BIGINT,
+        created_ts  BIGINT NOT NULL,
+        PRIMARY KEY (origin, url, bucket_ts, language)
+    );
+    CREATE INDEX url_previews_created ON url_previews (created_ts);
+
+    -- The media row each origin's previews use for an image's content.
+    CREATE TABLE preview_images (
+        origin   TEXT NOT NULL,
+        sha256   TEXT NOT NULL,
+        media_id TEXT NOT NULL,
+        PRIMARY KEY (origin, sha256),
+        FOREIGN KEY (origin, media_id) REFERENCES media (origin, media_id) ON DELETE CASCADE
+    );
+    "#,
+    ),
+];
 
 /// Brings the schema up to date.
 pub(crate) async fn migrate(client: &mut Client) -> Result<(), Error> {

@@ -28,6 +28,8 @@ pub enum Action {
     Hang,
     /// Waits, then does the other action (so that concurrent requests overlap).
     After(Duration, Box<Action>),
+    /// A `200` with these headers and a body that never ends (until the client closes).
+    Endless(Vec<(String, String)>),
 }
 
 impl Action {
@@ -51,6 +53,24 @@ impl Action {
     }
 
     /// A multipart answer whose part 2 is only `Location: location`.
+    /// A `302` to `location`.
+    pub fn redirect(location: &str) -> Action {
+        Action::Respond {
+            status: 302,
+            headers: vec![("Location".into(), location.into())],
+            body: Vec::new(),
+        }
+    }
+
+    /// A `200` of `content_type`.
+    pub fn ok(content_type: &str, body: impl Into<Vec<u8>>) -> Action {
+        Action::Respond {
+            status: 200,
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body: body.into(),
+        }
+    }
+
     pub fn location(location: &str) -> Action {
         let b = "6d6d7263746c74657374";
         let body = format!(
@@ -105,6 +125,8 @@ pub struct Seen {
     pub target: String,
     pub host: String,
     pub authorization: Vec<String>,
+    pub accept_language: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 impl Seen {
@@ -115,14 +137,70 @@ impl Seen {
 
 type Routes = Arc<Mutex<HashMap<String, Action>>>;
 
+/// A plain HTTP server on loopback whose answers the test sets per path; it records every
+/// request and counts connections.
+#[derive(Clone)]
+pub struct Scripted {
+    pub port: u16,
+    routes: Routes,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Scripted {
+    /// Listens at `ip`, on a free port.
+    pub fn start(ip: &str) -> Scripted {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let scripted = Scripted {
+            port,
+            routes: Arc::default(),
+            seen: Arc::default(),
+            connections: Arc::default(),
+        };
+        let server = scripted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                server
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (routes, seen) = (server.routes.clone(), server.seen.clone());
+                std::thread::spawn(move || serve(stream, &routes, &seen));
+            }
+        });
+        scripted
+    }
+
+    /// What `path` (no query) answers from now on.
+    pub fn route(&self, path: &str, action: Action) {
+        self.routes.lock().unwrap().insert(path.to_owned(), action);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Requests whose path starts with `prefix`.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.seen()
+            .iter()
+            .filter(|s| s.path().starts_with(prefix))
+            .count()
+    }
+
+    /// Connections accepted, whether or not a request followed.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 pub struct FakeRemote {
     /// Its server name: `localhost:<TLS port>`.
     pub name: String,
     pub port: u16,
     pub key: SigningKey,
     pub certs: TestCerts,
-    routes: Routes,
-    seen: Arc<Mutex<Vec<Seen>>>,
+    backend: Scripted,
     _nginx: Nginx,
 }
 
@@ -133,14 +211,12 @@ impl FakeRemote {
 
     /// A remote whose certificate is also valid for `dns_names` (delegation tests).
     pub fn start_with_names(dns_names: &[&str]) -> FakeRemote {
-        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-        let backend_port = backend.local_addr().unwrap().port();
+        let backend = Scripted::start("127.0.0.1");
+        let backend_port = backend.port;
         let port = super::free_port();
         let name = format!("localhost:{port}");
         let key = SigningKey::generate().unwrap();
         let certs = TestCerts::with_dns_names(dns_names);
-        let routes: Routes = Arc::default();
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let keys_answer = {
             let mut v = json!({
                 "server_name": name,
@@ -151,19 +227,7 @@ impl FakeRemote {
             keys::sign_json(&mut v, &name, &key).unwrap();
             v
         };
-        routes.lock().unwrap().insert(
-            "/_matrix/key/v2/server".into(),
-            Action::json(200, keys_answer),
-        );
-        {
-            let (routes, seen) = (routes.clone(), seen.clone());
-            std::thread::spawn(move || {
-                for stream in backend.incoming().flatten() {
-                    let (routes, seen) = (routes.clone(), seen.clone());
-                    std::thread::spawn(move || serve(stream, &routes, &seen));
-                }
-            });
-        }
+        backend.route("/_matrix/key/v2/server", Action::json(200, keys_answer));
         let nginx = Nginx::start(
             &format!(
                 r#"server {{
@@ -189,27 +253,23 @@ impl FakeRemote {
             port,
             key,
             certs,
-            routes,
-            seen,
+            backend,
             _nginx: nginx,
         }
     }
 
     /// What `path` (no query) answers from now on.
     pub fn route(&self, path: &str, action: Action) {
-        self.routes.lock().unwrap().insert(path.to_owned(), action);
+        self.backend.route(path, action);
     }
 
     pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.backend.seen()
     }
 
     /// Requests whose path starts with `prefix`.
     pub fn count(&self, prefix: &str) -> usize {
-        self.seen()
-            .iter()
-            .filter(|s| s.path().starts_with(prefix))
-            .count()
+        self.backend.count(prefix)
     }
 
     pub fn federation_path(media_id: &str) -> String {
@@ -241,6 +301,7 @@ fn serve(stream: TcpStream, routes: &Routes, seen: &Mutex<Vec<Seen>>) {
     }
     let target = line.split_whitespace().nth(1).unwrap_or("").to_owned();
     let (mut host, mut authorization) = (String::new(), Vec::new());
+    let (mut accept_language, mut user_agent) = (None, None);
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
@@ -250,6 +311,8 @@ fn serve(stream: TcpStream, routes: &Routes, seen: &Mutex<Vec<Seen>>) {
             match name.to_ascii_lowercase().as_str() {
                 "host" => host = value.trim().to_owned(),
                 "authorization" => authorization.push(value.trim().to_owned()),
+                "accept-language" => accept_language = Some(value.trim().to_owned()),
+                "user-agent" => user_agent = Some(value.trim().to_owned()),
                 _ => {}
             }
         }
@@ -259,6 +322,8 @@ fn serve(stream: TcpStream, routes: &Routes, seen: &Mutex<Vec<Seen>>) {
         target,
         host,
         authorization,
+        accept_language,
+        user_agent,
     });
     let action = routes
         .lock()
@@ -300,6 +365,17 @@ fn serve(stream: TcpStream, routes: &Routes, seen: &Mutex<Vec<Seen>>) {
             std::thread::sleep(Duration::from_secs(120));
         }
         Action::Hang => std::thread::sleep(Duration::from_secs(120)),
+        Action::Endless(headers) => {
+            let mut head = "HTTP/1.1 200 OK\r\nConnection: close\r\n".to_owned();
+            for (k, v) in headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let filler = b"<p>and more</p>\n".repeat(4096);
+            if stream.write_all(head.as_bytes()).is_ok() {
+                while stream.write_all(&filler).is_ok() {}
+            }
+        }
         Action::After(..) => unreachable!("unwrapped above"),
     }
 }
