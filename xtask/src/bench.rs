@@ -26,6 +26,7 @@ const BENCHES: &[(&str, Bench)] = &[
     ("import", import::import),
     ("federation", federation),
     ("thumbnails", thumbnails),
+    ("previews", previews),
 ];
 
 type Bench = fn(&Run) -> Result<Section>;
@@ -651,6 +652,93 @@ fn thumbnails_section(run: &Run, line: &str) -> Result<Section> {
     );
     Ok(Section {
         name: "thumbnails",
+        markdown,
+        missed,
+    })
+}
+
+/// URL previews: `mmrctl-bench --previews` (mmrctl and Synapse previewing the same local page).
+/// The bench decides what passes.
+fn previews(run: &Run) -> Result<Section> {
+    let target = util::target_dir();
+    let pg = postgres::provide(&target)?;
+    let tools_bin = tools::ensure_venv(&target)?;
+    let release = build_release()?;
+    let mut cmd = Command::new(release.join("mmrctl-bench"));
+    cmd.arg("--previews")
+        .arg("--mmrctl")
+        .arg(release.join("mmrctl"))
+        .env(postgres::URL_VAR, &pg.url)
+        .env(tools::TOOLS_BIN_VAR, &tools_bin);
+    let shown = util::display_command(&cmd);
+    let line = json_line(&mut cmd, &shown)?;
+    previews_section(run, &line)
+}
+
+fn previews_section(run: &Run, line: &str) -> Result<Section> {
+    let n = |key: &str| {
+        json_number(line, key)
+            .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
+    };
+    let mut missed = Vec::new();
+    let mut result = |key: &str, why: String| -> Result<String> {
+        let pass = json_bool(line, &format!("pass_{key}"))
+            .with_context(|| format!("no boolean `pass_{key}` in the bench's JSON line: {line}"))?;
+        Ok(if pass {
+            "pass".to_owned()
+        } else {
+            missed.push(format!("previews: {key}: {why}"));
+            format!("**fail**: {why}")
+        })
+    };
+    let synapse = json_string(line, "synapse_version").unwrap_or_else(|| "?".to_owned());
+    let (cold, cold99, s_cold, s_cold99) = (
+        n("mmrctl_cold_p50_ms")?,
+        n("mmrctl_cold_p99_ms")?,
+        n("synapse_cold_p50_ms")?,
+        n("synapse_cold_p99_ms")?,
+    );
+    let (cached, cached99, s_cached) = (
+        n("mmrctl_cached_p50_ms")?,
+        n("mmrctl_cached_p99_ms")?,
+        n("synapse_cached_p50_ms")?,
+    );
+    let (seq_rss, rss) = (
+        n("mmrctl_sequential_rss_mib")?,
+        n("mmrctl_concurrent_rss_mib")?,
+    );
+    let mut rows = String::new();
+    rows.push_str(&format!(
+        "| cold preview (p50 / p99 of {:.0}) | {cold:.2} / {cold99:.2} ms | {s_cold:.1} /          {s_cold99:.1} ms | ≥ 3× faster than Synapse | {} |\n",
+        n("cold_runs")?,
+        result("cold_synapse", format!("{:.1}× faster", s_cold / cold))?,
+    ));
+    rows.push_str(&format!(
+        "| cached preview (p50 / p99 of {:.0}) | {cached:.3} / {cached99:.3} ms | {s_cached:.2} ms |          ≥ 20× faster than a cold one | {} |\n",
+        n("cached_runs")?,
+        result("cached_cold", format!("{:.0}× faster than cold", cold / cached))?,
+    ));
+    rows.push_str(&format!(
+        "| {:.0} distinct cold previews at once | peak RSS {rss:.1} MiB ({:.0} ms for all; one at          a time: {seq_rss:.1} MiB) | | flat: within {:.0} MiB of one at a time | {} |",
+        n("concurrent")?,
+        n("mmrctl_concurrent_ms")?,
+        n("target_concurrent_rss")? - seq_rss,
+        result("concurrent_rss", format!("{:.1} MiB over", rss - seq_rss))?,
+    ));
+    let markdown = format!(
+        "## URL previews\n\n         `GET /_matrix/client/v1/media/preview_url` of a local {:.0} KiB article-like page          (OpenGraph and Twitter tags in its head, scripts, styles, a long body; its `og:image` a          PNG under a URL of its own per page), served on loopback by the bench, timed from the          request to the last byte, in one run of `mmrctl-bench --previews` (`crates/bench`). A          cold preview asks for a URL not seen before, so the page and its image are fetched, the          page parsed and the image stored; a cached one asks for the same URL again.          `mmrctl serve` (release build, a file datastore, PostgreSQL, default `numWorkers`) and          then Synapse {synapse} (`url_preview_enabled`, 127.0.0.1 whitelisted) run alone.\n\n         Run on {} (UTC), {}. CPU {:.0}% busy at the start; load average {:.2} at the start and          {:.2} at the end.\n\n         | measure | mmrctl | Synapse | target | result |\n         | --- | --- | --- | --- | --- |\n         {rows}\n\n         Where the time goes: mmrctl tokenizes the page as it streams (lol_html; no tree is          built) and stops reading once the head has said all a preview uses, fetches the image          and streams it into the store (de-duplicated; its header read for the dimensions), and          writes one row. A cached preview is one indexed row read. Synapse reads the whole page,          parses it into an lxml tree, downloads the image into its URL cache and thumbnails it.",
+        n("page_bytes")? / 1024.0,
+        run.date,
+        cell(&run.machine),
+        n("busy_start_pct")?,
+        n("loadavg_start")?,
+        n("loadavg_end")?,
+    );
+    note!(
+        "bench previews: cold {cold:.2} ms (Synapse {s_cold:.1}), cached {cached:.3} ms, RSS          {rss:.1} MiB (one at a time {seq_rss:.1})"
+    );
+    Ok(Section {
+        name: "previews",
         markdown,
         missed,
     })

@@ -22,9 +22,9 @@ Commands:
                   ARGS go to the test runner.
   ci              cargo fmt --check, cargo clippy -D warnings, then `test` (what .ci/run runs).
   bench [NAME...] Run the benchmarks (or only those named: render, serve, s3, import,
-                  federation) and rewrite their sections of docs/benchmarks.md (the serve and
-                  federation benches use PostgreSQL and the tools venv as `test` does, nginx
-                  too for federation, and a release build).
+                  federation, thumbnails, previews) and rewrite their sections of
+                  docs/benchmarks.md (the server benches use PostgreSQL and the tools venv as
+                  `test` does, nginx too for federation, and a release build).
   help            Show this message.
 ";
 

@@ -25,6 +25,7 @@ macro_rules! progress {
 mod federation;
 mod limits;
 mod load;
+mod previews;
 mod procfs;
 mod servers;
 mod thumbnails;
@@ -129,6 +130,8 @@ struct Options {
     federation: bool,
     /// The thumbnail bench instead of the serve one.
     thumbnails: bool,
+    /// The URL preview bench instead of the serve one.
+    previews: bool,
     quick: bool,
 }
 
@@ -142,7 +145,7 @@ struct Phases {
 }
 
 const USAGE: &str = "usage: mmrctl-bench [--mmrctl PATH] [--quick] [--mmrctl-only] \
-                     [--phases upload,download,small,clients] | [--federation] | [--thumbnails]";
+                     [--phases upload,download,small,clients] | [--federation] | [--thumbnails] | [--previews]";
 
 fn options() -> Result<Options> {
     let mut mmrctl = None;
@@ -150,6 +153,7 @@ fn options() -> Result<Options> {
     let mut mmrctl_only = false;
     let mut federation = false;
     let mut thumbnails = false;
+    let mut previews = false;
     let mut quick = false;
     let mut phases = Phases {
         upload: true,
@@ -169,6 +173,7 @@ fn options() -> Result<Options> {
             }
             Some("--federation") => federation = true,
             Some("--thumbnails") => thumbnails = true,
+            Some("--previews") => previews = true,
             Some("--mmrctl-only") => mmrctl_only = true,
             Some("--phases") => {
                 let list = args.next().context(USAGE)?;
@@ -209,6 +214,7 @@ fn options() -> Result<Options> {
         phases,
         federation,
         thumbnails,
+        previews,
         quick,
     })
 }
@@ -261,8 +267,17 @@ fn run() -> Result<()> {
         phases,
         federation,
         thumbnails,
+        previews,
         quick,
     } = options()?;
+    if previews {
+        let sizes = if quick {
+            previews::QUICK
+        } else {
+            previews::FULL
+        };
+        return previews::run(&mmrctl, sizes);
+    }
     if thumbnails {
         let sizes = if quick {
             thumbnails::QUICK

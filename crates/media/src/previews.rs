@@ -37,6 +37,10 @@ const MAX_OEMBED_BYTES: u64 = 1024 * 1024;
 const IMAGE_HEAD: usize = 256 * 1024;
 /// The longest `Accept-Language` kept (a key of the cache, so bounded).
 const MAX_LANGUAGE: usize = 64;
+/// Previews found are also kept in memory, up to this many bytes of JSON, for this long: a stored
+/// preview never changes (a success is never replaced), so any instance may keep it.
+const MEMORY_BYTES: u64 = 32 * 1024 * 1024;
+const MEMORY_TTL: Duration = Duration::from_secs(600);
 
 /// What a client asked for.
 #[derive(Debug, Clone)]
@@ -169,6 +173,7 @@ pub(crate) struct Previewer {
     setup: ArcSwapOption<Setup>,
     workers: Arc<Semaphore>,
     inflight: Mutex<HashMap<PreviewKey, SharedFetch>>,
+    found: moka::sync::Cache<PreviewKey, Arc<str>>,
     fetched: std::sync::atomic::AtomicU64,
 }
 
@@ -178,6 +183,13 @@ impl Previewer {
             setup: ArcSwapOption::empty(),
             workers: Arc::new(Semaphore::new(workers.max(1))),
             inflight: Mutex::new(HashMap::new()),
+            found: moka::sync::Cache::builder()
+                .weigher(|k: &PreviewKey, v: &Arc<str>| {
+                    u32::try_from(k.url.len() + v.len()).unwrap_or(u32::MAX)
+                })
+                .max_capacity(MEMORY_BYTES)
+                .time_to_live(MEMORY_TTL)
+                .build(),
             fetched: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -224,8 +236,15 @@ impl Service {
             bucket_ts: ts - ts.rem_euclid(BUCKET_MS),
             language: language.chars().take(MAX_LANGUAGE).collect(),
         };
+        if let Some(json) = self.previews.found.get(&key) {
+            return Ok(json);
+        }
         match self.store.preview(&key).await? {
-            Some(StoredPreview::Found(json)) => return Ok(Arc::from(json)),
+            Some(StoredPreview::Found(json)) => {
+                let json: Arc<str> = Arc::from(json);
+                self.previews.found.insert(key, json.clone());
+                return Ok(json);
+            }
             Some(StoredPreview::Failed { kind, message, .. }) => {
                 return Err(if kind == "denied" {
                     Error::PreviewDenied(message)
@@ -284,7 +303,11 @@ impl Service {
                             within.as_secs()
                         )))
                     });
-                job.record(&task_key, made).await
+                let recorded = job.record(&task_key, made).await;
+                if let Ok(json) = &recorded {
+                    this.found.insert(task_key.clone(), json.clone());
+                }
+                recorded
             }
             .await;
             this.inflight
@@ -320,16 +343,15 @@ struct Settings {
 impl Settings {
     fn of(config: &Config) -> Settings {
         let p = &config.url_previews;
-        let max_page = p.max_page_size_bytes.max(1);
+        // 0: no size limit (time still bounds the fetch).
+        let nonzero = |n: u64| (n > 0).then_some(n);
+        let max_page = nonzero(p.max_page_size_bytes).unwrap_or(u64::MAX);
         Settings {
             timeout: Duration::from_secs(u64::from(
                 config.timeouts.url_preview_timeout_seconds.max(1),
             )),
             max_page,
-            max_image: match config.uploads.max_bytes {
-                0 => max_page,
-                n => n.min(max_page),
-            },
+            max_image: nonzero(config.uploads.max_bytes).map_or(max_page, |n| n.min(max_page)),
             redirects: p.max_redirects as usize,
             limits: TextLimits {
                 words: p.num_words,

@@ -476,6 +476,11 @@ fn one_fetch_however_many_ask_and_failures_are_remembered() {
     }
     assert_eq!(fx.pages.count("/popular.html"), 1);
     assert_eq!(fx.repo.count("SELECT COUNT(*) FROM url_previews"), 1);
+    let metrics = fx.repo.metrics();
+    assert!(
+        metrics.contains("mmrctl_url_previews_fetched_total 1\n"),
+        "{metrics}"
+    );
 
     // A page that stops sending: the preview gives up within urlPreviewTimeoutSeconds, and the
     // failure is remembered (clients retry on every render).
@@ -567,4 +572,36 @@ fn certificates_are_checked_unless_allowed_and_previews_can_be_off() {
     let r = preview(&off, &url, &[]);
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json()["errcode"], "M_UNRECOGNIZED");
+}
+
+#[test]
+fn bad_preview_settings_stop_the_start_with_the_setting_named() {
+    for (previews, says) in [
+        (
+            json!({ "enabled": true, "allowedNetworks": ["0.0.0.0/0"], "disallowedNetworks": ["10.0.0.0/33"] }),
+            "urlPreviews.allowedNetworks/disallowedNetworks: `10.0.0.0/33` is not a network",
+        ),
+        (
+            json!({ "enabled": true, "nat64Prefixes": ["64:ff9b::/64"] }),
+            "urlPreviews.nat64Prefixes: `64:ff9b::/64` is not an IPv6 /96 network",
+        ),
+        (
+            json!({ "enabled": true, "nameservers": ["localhost"] }),
+            "urlPreviews.nameservers: `localhost` (want ip:port)",
+        ),
+        (
+            json!({ "enabled": true, "oEmbedProvidersFile": "/nonexistent/providers.json" }),
+            "urlPreviews.oEmbedProvidersFile: cannot read /nonexistent/providers.json",
+        ),
+    ] {
+        let db = testkit::TestDb::new();
+        let url = db.url().to_owned();
+        let mut repo = MediaRepo::spawn(Some(db), &url, &[(HS, "http://127.0.0.1:9")], |c| {
+            c["urlPreviews"] = previews.clone();
+        });
+        let status = repo.wait_exit(std::time::Duration::from_secs(30));
+        assert!(!status.success());
+        let log = repo.log();
+        assert!(log.contains(says), "want {says:?} in:\n{log}");
+    }
 }

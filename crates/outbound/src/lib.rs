@@ -485,3 +485,125 @@ impl Response {
             .map_err(|e| Error::Http(format!("the answer is not JSON: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::filter::UrlFilter;
+
+    /// Previews' test rules: 127.0.0.1 allowed, 127.0.0.2 and ::1 denied, port 8080 allowed.
+    fn rules() -> UrlFilter {
+        UrlFilter {
+            networks: NetworkFilter::new(&["127.0.0.1/32"], &["127.0.0.2/32", "::1/128"]).unwrap(),
+            ports: vec![8080],
+        }
+    }
+
+    fn refused(url: &str) -> Option<String> {
+        let url = Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        refusal(Some(&rules()), &url)
+    }
+
+    #[test]
+    fn ip_literals_in_every_notation_are_the_address_they_denote() {
+        // Each of these is 127.0.0.2 (or maps to it) to a browser's URL parser, and so to ours.
+        for url in [
+            "http://127.0.0.2/",
+            "http://2130706434/",
+            "http://0x7f000002/",
+            "http://0X7F000002/",
+            "http://0x7f.0x0.0x0.0x2/",
+            "http://0x7f.0.0.2/",
+            "http://0177.0.0.2/",
+            "http://0177.0.0.02/",
+            "http://00000177.000.000.002/",
+            "http://127.2/",
+            "http://127.0.2/",
+            "http://0x7f.2/",
+            "http://127.0.0.2./",
+            "http://%31%32%37.0.0.2/",
+            "http://１２７.０.０.２/", // full-width digits, normalised by IDNA
+            "http://[::ffff:127.0.0.2]/",
+            "http://[::ffff:7f00:2]/",
+            "http://[0:0:0:0:0:ffff:7f00:0002]/",
+            "http://[::127.0.0.2]/",
+            "http://[2002:7f00:2::]/",
+            "http://[64:ff9b::127.0.0.2]/",
+            "http://[2001:0:4136:e378:8000:63bf:80ff:fffd]/", // Teredo, client 127.0.0.2
+            "http://[::1]/",
+            "http://[0:0:0:0:0:0:0:1]/",
+            "https://127.0.0.2/",
+            "http://127.0.0.2:8080/",
+        ] {
+            let why = refused(url).unwrap_or_else(|| panic!("{url} should be refused"));
+            assert!(why.contains("not allowed"), "{url}: {why}");
+        }
+        // The one allowed address, however written.
+        for url in [
+            "http://127.0.0.1/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://127.1/",
+            "http://0177.0.0.1/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://127.0.0.1:8080/",
+            "https://127.0.0.1:443/",
+            "http://127.0.0.1:80/",
+        ] {
+            assert_eq!(refused(url), None, "{url}");
+        }
+        // Names are judged when they resolve, not here.
+        assert_eq!(refused("http://evil.example/"), None);
+    }
+
+    #[test]
+    fn url_rules_refuse_other_schemes_ports_and_credentials() {
+        for (url, says) in [
+            ("file:///etc/passwd", "not http or https"),
+            ("ftp://127.0.0.1/", "not http or https"),
+            ("gopher://127.0.0.1:70/", "not http or https"),
+            ("data:text/html,hi", "not http or https"),
+            ("http://127.0.0.1:22/", "port 22"),
+            ("https://127.0.0.1:80/", "port 80"),
+            ("http://127.0.0.1:443/", "port 443"),
+            ("http://user@127.0.0.1/", "credentials"),
+            ("http://user:pw@127.0.0.1/", "credentials"),
+            ("http://:pw@127.0.0.1/", "credentials"),
+        ] {
+            let why = refused(url).unwrap_or_else(|| panic!("{url} should be refused"));
+            assert!(why.contains(says), "{url}: {why}");
+        }
+        // Malformed IPv4 is not a name either: the parser refuses it.
+        for bad in [
+            "http://127.0.0.256/",
+            "http://0x100000000/",
+            "http://1.2.3.4.5/",
+        ] {
+            assert!(Url::parse(bad).is_err(), "{bad}");
+        }
+        // Without a filter, only the scheme is checked.
+        let plain = Url::parse("http://127.0.0.2:22/").unwrap();
+        assert_eq!(refusal(None, &plain), None);
+    }
+
+    #[test]
+    fn configured_nat64_prefixes_are_judged_by_their_ipv4() {
+        let f = NetworkFilter::new(filter::ALLOW_ALL, &["10.0.0.0/8"])
+            .unwrap()
+            .with_nat64(&["2001:db8:64::/96"])
+            .unwrap();
+        assert!(f.refuses("2001:db8:64::a00:1".parse().unwrap()).is_some());
+        assert!(f.refuses("2001:db8:64::808:808".parse().unwrap()).is_none());
+        // Outside the prefix it is just an IPv6 address.
+        assert!(f.refuses("2001:db8:65::a00:1".parse().unwrap()).is_none());
+        for bad in ["2001:db8:64::/64", "10.0.0.0/8", "nope"] {
+            let e = NetworkFilter::new(filter::ALLOW_ALL, &[] as &[&str])
+                .unwrap()
+                .with_nat64(&[bad])
+                .unwrap_err();
+            assert_eq!(e.entry, bad);
+        }
+    }
+}

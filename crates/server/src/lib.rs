@@ -107,7 +107,10 @@ impl AppState {
     pub fn metrics_text(&self) -> String {
         self.metrics.encode(
             self.media.store().pool_status(),
-            self.media.thumbnails_generated(),
+            metrics::ServiceCounts {
+                thumbnails_generated: self.media.thumbnails_generated(),
+                previews_fetched: self.media.previews_fetched(),
+            },
         )
     }
 }

@@ -29,6 +29,13 @@ pub(crate) struct OperationLabels {
     pub(crate) operation: String,
 }
 
+/// Totals the `media` service keeps itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServiceCounts {
+    pub(crate) thumbnails_generated: u64,
+    pub(crate) previews_fetched: u64,
+}
+
 pub(crate) struct Metrics {
     registry: Registry,
     pub(crate) requests: Family<RequestLabels, Counter>,
@@ -38,6 +45,10 @@ pub(crate) struct Metrics {
     pub(crate) dedup_hits: Counter,
     pub(crate) uploads: Counter,
     thumbnails_generated: Counter,
+    previews_fetched: Counter,
+    /// Held while the service's own counts are copied into the counters, so that concurrent
+    /// scrapes never add one difference twice.
+    copying: std::sync::Mutex<()>,
     token_cache: Family<ResultLabels, Counter>,
     pub(crate) datastore_latency: Family<OperationLabels, Histogram>,
     pool_size: Gauge,
@@ -70,6 +81,8 @@ impl Metrics {
             dedup_hits: Counter::default(),
             uploads: Counter::default(),
             thumbnails_generated: Counter::default(),
+            previews_fetched: Counter::default(),
+            copying: std::sync::Mutex::new(()),
             token_cache: Family::default(),
             datastore_latency,
             pool_size: Gauge::default(),
@@ -107,6 +120,11 @@ impl Metrics {
             "thumbnails_generated",
             "Thumbnail generations: decodes of a source (requests that share one count once)",
             m.thumbnails_generated.clone(),
+        );
+        registry.register(
+            "url_previews_fetched",
+            "URL preview fetches: pages fetched (requests that share one, or find it cached, do not count)",
+            m.previews_fetched.clone(),
         );
         registry.register(
             "token_cache_lookups",
@@ -159,9 +177,20 @@ impl Metrics {
     }
 
     /// The exposition text, with the pool gauges and the media service's counts read now.
-    pub(crate) fn encode(&self, pool: store::PoolStatus, thumbnails_generated: u64) -> String {
-        self.thumbnails_generated
-            .inc_by(thumbnails_generated.saturating_sub(self.thumbnails_generated.get()));
+    /// The exposition; `counts` are the service's own running totals.
+    pub(crate) fn encode(&self, pool: store::PoolStatus, counts: ServiceCounts) -> String {
+        {
+            let _copying = self
+                .copying
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (counter, total) in [
+                (&self.thumbnails_generated, counts.thumbnails_generated),
+                (&self.previews_fetched, counts.previews_fetched),
+            ] {
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
+        }
         let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.pool_size.set(as_i64(pool.size));
         self.pool_available.set(as_i64(pool.available));

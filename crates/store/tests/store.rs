@@ -221,3 +221,92 @@ fn a_transfer_moves_every_object_and_the_check_finds_what_went_wrong() {
         assert!(report.orphans[0].contains("abcd00"), "{report:?}");
     });
 }
+
+/// Concurrent writers of one preview (on any instance) never fail on its key (MMR #649): the first
+/// success stays, failures give way to a success and never replace one. Concurrent identical
+/// preview images make one media row, attributed to no user.
+#[test]
+fn previews_and_their_images_are_written_once_whoever_races() {
+    use store::{PreviewKey, StoredPreview};
+    with_store(async |store, _| {
+        let key = PreviewKey {
+            origin: "example.test".into(),
+            url: "https://site.example/".into(),
+            bucket_ts: 3_600_000,
+            language: "en".into(),
+        };
+        let failed = StoredPreview::Failed {
+            kind: "failed".into(),
+            message: "timed out".into(),
+            until: store::now_ms() + 60_000,
+        };
+        store.put_preview(&key, &failed).await.unwrap();
+        assert_eq!(store.preview(&key).await.unwrap(), Some(failed.clone()));
+        let writers = (0..20).map(|i| {
+            let (store, key) = (store.clone(), key.clone());
+            async move {
+                let p = StoredPreview::Found(format!("{{\"n\": {i}}}"));
+                store.put_preview(&key, &p).await
+            }
+        });
+        for r in futures_util::future::join_all(writers).await {
+            r.unwrap();
+        }
+        let Some(StoredPreview::Found(first)) = store.preview(&key).await.unwrap() else {
+            panic!("a success replaces a failure");
+        };
+        store.put_preview(&key, &failed).await.unwrap();
+        store
+            .put_preview(&key, &StoredPreview::Found("{\"n\": 99}".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.preview(&key).await.unwrap(),
+            Some(StoredPreview::Found(first)),
+            "a success is never replaced"
+        );
+        // A failure whose time ran out is no answer, and expiry deletes it.
+        let other = PreviewKey {
+            url: "https://other.example/".into(),
+            ..key.clone()
+        };
+        let stale = StoredPreview::Failed {
+            kind: "failed".into(),
+            message: "old".into(),
+            until: store::now_ms() - 1,
+        };
+        store.put_preview(&other, &stale).await.unwrap();
+        assert_eq!(store.preview(&other).await.unwrap(), None);
+        assert_eq!(store.expire_previews(i64::MIN).await.unwrap(), 1);
+        assert_eq!(store.expire_previews(i64::MAX).await.unwrap(), 1);
+        assert_eq!(store.preview(&key).await.unwrap(), None);
+
+        let image = sample(50_000, 9);
+        let uploads = (0..10).map(|_| {
+            let store = store.clone();
+            let image = image.clone();
+            let new = NewMedia {
+                user_id: String::new(),
+                ..new_media()
+            };
+            async move {
+                store
+                    .upload(new, Target::PreviewImage, body(&image), Limits::default())
+                    .await
+            }
+        });
+        let ids: std::collections::HashSet<String> = futures_util::future::join_all(uploads)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().media.media_id)
+            .collect();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        // A user's upload of the same bytes is theirs, not the previews' row.
+        let mine = store
+            .upload(new_media(), Target::NewId, body(&image), Limits::default())
+            .await
+            .unwrap();
+        assert!(!ids.contains(&mine.media.media_id));
+        assert!(mine.deduplicated);
+    });
+}
