@@ -449,7 +449,12 @@ impl Job {
         max_bytes: u64,
         accept: &'static str,
     ) -> Result<outbound::Response, Failure> {
-        let purpose = Purpose::preview(self.settings.timeout, max_bytes, self.settings.redirects);
+        // A little beyond the preview's own deadline, which ends it first and says so.
+        let purpose = Purpose::preview(
+            self.settings.timeout + Duration::from_secs(1),
+            max_bytes,
+            self.settings.redirects,
+        );
         let language = self.language.clone();
         let response = self
             .setup
