@@ -709,24 +709,46 @@ fn previews_section(run: &Run, line: &str) -> Result<Section> {
     );
     let mut rows = String::new();
     rows.push_str(&format!(
-        "| cold preview (p50 / p99 of {:.0}) | {cold:.2} / {cold99:.2} ms | {s_cold:.1} /          {s_cold99:.1} ms | ≥ 3× faster than Synapse | {} |\n",
+        "| cold preview (p50 / p99 of {:.0}) | {cold:.2} / {cold99:.2} ms | {s_cold:.1} / \
+         {s_cold99:.1} ms | ≥ 3× faster than Synapse | {} |\n",
         n("cold_runs")?,
         result("cold_synapse", format!("{:.1}× faster", s_cold / cold))?,
     ));
     rows.push_str(&format!(
-        "| cached preview (p50 / p99 of {:.0}) | {cached:.3} / {cached99:.3} ms | {s_cached:.2} ms |          ≥ 20× faster than a cold one | {} |\n",
+        "| cached preview (p50 / p99 of {:.0}) | {cached:.3} / {cached99:.3} ms | {s_cached:.2} ms | \
+         ≥ 20× faster than a cold one | {} |\n",
         n("cached_runs")?,
         result("cached_cold", format!("{:.0}× faster than cold", cold / cached))?,
     ));
     rows.push_str(&format!(
-        "| {:.0} distinct cold previews at once | peak RSS {rss:.1} MiB ({:.0} ms for all; one at          a time: {seq_rss:.1} MiB) | | flat: within {:.0} MiB of one at a time | {} |",
+        "| {:.0} distinct cold previews at once | peak RSS {rss:.1} MiB ({:.0} ms for all; one at \
+         a time: {seq_rss:.1} MiB) | | flat: within {:.0} MiB of one at a time | {} |",
         n("concurrent")?,
         n("mmrctl_concurrent_ms")?,
         n("target_concurrent_rss")? - seq_rss,
         result("concurrent_rss", format!("{:.1} MiB over", rss - seq_rss))?,
     ));
     let markdown = format!(
-        "## URL previews\n\n         `GET /_matrix/client/v1/media/preview_url` of a local {:.0} KiB article-like page          (OpenGraph and Twitter tags in its head, scripts, styles, a long body; its `og:image` a          PNG under a URL of its own per page), served on loopback by the bench, timed from the          request to the last byte, in one run of `mmrctl-bench --previews` (`crates/bench`). A          cold preview asks for a URL not seen before, so the page and its image are fetched, the          page parsed and the image stored; a cached one asks for the same URL again.          `mmrctl serve` (release build, a file datastore, PostgreSQL, default `numWorkers`) and          then Synapse {synapse} (`url_preview_enabled`, 127.0.0.1 whitelisted) run alone.\n\n         Run on {} (UTC), {}. CPU {:.0}% busy at the start; load average {:.2} at the start and          {:.2} at the end.\n\n         | measure | mmrctl | Synapse | target | result |\n         | --- | --- | --- | --- | --- |\n         {rows}\n\n         Where the time goes: mmrctl tokenizes the page as it streams (lol_html; no tree is          built) and stops reading once the head has said all a preview uses, fetches the image          and streams it into the store (de-duplicated; its header read for the dimensions), and          writes one row. A cached preview is one indexed row read. Synapse reads the whole page,          parses it into an lxml tree, downloads the image into its URL cache and thumbnails it.",
+        "## URL previews\n\n\
+         `GET /_matrix/client/v1/media/preview_url` of a local {:.0} KiB article-like page \
+         (OpenGraph and Twitter tags in its head, scripts, styles, a long body; its `og:image` a \
+         PNG under a URL of its own per page), served on loopback by the bench, timed from the \
+         request to the last byte, in one run of `mmrctl-bench --previews` (`crates/bench`). A \
+         cold preview asks for a URL not seen before, so the page and its image are fetched, the \
+         page parsed and the image stored; a cached one asks for the same URL again. \
+         `mmrctl serve` (release build, a file datastore, PostgreSQL, default `numWorkers`) and \
+         then Synapse {synapse} (`url_preview_enabled`, 127.0.0.1 whitelisted) run alone.\n\n\
+         Run on {} (UTC), {}. CPU {:.0}% busy at the start; load average {:.2} at the start and \
+         {:.2} at the end.\n\n\
+         | measure | mmrctl | Synapse | target | result |\n\
+         | --- | --- | --- | --- | --- |\n\
+         {rows}\n\n\
+         Where the time goes: mmrctl tokenizes the page as it streams (lol_html; no tree is \
+         built) and stops reading once the head has said all a preview uses, fetches the image \
+         and streams it into the store (de-duplicated; its header read for the dimensions), and \
+         writes one row. A cached preview is a lookup in memory (else one indexed row read). \
+         Synapse reads the whole page, parses it into a tree, downloads the image into its URL \
+         cache and thumbnails it.",
         n("page_bytes")? / 1024.0,
         run.date,
         cell(&run.machine),
@@ -735,7 +757,8 @@ fn previews_section(run: &Run, line: &str) -> Result<Section> {
         n("loadavg_end")?,
     );
     note!(
-        "bench previews: cold {cold:.2} ms (Synapse {s_cold:.1}), cached {cached:.3} ms, RSS          {rss:.1} MiB (one at a time {seq_rss:.1})"
+        "bench previews: cold {cold:.2} ms (Synapse {s_cold:.1}), cached {cached:.3} ms, RSS \
+         {rss:.1} MiB (one at a time {seq_rss:.1})"
     );
     Ok(Section {
         name: "previews",
