@@ -554,21 +554,9 @@ fn thumbnails(run: &Run) -> Result<Section> {
 }
 
 fn thumbnails_section(run: &Run, line: &str) -> Result<Section> {
-    let n = |key: &str| {
-        json_number(line, key)
-            .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
-    };
-    let mut missed = Vec::new();
-    let mut result = |key: &str, why: String| -> Result<String> {
-        let pass = json_bool(line, &format!("pass_{key}"))
-            .with_context(|| format!("no boolean `pass_{key}` in the bench's JSON line: {line}"))?;
-        Ok(if pass {
-            "pass".to_owned()
-        } else {
-            missed.push(format!("thumbnails: {key}: {why}"));
-            format!("**fail**: {why}")
-        })
-    };
+    let figures = Figures::new("thumbnails", line);
+    let n = |key: &str| figures.number(key);
+    let result = |key: &str, why: String| figures.verdict(key, why);
     let synapse = json_string(line, "synapse_version").unwrap_or_else(|| "?".to_owned());
     let photo = json_string(line, "photo_px").unwrap_or_default();
     let (limit, cold, synapse_cold) = (n("limit_ms")?, n("mmrctl_cold_ms")?, n("synapse_cold_ms")?);
@@ -653,7 +641,7 @@ fn thumbnails_section(run: &Run, line: &str) -> Result<Section> {
     Ok(Section {
         name: "thumbnails",
         markdown,
-        missed,
+        missed: figures.missed(),
     })
 }
 
@@ -676,21 +664,9 @@ fn previews(run: &Run) -> Result<Section> {
 }
 
 fn previews_section(run: &Run, line: &str) -> Result<Section> {
-    let n = |key: &str| {
-        json_number(line, key)
-            .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
-    };
-    let mut missed = Vec::new();
-    let mut result = |key: &str, why: String| -> Result<String> {
-        let pass = json_bool(line, &format!("pass_{key}"))
-            .with_context(|| format!("no boolean `pass_{key}` in the bench's JSON line: {line}"))?;
-        Ok(if pass {
-            "pass".to_owned()
-        } else {
-            missed.push(format!("previews: {key}: {why}"));
-            format!("**fail**: {why}")
-        })
-    };
+    let figures = Figures::new("previews", line);
+    let n = |key: &str| figures.number(key);
+    let result = |key: &str, why: String| figures.verdict(key, why);
     let synapse = json_string(line, "synapse_version").unwrap_or_else(|| "?".to_owned());
     let (cold, cold99, s_cold, s_cold99) = (
         n("mmrctl_cold_p50_ms")?,
@@ -763,8 +739,53 @@ fn previews_section(run: &Run, line: &str) -> Result<Section> {
     Ok(Section {
         name: "previews",
         markdown,
-        missed,
+        missed: figures.missed(),
     })
+}
+
+/// A bench's JSON line as a section reads it: its numbers, and a verdict per target that
+/// remembers what missed.
+struct Figures<'a> {
+    bench: &'static str,
+    line: &'a str,
+    missed: std::cell::RefCell<Vec<String>>,
+}
+
+impl<'a> Figures<'a> {
+    fn new(bench: &'static str, line: &'a str) -> Figures<'a> {
+        Figures {
+            bench,
+            line,
+            missed: std::cell::RefCell::default(),
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<f64> {
+        json_number(self.line, key)
+            .with_context(|| format!("no number `{key}` in the bench's JSON line: {}", self.line))
+    }
+
+    /// `pass`, or a failure saying `why` (and remembered), as the bench's `pass_<key>` says.
+    fn verdict(&self, key: &str, why: String) -> Result<String> {
+        let pass = json_bool(self.line, &format!("pass_{key}")).with_context(|| {
+            format!(
+                "no boolean `pass_{key}` in the bench's JSON line: {}",
+                self.line
+            )
+        })?;
+        Ok(if pass {
+            "pass".to_owned()
+        } else {
+            self.missed
+                .borrow_mut()
+                .push(format!("{}: {key}: {why}", self.bench));
+            format!("**fail**: {why}")
+        })
+    }
+
+    fn missed(self) -> Vec<String> {
+        self.missed.into_inner()
+    }
 }
 
 /// Bytes in a MiB, for the sizes the bench reports in bytes.

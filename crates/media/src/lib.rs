@@ -8,6 +8,7 @@
 
 mod body;
 mod download;
+mod inflight;
 pub mod jobs;
 mod previews;
 mod quota;

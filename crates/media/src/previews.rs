@@ -9,20 +9,19 @@
 //! stream, up to `maxPageSizeBytes`, and everything a preview does is bounded by
 //! `timeouts.urlPreviewTimeoutSeconds`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use config::{Config, MediaKind};
-use futures_util::future::{BoxFuture, Shared};
 use futures_util::{FutureExt as _, StreamExt as _};
 use outbound::{Method, Purpose, Url, header};
 use preview::{OpenGraph, Providers, TextLimits};
 use store::{NewMedia, PreviewKey, StoredPreview, Target};
 use tokio::sync::Semaphore;
 
+use crate::inflight::{Inflight, Joined, Run};
 use crate::{Error, Service};
 
 /// Previews are kept per hour: a page is fetched again at most hourly (per language).
@@ -167,12 +166,12 @@ impl Setup {
     }
 }
 
-type SharedFetch = Shared<BoxFuture<'static, Result<Arc<str>, Failure>>>;
+type SharedFetch = Run<Result<Arc<str>, Failure>>;
 
 pub(crate) struct Previewer {
     setup: ArcSwapOption<Setup>,
     workers: Arc<Semaphore>,
-    inflight: Mutex<HashMap<PreviewKey, SharedFetch>>,
+    inflight: Inflight<PreviewKey, Result<Arc<str>, Failure>>,
     found: moka::sync::Cache<PreviewKey, Arc<str>>,
     fetched: std::sync::atomic::AtomicU64,
 }
@@ -182,7 +181,7 @@ impl Previewer {
         Previewer {
             setup: ArcSwapOption::empty(),
             workers: Arc::new(Semaphore::new(workers.max(1))),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Inflight::new(),
             found: moka::sync::Cache::builder()
                 .weigher(|k: &PreviewKey, v: &Arc<str>| {
                     u32::try_from(k.url.len() + v.len()).unwrap_or(u32::MAX)
@@ -258,8 +257,8 @@ impl Service {
         fetch.await.map_err(Into::into)
     }
 
-    /// Joins the fetch of `key` in progress, or starts one (a task of its own: it finishes for
-    /// the others, and for the cache, when the first client goes away).
+    /// Joins the fetch of `key` in progress, or starts one (it finishes for the others, and for
+    /// the cache, when the first client goes away).
     fn fetch_once(
         &self,
         key: PreviewKey,
@@ -268,18 +267,6 @@ impl Service {
         config: &Config,
     ) -> Result<SharedFetch, Error> {
         let previews = self.previews.clone();
-        let mut inflight = previews
-            .inflight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(running) = inflight.get(&key) {
-            return Ok(running.clone());
-        }
-        if inflight.len() >= MAX_QUEUED {
-            return Err(Error::Unavailable(format!(
-                "{MAX_QUEUED} URL previews are being made; try again shortly"
-            )));
-        }
         let job = Job {
             service: self.clone(),
             setup,
@@ -288,11 +275,11 @@ impl Service {
             language: key.language.clone(),
         };
         let task_key = key.clone();
-        let this = previews.clone();
-        let task = tokio::spawn(async move {
-            let result = async {
-                let _worker = this.workers.acquire().await;
-                this.fetched
+        let start = move || {
+            async move {
+                let _worker = previews.workers.acquire().await;
+                previews
+                    .fetched
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let within = job.settings.timeout;
                 let made = tokio::time::timeout(within, job.preview(url))
@@ -305,25 +292,23 @@ impl Service {
                     });
                 let recorded = job.record(&task_key, made).await;
                 if let Ok(json) = &recorded {
-                    this.found.insert(task_key.clone(), json.clone());
+                    previews.found.insert(task_key, json.clone());
                 }
                 recorded
             }
-            .await;
-            this.inflight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&task_key);
-            result
-        });
-        let shared = async move {
-            task.await
-                .unwrap_or_else(|e| Err(Failure::Local(format!("the preview stopped: {e}"))))
+            .boxed()
+        };
+        let stopped = |e: String| Err(Failure::Local(format!("the preview stopped: {e}")));
+        match self
+            .previews
+            .inflight
+            .join_or_start(key, MAX_QUEUED, start, stopped)
+        {
+            Joined::Started(run) | Joined::Running(run) => Ok(run),
+            Joined::Full => Err(Error::Unavailable(format!(
+                "{MAX_QUEUED} URL previews are being made; try again shortly"
+            ))),
         }
-        .boxed()
-        .shared();
-        inflight.insert(key, shared.clone());
-        Ok(shared)
     }
 }
 

@@ -16,10 +16,11 @@ use federation::Signer;
 use federation::remote::{FetchError, Limits};
 use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
-use futures_util::future::{BoxFuture, Shared};
+use futures_util::future::BoxFuture;
 use store::{Media, NewMedia, Target};
 
 use crate::Error;
+use crate::inflight::{Inflight, Joined, Run};
 
 /// Servers and media whose failures are remembered; beyond that the oldest are forgotten.
 const MAX_REMEMBERED: u64 = 100_000;
@@ -99,13 +100,13 @@ struct Health {
     paused_until: Option<Instant>,
 }
 
-type SharedFetch = Shared<BoxFuture<'static, Result<Media, Failure>>>;
+type SharedFetch = Run<Result<Media, Failure>>;
 
 pub(crate) struct Remote {
     client: federation::Client,
     /// Our homeservers' signers, from their `signingKeyPath` (reloaded with the config).
     signers: ArcSwap<HashMap<String, Signer>>,
-    inflight: Mutex<HashMap<(String, String), SharedFetch>>,
+    inflight: Inflight<(String, String), Result<Media, Failure>>,
     failed: moka::sync::Cache<(String, String), (FetchError, Instant)>,
     health: moka::sync::Cache<String, Health>,
     /// Fetches running at once (`downloads.numWorkers`, read at start-up).
@@ -147,7 +148,7 @@ impl Remote {
             workers: tokio::sync::Semaphore::new(workers.max(1)),
             client,
             signers: ArcSwap::from_pointee(signers),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Inflight::new(),
             failed: moka::sync::Cache::builder()
                 .max_capacity(MAX_REMEMBERED)
                 .build(),
@@ -263,38 +264,28 @@ impl Remote {
         fetch.await.map(Found::Stored).map_err(Into::into)
     }
 
-    /// Joins the fetch of `key` in progress, or starts one (a task of its own, so that it
-    /// finishes for the others when the first client goes away).
+    /// Joins the fetch of `key` in progress, or starts one: whether this call started it.
     fn fetch_once(
-        self: &Arc<Self>,
+        &self,
         key: (String, String),
         start: impl FnOnce() -> BoxFuture<'static, Result<Media, Failure>>,
     ) -> (SharedFetch, bool) {
-        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(running) = inflight.get(&key) {
-            return (running.clone(), false);
+        let stopped = |e: String| {
+            Err(Failure::Fetch(FetchError::Failed(format!(
+                "the fetch stopped: {e}"
+            ))))
+        };
+        match self.inflight.join_or_start(key, usize::MAX, start, stopped) {
+            Joined::Started(run) => (run, true),
+            Joined::Running(run) => (run, false),
+            // No bound was given, so this is not reached.
+            Joined::Full => (
+                futures_util::future::ready(stopped("too many fetches".into()))
+                    .boxed()
+                    .shared(),
+                false,
+            ),
         }
-        let this = self.clone();
-        let task_key = key.clone();
-        let task = tokio::spawn(start().map(move |result| {
-            // Taken after the insert below: the lock is held until then.
-            this.inflight
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&task_key);
-            result
-        }));
-        let shared = async move {
-            task.await.unwrap_or_else(|e| {
-                Err(Failure::Fetch(FetchError::Failed(format!(
-                    "the fetch stopped: {e}"
-                ))))
-            })
-        }
-        .boxed()
-        .shared();
-        inflight.insert(key, shared.clone());
-        (shared, true)
     }
 
     fn record(

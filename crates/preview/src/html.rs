@@ -302,13 +302,13 @@ impl Extractor {
                             s.page.description = Some(d);
                         }
                     }
-                    Some(k) if k.starts_with("og:") || k.starts_with("twitter:") => {
-                        if s.page.properties.len() < MAX_PROPERTIES
-                            && !s.page.properties.contains_key(k)
-                        {
-                            let value = capped(&content);
-                            s.page.properties.insert(k.to_owned(), value);
-                        }
+                    Some(k)
+                        if (k.starts_with("og:") || k.starts_with("twitter:"))
+                            && s.page.properties.len() < MAX_PROPERTIES
+                            && !s.page.properties.contains_key(k) =>
+                    {
+                        let value = capped(&content);
+                        s.page.properties.insert(k.to_owned(), value);
                     }
                     _ => {}
                 }
