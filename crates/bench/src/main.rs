@@ -219,6 +219,17 @@ fn options() -> Result<Options> {
     })
 }
 
+/// Prints a bench's result line: `out`, each check's `target_<key>` and `pass_<key>`, and the
+/// load average at the end.
+pub(crate) fn print_result(mut out: Map<String, Value>, checks: &[(&str, bool, f64)]) {
+    for (key, pass, target) in checks {
+        out.insert(format!("target_{key}"), json!(target));
+        out.insert(format!("pass_{key}"), json!(pass));
+    }
+    out.insert("loadavg_end".into(), json!(loadavg()));
+    println!("{}", Value::Object(out));
+}
+
 /// The 1-minute load average: what else the machine was doing, for the record.
 pub(crate) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")

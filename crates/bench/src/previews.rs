@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, json};
 
 use crate::procfs::{self, MIB};
 use crate::servers::{MediaRepo, SynapseServer, Target};
@@ -311,11 +311,6 @@ pub(crate) fn run(mmrctl: &std::path::Path, sizes: Sizes) -> Result<()> {
             sequential_rss + CONCURRENT_RSS_GROWTH_MIB,
         ),
     ];
-    for (key, pass, target) in checks {
-        out.insert(format!("target_{key}"), json!(target));
-        out.insert(format!("pass_{key}"), json!(pass));
-    }
-    out.insert("loadavg_end".into(), json!(crate::loadavg()));
-    println!("{}", Value::Object(out));
+    crate::print_result(out, &checks);
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, json};
 
 use crate::procfs::{self, MIB};
 use crate::servers::{MediaRepo, SynapseServer, Target};
@@ -444,12 +444,7 @@ pub(crate) fn run(mmrctl: &Path, sizes: Sizes) -> Result<()> {
             ANIMATED_RSS_MIB,
         ),
     ];
-    for (key, pass, target) in checks {
-        out.insert(format!("target_{key}"), json!(target));
-        out.insert(format!("pass_{key}"), json!(pass));
-    }
-    out.insert("loadavg_end".into(), json!(crate::loadavg()));
-    println!("{}", Value::Object(out));
+    crate::print_result(out, &checks);
     Ok(())
 }
 

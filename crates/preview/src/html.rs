@@ -315,18 +315,12 @@ impl Extractor {
                 Ok(())
             }),
             element!("title", move |el| {
-                let state = title.clone();
-                if let Some(handlers) = el.end_tag_handlers() {
-                    let end: EndTagHandler<'static> = Box::new(move |_: &mut EndTag<'_>| {
-                        let mut s = lock(&state);
-                        if !s.title_done && !s.title.trim().is_empty() {
-                            s.title_done = true;
-                            s.page.title = Some(capped(&s.title));
-                        }
-                        Ok(())
-                    });
-                    handlers.push(end);
-                }
+                on_end(el, &title, |s| {
+                    if !s.title_done && !s.title.trim().is_empty() {
+                        s.title_done = true;
+                        s.page.title = Some(capped(&s.title));
+                    }
+                });
                 Ok(())
             }),
             text!("title", move |t| {
@@ -337,22 +331,16 @@ impl Extractor {
                 Ok(())
             }),
             element!("p", move |el| {
-                let state = p.clone();
-                if let Some(handlers) = el.end_tag_handlers() {
-                    let end: EndTagHandler<'static> = Box::new(move |_: &mut EndTag<'_>| {
-                        let mut s = lock(&state);
-                        if !s.paragraph_done {
-                            if s.paragraph.trim().is_empty() {
-                                s.paragraph.clear();
-                            } else {
-                                s.paragraph_done = true;
-                                s.page.paragraph = Some(capped(&s.paragraph));
-                            }
+                on_end(el, &p, |s| {
+                    if !s.paragraph_done {
+                        if s.paragraph.trim().is_empty() {
+                            s.paragraph.clear();
+                        } else {
+                            s.paragraph_done = true;
+                            s.page.paragraph = Some(capped(&s.paragraph));
                         }
-                        Ok(())
-                    });
-                    handlers.push(end);
-                }
+                    }
+                });
                 Ok(())
             }),
             text!("p", move |t| {
@@ -407,6 +395,22 @@ impl Extractor {
         );
         let discard: Sink = |_| {};
         HtmlRewriter::new(settings, discard)
+    }
+}
+
+/// Runs `then` on the state when `el`'s end tag comes (elements that have one).
+fn on_end(
+    el: &mut lol_html::send::Element<'_, '_>,
+    state: &Arc<Mutex<State>>,
+    then: impl FnOnce(&mut State) + Send + 'static,
+) {
+    let state = state.clone();
+    if let Some(handlers) = el.end_tag_handlers() {
+        let end: EndTagHandler<'static> = Box::new(move |_: &mut EndTag<'_>| {
+            then(&mut lock(&state));
+            Ok(())
+        });
+        handlers.push(end);
     }
 }
 
