@@ -300,15 +300,24 @@ impl Client {
         };
         let mut target = Url::parse(url).map_err(|e| denied(url, format!("not a URL: {e}")))?;
         self.check(&target)?;
-        let mut request = self.http.request(method.clone(), target.clone());
-        if let Some(total) = purpose.total {
-            request = request.timeout(total);
-        }
+        let request = self.http.request(method.clone(), target.clone());
         let mut request = prepare(request)
             .build()
             .map_err(|e| denied(url, format!("cannot build the request: {}", chain(&e))))?;
+        // One deadline for the whole exchange, redirects included: each hop gets what is left.
+        let deadline = purpose.total.map(|t| (tokio::time::Instant::now() + t, t));
         let mut hops = 0;
         loop {
+            if let Some((deadline, total)) = deadline {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Http(format!(
+                        "{url}: no answer within {} s",
+                        total.as_secs_f64()
+                    )));
+                }
+                *request.timeout_mut() = Some(left);
+            }
             // Kept for a redirect: the same request to the next URL.
             let again = request.try_clone();
             let response = self.execute(request, purpose.read).await?;

@@ -296,3 +296,32 @@ fn a_purpose_follows_as_many_redirects_as_it_allows_and_no_more() {
             .contains("authorization: bearer secret")
     );
 }
+
+#[test]
+fn redirects_share_the_purposes_total_time() {
+    // Every hop takes 700 ms and redirects again: within a total of 1.5 s, the second or third
+    // hop runs out of time (each alone would fit).
+    let slow = serve(
+        "127.0.0.1",
+        |_| {
+            std::thread::sleep(Duration::from_millis(700));
+            b"HTTP/1.1 302 Found\r\nLocation: /again\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec()
+        },
+        false,
+    );
+    rt().block_on(async {
+        let c = client(&[]);
+        let within = Purpose {
+            total: Some(Duration::from_millis(1500)),
+            read: Duration::from_secs(5),
+            max_bytes: None,
+            redirects: 10,
+        };
+        let url = format!("http://127.0.0.1:{}/", slow.port());
+        let e = c.send(Method::GET, &url, within, |r| r).await.unwrap_err();
+        assert!(!e.to_string().contains("redirects"), "{e}");
+        let hops = slow.heads.lock().unwrap().len();
+        assert!(hops <= 3, "{hops} hops within 1.5 s of 700 ms each");
+    });
+}
