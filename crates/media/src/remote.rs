@@ -45,6 +45,10 @@ impl From<Failure> for Error {
             Failure::Fetch(e) => Error::Remote(e.to_string()),
             Failure::Local(e) => match Arc::try_unwrap(e) {
                 Ok(e) => Error::Store(e),
+                // Shared with other waiters: the same class of answer the last one gets.
+                Err(e) if e.is_unavailable() => {
+                    Error::Unavailable(format!("storing the remote media failed: {e}"))
+                }
                 Err(e) => Error::Remote(format!("storing the remote media failed: {e}")),
             },
         }
@@ -438,4 +442,36 @@ fn tee(
 /// A remote's file name is kept when it is one we could have accepted from a local upload.
 fn usable_file_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && !name.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(transient: bool) -> store::Error {
+        store::Error::Backend(store::BackendError {
+            datastore: "s3".into(),
+            operation: "put",
+            message: "down".into(),
+            transient,
+        })
+    }
+
+    #[test]
+    fn every_waiter_of_a_failed_store_gets_the_same_class_of_answer() {
+        // The last waiter gets the store error itself; the others a shared copy of it.
+        let shared = Arc::new(backend(true));
+        let first: Error = Failure::Local(shared.clone()).into();
+        let last: Error = Failure::Local(shared).into();
+        assert!(matches!(first, Error::Unavailable(_)), "{first:?}");
+        assert!(
+            matches!(last, Error::Store(ref e) if e.is_unavailable()),
+            "{last:?}"
+        );
+        let refused = Arc::new(backend(false));
+        let kept = refused.clone();
+        let first: Error = Failure::Local(refused).into();
+        assert!(matches!(first, Error::Remote(_)), "{first:?}");
+        drop(kept);
+    }
 }
