@@ -605,3 +605,37 @@ fn bad_preview_settings_stop_the_start_with_the_setting_named() {
         assert!(log.contains(says), "want {says:?} in:\n{log}");
     }
 }
+
+#[test]
+fn guests_cannot_preview() {
+    // The homeserver says every token is a guest's.
+    let homeserver = Scripted::start("127.0.0.1");
+    homeserver.route(
+        "/_matrix/client/v3/account/whoami",
+        Action::json(
+            200,
+            json!({ "user_id": "@guest:example.test", "is_guest": true }),
+        ),
+    );
+    let pages = Scripted::start("127.0.0.1");
+    pages.route("/page.html", Action::ok("text/html", "<title>x</title>"));
+    let cs_api = format!("http://127.0.0.1:{}", homeserver.port);
+    let port = pages.port;
+    let repo = MediaRepo::start(&[(HS, &cs_api)], |c| {
+        c["urlPreviews"] = json!({
+            "enabled": true, "allowedNetworks": ["127.0.0.1/32"], "disallowedNetworks": [],
+            "allowedPorts": [port],
+        });
+    });
+    let r = repo.get(
+        &format!(
+            "/_matrix/client/v1/media/preview_url?url={}",
+            encode(&format!("http://127.0.0.1:{port}/page.html"))
+        ),
+        &[("Host", HS), ("Authorization", "Bearer a-guest-token")],
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["errcode"], "M_GUEST_ACCESS_FORBIDDEN");
+    assert_eq!(homeserver.count("/_matrix/client/v3/account/whoami"), 1);
+    assert_eq!(pages.connections(), 0);
+}

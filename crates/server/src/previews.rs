@@ -1,6 +1,7 @@
 //! `GET /_matrix/media/{r0,v1,v3}/preview_url` and `/_matrix/client/v1/media/preview_url`: the
 //! `url` and `ts` parameters and the client's `Accept-Language` onto the `media` service's
-//! preview, answered as the JSON object it is.
+//! preview, answered as the JSON object it is. Guests may not (as Synapse): a fetcher of URLs is
+//! the last thing to open to anyone who can register a guest.
 
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -17,7 +18,7 @@ use axum::extract::State;
 pub(crate) async fn preview_legacy(
     State(state): State<SharedState>,
     _: Version<{ R0 | V1 | V3 }>,
-    authed: Authed<true>,
+    authed: Authed<false>,
     parts: Parts,
 ) -> ApiResult<Response> {
     preview(&state, authed, &parts).await
@@ -26,13 +27,13 @@ pub(crate) async fn preview_legacy(
 /// `GET /_matrix/client/v1/media/preview_url`
 pub(crate) async fn preview_authenticated(
     State(state): State<SharedState>,
-    authed: Authed<true>,
+    authed: Authed<false>,
     parts: Parts,
 ) -> ApiResult<Response> {
     preview(&state, authed, &parts).await
 }
 
-async fn preview(state: &SharedState, authed: Authed<true>, parts: &Parts) -> ApiResult<Response> {
+async fn preview(state: &SharedState, authed: Authed<false>, parts: &Parts) -> ApiResult<Response> {
     let query = parts.uri.query();
     let url = query_param(query, "url").ok_or_else(|| {
         ApiError::new(
