@@ -32,14 +32,18 @@ pub enum Job {
     /// `urlPreviews.expireAfterDays`: previews older than that are deleted (fetched again when
     /// asked for), and remembered failures whose time ran out.
     ExpirePreviews,
+    /// `downloads.expireAfterDays`: remote media cached longer than that is deleted (fetched
+    /// again when asked for), with its thumbnails.
+    ExpireRemoteMedia,
 }
 
 impl Job {
-    pub const ALL: [Job; 4] = [
+    pub const ALL: [Job; 5] = [
         Job::ExpireReservations,
         Job::StaleTempFiles,
         Job::ExpireThumbnails,
         Job::ExpirePreviews,
+        Job::ExpireRemoteMedia,
     ];
 
     /// The job's name, in logs and in its lock.
@@ -49,6 +53,7 @@ impl Job {
             Job::StaleTempFiles => "stale-temp-files",
             Job::ExpireThumbnails => "expire-thumbnails",
             Job::ExpirePreviews => "expire-previews",
+            Job::ExpireRemoteMedia => "expire-remote-media",
         }
     }
 
@@ -65,9 +70,10 @@ impl Job {
             Job::ExpireReservations => {
                 Duration::from_secs(config.uploads.max_age_seconds.clamp(1, 600))
             }
-            Job::StaleTempFiles | Job::ExpireThumbnails | Job::ExpirePreviews => {
-                Duration::from_secs(3600)
-            }
+            Job::StaleTempFiles
+            | Job::ExpireThumbnails
+            | Job::ExpirePreviews
+            | Job::ExpireRemoteMedia => Duration::from_secs(3600),
         }
     }
 
@@ -101,6 +107,14 @@ impl Job {
                 let n = store.expire_previews(before).await?;
                 format!("{n} URL previews deleted (urlPreviews.expireAfterDays: {days})")
             }
+            Job::ExpireRemoteMedia => match config.downloads.expire_after_days {
+                0 => "remote media does not expire (downloads.expireAfterDays is 0)".to_owned(),
+                days => {
+                    let before = store::now_ms() - i64::from(days) * 86_400_000;
+                    let n = store.expire_remote_media(before).await?;
+                    format!("{n} remote media cached over {days} days ago deleted")
+                }
+            },
         })
     }
 }

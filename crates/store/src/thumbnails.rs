@@ -220,6 +220,74 @@ impl Store {
         }
     }
 
+    /// Deletes remote media cached before `before_ms` (`downloads.expireAfterDays`; fetched again
+    /// when asked for), quarantined media excepted, with their thumbnails, and each object no row
+    /// references any more: one content at a time, under its hash lock, as thumbnail expiry does.
+    /// Returns how many media rows went.
+    pub async fn expire_remote_media(&self, before_ms: i64) -> Result<u64, Error> {
+        const BATCH: i64 = 500;
+        let kind = MediaKind::RemoteMedia.as_str();
+        let mut total = 0;
+        loop {
+            let hashes: Vec<String> = self
+                .client()
+                .await?
+                .query(
+                    "SELECT DISTINCT sha256 FROM media
+                     WHERE kind = $1 AND created_ts < $2 AND NOT quarantined AND sha256 IS NOT NULL
+                     LIMIT $3",
+                    &[&kind, &before_ms, &BATCH],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if hashes.is_empty() {
+                return Ok(total);
+            }
+            for sha256 in &hashes {
+                let mut client = self.client().await?;
+                let tx = client.transaction().await?;
+                tx.query_one(LOCK_HASH, &[sha256]).await?;
+                let gone = tx
+                    .query(
+                        "DELETE FROM media
+                         WHERE sha256 = $1 AND kind = $2 AND created_ts < $3 AND NOT quarantined
+                         RETURNING origin, media_id",
+                        &[sha256, &kind, &before_ms],
+                    )
+                    .await?;
+                total += gone.len() as u64;
+                // Their thumbnails go too; each thumbnail's content is another object.
+                let mut thumbs = Vec::new();
+                for row in &gone {
+                    let (origin, media_id): (String, String) = (row.get(0), row.get(1));
+                    for t in tx
+                        .query(
+                            "DELETE FROM thumbnails WHERE origin = $1 AND media_id = $2
+                             RETURNING sha256",
+                            &[&origin, &media_id],
+                        )
+                        .await?
+                    {
+                        thumbs.push(t.get::<_, String>(0));
+                    }
+                }
+                self.delete_object_if_unused(&tx, sha256).await?;
+                tx.commit().await?;
+                thumbs.sort();
+                thumbs.dedup();
+                for thumb in thumbs.iter().filter(|t| *t != sha256) {
+                    let mut client = self.client().await?;
+                    let tx = client.transaction().await?;
+                    tx.query_one(LOCK_HASH, &[thumb]).await?;
+                    self.delete_object_if_unused(&tx, thumb).await?;
+                    tx.commit().await?;
+                }
+            }
+        }
+    }
+
     /// Deletes the object `sha256` (row and file) when no media or thumbnail row references it,
     /// in `tx`, which holds its hash lock until the file is gone, so that no upload of the same
     /// content can link to the file in between (as `delete_unreferenced`).

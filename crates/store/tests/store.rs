@@ -310,3 +310,83 @@ fn previews_and_their_images_are_written_once_whoever_races() {
         assert!(mine.deduplicated);
     });
 }
+
+/// `downloads.expireAfterDays`: remote media cached before the cut goes with its thumbnails and
+/// every object nothing else uses; content a local upload shares stays, and so do recent and
+/// quarantined remote media.
+#[test]
+fn remote_media_expires_with_its_thumbnails_and_only_unshared_objects() {
+    use store::ThumbnailKey;
+    with_store(async |store, dir| {
+        let old = store::now_ms() - 10 * 86_400_000;
+        let remote = |created_ts: Option<i64>| NewMedia {
+            origin: "remote.example".into(),
+            kind: MediaKind::RemoteMedia,
+            user_id: String::new(),
+            created_ts,
+            ..new_media()
+        };
+        let (alone, shared, recent, quarantined) = (
+            sample(20_000, 1),
+            sample(20_000, 2),
+            sample(20_000, 3),
+            sample(20_000, 4),
+        );
+        for (id, bytes, created) in [
+            ("alone", &alone, Some(old)),
+            ("shared", &shared, Some(old)),
+            ("recent", &recent, None),
+            ("quarantined", &quarantined, Some(old)),
+        ] {
+            store
+                .upload(
+                    remote(created),
+                    Target::Id(id.into()),
+                    body(bytes),
+                    Limits::default(),
+                )
+                .await
+                .unwrap();
+        }
+        assert!(
+            store
+                .quarantine_media("remote.example", "quarantined")
+                .await
+                .unwrap()
+        );
+        // A local user uploaded the same bytes as `shared`.
+        store
+            .upload(new_media(), Target::NewId, body(&shared), Limits::default())
+            .await
+            .unwrap();
+        let key = ThumbnailKey {
+            origin: "remote.example".into(),
+            media_id: "alone".into(),
+            width: 32,
+            height: 32,
+            method: "crop",
+            animated: false,
+        };
+        store
+            .put_thumbnail(&key, "image/png", Bytes::from(sample(500, 9)))
+            .await
+            .unwrap();
+        let files_before = files_in(&dir.join("a"));
+
+        assert_eq!(store.expire_remote_media(old + 1).await.unwrap(), 2);
+        for (id, kept) in [
+            ("alone", false),
+            ("shared", false),
+            ("recent", true),
+            ("quarantined", true),
+        ] {
+            let found = store.media("remote.example", id).await.unwrap();
+            assert_eq!(found.is_some(), kept, "{id}");
+        }
+        assert_eq!(store.thumbnail(&key).await.unwrap(), None);
+        // `alone` and its thumbnail were deleted; `shared` stays for the local upload.
+        assert_eq!(files_in(&dir.join("a")), files_before - 2);
+        // Nothing more to do on a second run.
+        assert_eq!(store.expire_remote_media(old + 1).await.unwrap(), 0);
+    });
+}
