@@ -167,14 +167,9 @@ fn serve(run: &Run) -> Result<Section> {
     let shown = util::display_command(&cmd);
     let line = json_line(&mut cmd, &shown)?;
 
-    let n = |key: &str| {
-        json_number(&line, key)
-            .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
-    };
-    let pass = |key: &str| {
-        json_bool(&line, &format!("pass_{key}"))
-            .with_context(|| format!("no boolean `pass_{key}` in the bench's JSON line: {line}"))
-    };
+    let figures = Figures::new("serve", &line);
+    let n = |key: &str| figures.number(key);
+    let pass = |key: &str| figures.passed(key);
     let synapse = json_string(&line, "synapse_version").unwrap_or_else(|| "?".to_owned());
     let (sha, fsync, limit) = (n("sha256_mb_s")?, n("fsync_mb_s")?, n("upload_limit_mb_s")?);
     let upload_mib = n("upload_bytes")? / MIB;
@@ -370,14 +365,9 @@ fn federation(run: &Run) -> Result<Section> {
 
 /// The federation section from `mmrctl-bench --federation`'s JSON line.
 fn federation_section(run: &Run, line: &str) -> Result<Section> {
-    let n = |key: &str| {
-        json_number(line, key)
-            .with_context(|| format!("no number `{key}` in the bench's JSON line: {line}"))
-    };
-    let pass = |key: &str| {
-        json_bool(line, &format!("pass_{key}"))
-            .with_context(|| format!("no boolean `pass_{key}` in the bench's JSON line: {line}"))
-    };
+    let figures = Figures::new("federation", line);
+    let n = |key: &str| figures.number(key);
+    let pass = |key: &str| figures.passed(key);
     let synapse = json_string(line, "synapse_version").unwrap_or_else(|| "?".to_owned());
     let runs = n("runs")?;
     let mut missed = Vec::new();
@@ -765,15 +755,19 @@ impl<'a> Figures<'a> {
             .with_context(|| format!("no number `{key}` in the bench's JSON line: {}", self.line))
     }
 
-    /// `pass`, or a failure saying `why` (and remembered), as the bench's `pass_<key>` says.
-    fn verdict(&self, key: &str, why: String) -> Result<String> {
-        let pass = json_bool(self.line, &format!("pass_{key}")).with_context(|| {
+    /// Whether the bench says the target `key` was met (`pass_<key>`).
+    fn passed(&self, key: &str) -> Result<bool> {
+        json_bool(self.line, &format!("pass_{key}")).with_context(|| {
             format!(
                 "no boolean `pass_{key}` in the bench's JSON line: {}",
                 self.line
             )
-        })?;
-        Ok(if pass {
+        })
+    }
+
+    /// `pass`, or a failure saying `why` (and remembered), as the bench's `pass_<key>` says.
+    fn verdict(&self, key: &str, why: String) -> Result<String> {
+        Ok(if self.passed(key)? {
             "pass".to_owned()
         } else {
             self.missed

@@ -92,7 +92,7 @@ impl Job {
             Job::ExpireThumbnails => match config.thumbnails.expire_after_days {
                 0 => "thumbnails do not expire (thumbnails.expireAfterDays is 0)".to_owned(),
                 days => {
-                    let before = store::now_ms() - i64::from(days) * 86_400_000;
+                    let before = days_ago(days);
                     let n = store.expire_thumbnails(before).await?;
                     format!("{n} thumbnails older than {days} days deleted")
                 }
@@ -102,7 +102,7 @@ impl Job {
                 let days = config.url_previews.expire_after_days;
                 let before = match days {
                     0 => i64::MIN,
-                    d => store::now_ms() - i64::from(d) * 86_400_000,
+                    d => days_ago(d),
                 };
                 let n = store.expire_previews(before).await?;
                 format!("{n} URL previews deleted (urlPreviews.expireAfterDays: {days})")
@@ -110,13 +110,18 @@ impl Job {
             Job::ExpireRemoteMedia => match config.downloads.expire_after_days {
                 0 => "remote media does not expire (downloads.expireAfterDays is 0)".to_owned(),
                 days => {
-                    let before = store::now_ms() - i64::from(days) * 86_400_000;
+                    let before = days_ago(days);
                     let n = store.expire_remote_media(before).await?;
                     format!("{n} remote media cached over {days} days ago deleted")
                 }
             },
         })
     }
+}
+
+/// The time (ms) `days` days ago: where an `expireAfterDays` cuts.
+fn days_ago(days: u32) -> i64 {
+    store::now_ms() - i64::from(days) * 86_400_000
 }
 
 /// The running jobs, and whatever else runs for as long as the server does.

@@ -53,6 +53,10 @@ pub struct PreviewParams {
     pub origin: String,
 }
 
+/// The kinds of stored failures.
+const DENIED: &str = "denied";
+const FAILED: &str = "failed";
+
 /// Why a fetch gave no preview, shared by everyone who waited for it and cached briefly.
 #[derive(Debug, Clone)]
 enum Failure {
@@ -71,11 +75,20 @@ impl Failure {
         }
     }
 
+    /// How a failure is stored (local ones never are).
     fn kind(&self) -> &'static str {
         match self {
-            Failure::Denied(_) => "denied",
-            Failure::Failed(_) => "failed",
-            Failure::Local(_) => "local",
+            Failure::Denied(_) => DENIED,
+            Failure::Failed(_) | Failure::Local(_) => FAILED,
+        }
+    }
+
+    /// A stored failure, as it was.
+    fn stored(kind: &str, message: String) -> Failure {
+        if kind == DENIED {
+            Failure::Denied(message)
+        } else {
+            Failure::Failed(message)
         }
     }
 }
@@ -132,14 +145,8 @@ impl Setup {
             .filter(filter.clone())
             .accept_invalid_certs(p.preview_unsafe_certificates);
         if !p.nameservers.is_empty() {
-            let servers = p
-                .nameservers
-                .iter()
-                .map(|s| {
-                    s.parse::<std::net::SocketAddr>()
-                        .map_err(|e| format!("urlPreviews.nameservers: `{s}` (want ip:port): {e}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let servers = outbound::parse_nameservers(&p.nameservers)
+                .map_err(|e| format!("urlPreviews.nameservers: {e}"))?;
             builder = builder.resolver(
                 outbound::Resolver::nameservers(&servers)
                     .map_err(|e| format!("urlPreviews.nameservers: {e}"))?,
@@ -245,11 +252,7 @@ impl Service {
                 return Ok(json);
             }
             Some(StoredPreview::Failed { kind, message, .. }) => {
-                return Err(if kind == "denied" {
-                    Error::PreviewDenied(message)
-                } else {
-                    Error::PreviewFailed(message)
-                });
+                return Err(Failure::stored(&kind, message).into());
             }
             None => {}
         }

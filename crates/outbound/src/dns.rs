@@ -59,6 +59,16 @@ impl std::fmt::Debug for Resolver {
     }
 }
 
+/// Name servers as configured (`ip:port` each); the error names the entry that is not one.
+pub fn parse_nameservers(list: &[String]) -> Result<Vec<SocketAddr>, String> {
+    list.iter()
+        .map(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| format!("`{s}` (want ip:port): {e}"))
+        })
+        .collect()
+}
+
 impl Resolver {
     /// The system's configuration: name servers and options from `/etc/resolv.conf`, names from
     /// `/etc/hosts` first. `localhost` names are answered with the loopback addresses without

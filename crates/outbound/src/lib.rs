@@ -22,7 +22,7 @@ use futures_util::{Stream, StreamExt as _};
 pub mod dns;
 pub mod filter;
 
-pub use dns::{DnsError, Overrides, Resolver, SrvRecord};
+pub use dns::{DnsError, Overrides, Resolver, SrvRecord, parse_nameservers};
 pub use filter::{BadNetwork, NetworkFilter, Refusal, UrlFilter};
 pub use reqwest::{Method, RequestBuilder, StatusCode, Url, header};
 

@@ -302,15 +302,8 @@ fn federation_client(config: &Config) -> Result<federation::Client, Error> {
     let dns = if fed.nameservers.is_empty() {
         outbound::Resolver::system().map_err(|e| setup("DNS (/etc/resolv.conf)", &e))?
     } else {
-        let servers = fed
-            .nameservers
-            .iter()
-            .map(|s| {
-                s.parse::<std::net::SocketAddr>().map_err(|e| {
-                    setup(&format!("federation.nameservers: `{s}` (want ip:port)"), &e)
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let servers = outbound::parse_nameservers(&fed.nameservers)
+            .map_err(|e| setup("federation.nameservers", &e))?;
         outbound::Resolver::nameservers(&servers)
             .map_err(|e| setup("federation.nameservers", &e))?
     };

@@ -190,17 +190,12 @@ impl Store {
         const BATCH: i64 = 500;
         let mut total = 0;
         loop {
-            let hashes: Vec<String> = self
-                .client()
-                .await?
-                .query(
+            let hashes = self
+                .contents(
                     "SELECT DISTINCT sha256 FROM thumbnails WHERE created_ts < $1 LIMIT $2",
                     &[&before_ms, &BATCH],
                 )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+                .await?;
             if hashes.is_empty() {
                 return Ok(total);
             }
@@ -229,19 +224,14 @@ impl Store {
         let kind = MediaKind::RemoteMedia.as_str();
         let mut total = 0;
         loop {
-            let hashes: Vec<String> = self
-                .client()
-                .await?
-                .query(
+            let hashes = self
+                .contents(
                     "SELECT DISTINCT sha256 FROM media
                      WHERE kind = $1 AND created_ts < $2 AND NOT quarantined AND sha256 IS NOT NULL
                      LIMIT $3",
                     &[&kind, &before_ms, &BATCH],
                 )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+                .await?;
             if hashes.is_empty() {
                 return Ok(total);
             }
@@ -286,6 +276,16 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// The contents (SHA-256) a `SELECT DISTINCT sha256 ...` query names.
+    async fn contents(
+        &self,
+        select: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<String>, Error> {
+        let rows = self.client().await?.query(select, params).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Deletes the object `sha256` (row and file) when no media or thumbnail row references it,
