@@ -17,8 +17,9 @@ Commands:
   test [-- ARGS]  Run the whole test suite (cargo nextest, else cargo test; plus doctests) with
                   what it needs: PostgreSQL (MMRCTL_TEST_DATABASE_URL, else 127.0.0.1:5432, else a
                   throwaway cluster), the Python tools venv (<target>/tools-venv, pinned in
-                  xtask/requirements-tools.txt), systemd-analyze and nginx (from PATH, else
-                  Debian's package unpacked into <target>/nginx, not installed; MMRCTL_NGINX).
+                  xtask/requirements-tools.txt), systemd-analyze, nginx, Caddy and promtool
+                  (from PATH, else Debian's packages unpacked under <target>/, not installed;
+                  MMRCTL_NGINX, MMRCTL_CADDY, MMRCTL_PROMTOOL).
                   ARGS go to the test runner.
   ci              cargo fmt --check, cargo clippy -D warnings, then `test` (what .ci/run runs).
   bench [NAME...] Run the benchmarks (or only those named: render, serve, s3, import,

@@ -7,7 +7,7 @@ use anyhow::Result;
 use crate::util::{self, note};
 use crate::{postgres, tools};
 
-/// Provides what the suite needs (Postgres, the tools venv, systemd-analyze, nginx, nasm for the
+/// Provides what the suite needs (Postgres, the tools venv, systemd-analyze, nginx, Caddy, promtool, nasm for the
 /// JPEG decoder's SIMD), then runs it with
 /// `extra` passed to the runner. Returns the runner's exit code.
 pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
@@ -17,6 +17,8 @@ pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
     let tools_bin = tools::ensure_venv(&target)?;
     tools::ensure_systemd_analyze()?;
     let nginx = tools::ensure_nginx(&target)?;
+    let caddy = tools::ensure_caddy(&target)?;
+    let promtool = tools::ensure_promtool(&target)?;
     let path = tools::path_with(&[
         &tools::ensure_nasm(&target)?,
         &tools::ensure_ffmpeg(&target)?,
@@ -26,7 +28,9 @@ pub(crate) fn test(extra: &[String]) -> Result<ExitCode> {
         cmd.env("PATH", &path)
             .env(postgres::URL_VAR, &pg.url)
             .env(tools::TOOLS_BIN_VAR, &tools_bin)
-            .env(tools::NGINX_VAR, &nginx);
+            .env(tools::NGINX_VAR, &nginx)
+            .env(tools::CADDY_VAR, &caddy)
+            .env(tools::PROMTOOL_VAR, &promtool);
     };
 
     let nextest = util::cargo()

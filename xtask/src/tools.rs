@@ -12,6 +12,9 @@ pub(crate) const TOOLS_BIN_VAR: &str = "MMRCTL_TOOLS_BIN";
 
 /// The nginx binary the federation tests put in front of their homeservers (testkit reads it).
 pub(crate) const NGINX_VAR: &str = "MMRCTL_NGINX";
+/// Caddy and promtool for the deployment tests (testkit reads them).
+pub(crate) const CADDY_VAR: &str = "MMRCTL_CADDY";
+pub(crate) const PROMTOOL_VAR: &str = "MMRCTL_PROMTOOL";
 
 /// The pinned requirements; adding a tool is adding a line there.
 fn requirements_file() -> PathBuf {
@@ -176,6 +179,25 @@ pub(crate) fn ensure_nginx(target: &Path) -> Result<PathBuf> {
         &["nginx", "nginx-common"],
         "usr/sbin/nginx",
         "-v",
+    )
+}
+
+/// Caddy, the other webserver the deployment tests put in front of `mmrctl serve` (from the
+/// Caddyfile `mmrctl render` writes). Debian's package, unpacked: its postinst would start a
+/// system Caddy on port 80.
+pub(crate) fn ensure_caddy(target: &Path) -> Result<PathBuf> {
+    ensure_unpacked(target, "caddy", &["caddy"], "usr/bin/caddy", "version")
+}
+
+/// Prometheus's `promtool`, which checks the metrics exposition (`promtool check metrics`) and the
+/// dashboard's queries. From Debian's `prometheus` package, unpacked (never started).
+pub(crate) fn ensure_promtool(target: &Path) -> Result<PathBuf> {
+    ensure_unpacked(
+        target,
+        "promtool",
+        &["prometheus"],
+        "usr/bin/promtool",
+        "--version",
     )
 }
 

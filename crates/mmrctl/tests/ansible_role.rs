@@ -329,8 +329,22 @@ fn the_role_installs_runs_is_idempotent_and_uninstalls() {
         .lines()
         .filter(|l| l.contains("\"msg\": \"changed: "))
         .collect();
-    assert_eq!(changed.len(), 1, "only the config changes: {out}");
-    assert!(changed[0].contains("config/media-repo.yaml"), "{out}");
+    // The config, and the webservers' body size limits, which follow the upload limit.
+    assert_eq!(
+        changed.len(),
+        3,
+        "only the config and webserver files change: {out}"
+    );
+    for file in [
+        "config/media-repo.yaml",
+        "nginx/matrix-media-repo.conf",
+        "caddy/matrix-media-repo.Caddyfile",
+    ] {
+        assert!(
+            changed.iter().any(|l| l.contains(file)),
+            "{file} unchanged: {out}"
+        );
+    }
     assert_eq!(
         fs::read_to_string(run.path("systemd/matrix-media-repo.service")).unwrap(),
         unit_before

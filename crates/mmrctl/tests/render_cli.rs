@@ -65,7 +65,7 @@ fn first_render_writes_everything_and_a_second_changes_nothing() {
     assert_eq!(report["ok"], true);
     assert_eq!(report["changed"], true);
     let files = report["files"].as_array().unwrap();
-    assert_eq!(files.len(), 5);
+    assert_eq!(files.len(), 7);
     assert!(files.iter().all(|f| f["status"] == "created"), "{report}");
 
     assert_eq!(
@@ -77,6 +77,8 @@ fn first_render_writes_everything_and_a_second_changes_nothing() {
     assert_eq!(mode(&out.join("matrix-media-repo.service")), 0o644);
     assert!(out.join("traefik/matrix-media-repo.yml").is_file());
     assert!(out.join("homeserver-snippet.yaml").is_file());
+    assert!(out.join("nginx/matrix-media-repo.conf").is_file());
+    assert!(out.join("caddy/matrix-media-repo.Caddyfile").is_file());
 
     let second = render(&vars, &out, &["--json"]);
     assert!(second.status.success(), "{}", stderr(&second));
@@ -111,7 +113,7 @@ fn changing_one_variable_rewrites_only_the_affected_files() {
     let text = stdout(&check);
     assert!(text.contains("+  maxBytes: 1048576"), "{text}");
     assert!(
-        text.contains("would change") && text.contains("check passed; 1 file(s) would change"),
+        text.contains("would change") && text.contains("check passed; 3 file(s) would change"),
         "{text}"
     );
     assert!(
@@ -131,6 +133,9 @@ fn changing_one_variable_rewrites_only_the_affected_files() {
             .clone()
     };
     assert_eq!(status("media-repo.yaml"), "changed");
+    // The webservers' body size limits follow the upload limit.
+    assert_eq!(status("matrix-media-repo.conf"), "changed");
+    assert_eq!(status("matrix-media-repo.Caddyfile"), "changed");
     // Dendrite's snippet carries the upload limit; Synapse's does not.
     assert_eq!(status("homeserver-snippet.yaml"), "unchanged");
     assert_eq!(status("labels"), "unchanged");

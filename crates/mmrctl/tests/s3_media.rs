@@ -528,7 +528,7 @@ matrix_media_repo_datastore_s3_opts_prefix_length: 2
     let rendered = std::fs::read_to_string(&config_path).unwrap();
     assert!(rendered.contains("type: s3"), "{rendered}");
 
-    let repo = MediaRepo::start_with_config_file(&config_path, port, Some(db));
+    let repo = MediaRepo::start_with_config_file(&config_path, port, Some(db), &[]);
     let body = sample(3_000, 8);
     let id = repo.upload(HS, SHARED_SECRET, "image/gif", None, &body);
     let r = repo.download(HS, &id, &[]);

@@ -15,6 +15,7 @@ mod render;
 mod routes;
 mod settings;
 pub mod vars;
+pub mod webserver;
 pub mod yaml;
 
 use std::fmt;

@@ -22,6 +22,14 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../../templates/matrix-media-repo.service.j2"),
     ),
     (
+        "nginx.conf.j2",
+        include_str!("../../../templates/nginx.conf.j2"),
+    ),
+    (
+        "Caddyfile.j2",
+        include_str!("../../../templates/Caddyfile.j2"),
+    ),
+    (
         "homeserver-snippet.yaml.j2",
         include_str!("../../../templates/homeserver-snippet.yaml.j2"),
     ),
@@ -50,6 +58,18 @@ fn environment() -> Environment<'static> {
         serde_json::to_string(s).unwrap_or_default()
     });
     env.add_filter("systemd_quote", systemd_quote);
+    // A double-quoted word as nginx and Caddy both read it.
+    env.add_filter("dquote", |s: &str| {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    });
+    // An IPv6 address in brackets, as `listen` takes it before `:port`.
+    env.add_filter("nginx_listen", |s: &str| {
+        if s.contains(':') && !s.starts_with('[') {
+            format!("[{s}]")
+        } else {
+            s.to_owned()
+        }
+    });
     for (name, source) in TEMPLATES {
         // The templates are compiled in; a syntax error fails the golden tests, not a user.
         if let Err(e) = env.add_template(name, source) {
@@ -131,7 +151,16 @@ pub(crate) fn files(s: &Settings) -> Result<Vec<OutputFile>, Error> {
         },
     )?;
 
-    Ok(vec![
+    let htpasswd_path = format!("{}/nginx/{}.htpasswd", s.base_path, s.identifier);
+    let web_ctx = context! {
+        identifier => &s.identifier,
+        web => Serde(&s.webserver),
+        upstreams => Serde(s.webserver.addresses()),
+        request_headers => Serde(&s.routes.request_headers),
+        metrics_path => &s.routes.metrics_path,
+        htpasswd_path => &htpasswd_path,
+    };
+    let mut files = vec![
         OutputFile::new(
             "config/media-repo.yaml",
             format!("{CONFIG_HEADER}{}", s.config.to_yaml()),
@@ -144,8 +173,26 @@ pub(crate) fn files(s: &Settings) -> Result<Vec<OutputFile>, Error> {
             true,
         ),
         OutputFile::new(format!("{}.service", s.identifier), unit, false),
+        OutputFile::new(
+            PathBuf::from("nginx").join(format!("{}.conf", s.identifier)),
+            render("nginx.conf.j2", web_ctx.clone())?,
+            false,
+        ),
+        OutputFile::new(
+            PathBuf::from("caddy").join(format!("{}.Caddyfile", s.identifier)),
+            render("Caddyfile.j2", web_ctx)?,
+            false,
+        ),
         OutputFile::new("homeserver-snippet.yaml", snippet, false),
-    ])
+    ];
+    if let Some(users) = s.webserver.htpasswd() {
+        files.push(OutputFile::new(
+            PathBuf::from("nginx").join(format!("{}.htpasswd", s.identifier)),
+            users,
+            true,
+        ));
+    }
+    Ok(files)
 }
 
 impl Settings {

@@ -13,8 +13,9 @@ pub(crate) const HEADERS_MIDDLEWARE: &str = "matrix-media-repo-add-headers";
 pub(crate) const METRICS_REPLACE_PATH_MIDDLEWARE: &str = "matrix-media-repo-metrics-replace-path";
 pub(crate) const METRICS_BASIC_AUTH_MIDDLEWARE: &str = "matrix-media-repo-metrics-basic-auth";
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
     /// Client-facing entrypoints, with TLS settings.
     Public,
     /// The playbook's internal client API entrypoint (bridges, bots): no TLS settings.
@@ -119,6 +120,9 @@ pub struct Route {
     pub tls: Option<String>,
     pub middlewares: Vec<String>,
     pub service: String,
+    pub side: Side,
+    /// The prefix of this router's variables (`…_rule`, `…_entrypoints`).
+    pub variables: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -185,10 +189,7 @@ impl RouteTable {
             table.metrics_basic_auth_users =
                 r.string(&format!("{LABELS}metrics_middleware_basic_auth_users"));
         }
-        if !table.enabled {
-            return table;
-        }
-
+        // Computed even when Traefik's labels are off: the nginx and Caddy outputs use them too.
         let federation = r
             .bool("matrix_media_repo_homeserver_federation_enabled")
             .unwrap_or(true);
@@ -237,6 +238,8 @@ impl RouteTable {
                 tls,
                 middlewares,
                 service: service.to_owned(),
+                side: *side,
+                variables: v(""),
             });
         }
         table

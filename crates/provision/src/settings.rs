@@ -27,6 +27,7 @@ pub struct Settings {
     pub signing_key_path: String,
     pub homeserver_signing_key: String,
     pub routes: RouteTable,
+    pub webserver: crate::webserver::Webserver,
 }
 
 /// Config keys and the variables they come from (without the `matrix_media_repo_` prefix), in
@@ -137,6 +138,8 @@ const CONFIG_KEYS: &[(&str, &str)] = &[
     ),
     ("urlPreviews.userAgent", "url_previews_user_agent"),
     ("urlPreviews.oEmbed", "url_previews_o_embed"),
+    // mmrctl: ports besides 80 and 443 that previews may fetch from.
+    ("urlPreviews.allowedPorts", "url_previews_allowed_ports"),
     ("thumbnails.maxSourceBytes", "thumbnails_max_source_bytes"),
     ("thumbnails.maxPixels", "thumbnails_max_pixels"),
     ("thumbnails.numWorkers", "thumbnails_num_workers"),
@@ -429,10 +432,16 @@ impl Settings {
             signing_key_path: r.string(&var("signing_key_path")).unwrap_or_default(),
             homeserver_signing_key: r.string(&var("homeserver_signing_key")).unwrap_or_default(),
             routes: RouteTable::default(),
+            webserver: Default::default(),
             config: config?,
         };
         let routes = RouteTable::from_vars(&mut r, &settings.config);
-        let settings = Settings { routes, ..settings };
+        let webserver = crate::webserver::Webserver::from_vars(&mut r, &routes, &settings.config);
+        let settings = Settings {
+            routes,
+            webserver,
+            ..settings
+        };
         r.diagnostics.errors.is_empty().then_some(settings)
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
+use provision::webserver::Rule;
 use provision::{Route, VarsInput};
 
 const VARS: &str = "\
@@ -24,109 +25,12 @@ fn routes() -> Vec<Route> {
     rendered.settings.routes.routes
 }
 
-/// Traefik rule expressions: matchers combined with `&&`, `||`, `!` and parentheses.
-#[derive(Debug)]
-enum Rule {
-    Host(String),
-    Path(String),
-    PathPrefix(String),
-    PathRegexp(regex::Regex),
-    And(Box<Rule>, Box<Rule>),
-    Or(Box<Rule>, Box<Rule>),
-    Not(Box<Rule>),
-}
-
-struct Parser<'a> {
-    rest: &'a str,
-}
-
-impl Parser<'_> {
-    fn parse(rule: &str) -> Rule {
-        let mut p = Parser { rest: rule };
-        let r = p.or();
-        assert!(
-            p.rest.trim().is_empty(),
-            "trailing input in rule {rule:?}: {:?}",
-            p.rest
-        );
-        r
-    }
-
-    fn eat(&mut self, token: &str) -> bool {
-        self.rest = self.rest.trim_start();
-        match self.rest.strip_prefix(token) {
-            Some(rest) => {
-                self.rest = rest;
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn or(&mut self) -> Rule {
-        let mut left = self.and();
-        while self.eat("||") {
-            left = Rule::Or(Box::new(left), Box::new(self.and()));
-        }
-        left
-    }
-
-    fn and(&mut self) -> Rule {
-        let mut left = self.unary();
-        while self.eat("&&") {
-            left = Rule::And(Box::new(left), Box::new(self.unary()));
-        }
-        left
-    }
-
-    fn unary(&mut self) -> Rule {
-        if self.eat("!") {
-            return Rule::Not(Box::new(self.unary()));
-        }
-        if self.eat("(") {
-            let r = self.or();
-            assert!(self.eat(")"), "missing ) in {:?}", self.rest);
-            return r;
-        }
-        let name_end = self.rest.find('(').expect("a matcher");
-        let name = self.rest[..name_end].trim().to_owned();
-        self.rest = &self.rest[name_end + 1..];
-        assert!(self.eat("`"), "matcher {name} needs a backquoted argument");
-        let arg_end = self.rest.find('`').expect("closing backquote");
-        let arg = self.rest[..arg_end].to_owned();
-        self.rest = &self.rest[arg_end + 1..];
-        assert!(self.eat(")"), "matcher {name} takes one argument here");
-        match name.as_str() {
-            "Host" => Rule::Host(arg),
-            "Path" => Rule::Path(arg),
-            "PathPrefix" => Rule::PathPrefix(arg),
-            // Traefik v3 matches PathRegexp unanchored, with Go's RE2 syntax (which Rust's regex shares).
-            "PathRegexp" => Rule::PathRegexp(regex::Regex::new(&arg).expect("valid regexp")),
-            other => panic!("unexpected matcher {other}"),
-        }
-    }
-}
-
-impl Rule {
-    fn matches(&self, host: &str, path: &str) -> bool {
-        match self {
-            Rule::Host(h) => h.eq_ignore_ascii_case(host),
-            Rule::Path(p) => p == path,
-            Rule::PathPrefix(p) => path.starts_with(p.as_str()),
-            Rule::PathRegexp(re) => re.is_match(path),
-            Rule::And(a, b) => a.matches(host, path) && b.matches(host, path),
-            Rule::Or(a, b) => a.matches(host, path) || b.matches(host, path),
-            Rule::Not(r) => !r.matches(host, path),
-        }
-    }
-}
-
 /// The router Traefik would pick on an entrypoint: explicit priority first, else the longest rule.
 fn route<'a>(routes: &'a [Route], entrypoint: &str, host: &str, path: &str) -> Option<&'a str> {
     routes
         .iter()
         .filter(|r| r.entrypoints.iter().any(|e| e == entrypoint))
-        .filter(|r| Parser::parse(&r.rule).matches(host, path))
+        .filter(|r| Rule::parse(&r.rule).unwrap().matches(host, path))
         .max_by_key(|r| {
             if r.priority > 0 {
                 r.priority

@@ -45,7 +45,13 @@ pub struct AppState {
     /// The origins' keys, for requests other servers sign.
     keyring: federation::keyring::Keyring,
     metrics: metrics::Metrics,
+    /// `X-Mmrctl-Instance` on every response: tells a webserver's routing (and `mmrctl doctor`)
+    /// which instance answered, and that it was the media repo and not the homeserver.
+    instance: axum::http::HeaderValue,
 }
+
+/// The response header that names the instance that answered.
+pub const INSTANCE_HEADER: &str = "x-mmrctl-instance";
 
 pub type SharedState = Arc<AppState>;
 
@@ -77,6 +83,7 @@ impl AppState {
             media,
             config: ArcSwap::from_pointee(config),
             metrics: metrics::Metrics::new(),
+            instance: instance_name(),
         })
     }
 
@@ -187,13 +194,29 @@ pub fn router(state: SharedState) -> Router {
             state.clone(),
             record_request,
         ))
-        .layer(axum::middleware::from_fn(cors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            common_headers,
+        ))
         .with_state(state)
 }
 
-/// CORS as the client-server spec asks, on every response (errors included), and `OPTIONS`
-/// answered on every path: browser clients preflight each authenticated request.
-async fn cors(request: Request, next: Next) -> Response {
+/// `<hostname>/<pid>`: unique among the instances that share a database.
+fn instance_name() -> axum::http::HeaderValue {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = format!("{}/{}", host.trim(), std::process::id());
+    axum::http::HeaderValue::from_str(&name)
+        .unwrap_or_else(|_| axum::http::HeaderValue::from(std::process::id()))
+}
+
+/// The instance marker, and CORS as the client-server spec asks, on every response (errors
+/// included), with `OPTIONS` answered on every path: browser clients preflight each
+/// authenticated request.
+async fn common_headers(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
     use axum::http::{HeaderValue, StatusCode, header};
     let mut response = if request.method() == Method::OPTIONS {
         StatusCode::NO_CONTENT.into_response()
@@ -201,6 +224,7 @@ async fn cors(request: Request, next: Next) -> Response {
         next.run(request).await
     };
     let headers = response.headers_mut();
+    headers.insert(INSTANCE_HEADER, state.instance.clone());
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),

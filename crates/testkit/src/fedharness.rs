@@ -7,20 +7,46 @@
 //! does, and nginx's access log shows every request that reached a homeserver.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde_json::json;
 
+use crate::caddy::Caddy;
 use crate::nginx::Nginx;
 use crate::synapse::{Synapse, free_port};
 use crate::tls::TestCerts;
 
 /// How one homeserver of a [`Federation`] is set up; the default is a stock Synapse serving its
 /// own media.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct HomeserverSetup {
     media_upstream: Option<u16>,
     extra_signing_key: Option<String>,
+    webserver: Option<Arc<WebserverFn>>,
 }
+
+/// What a test configures the webserver in front of a homeserver with.
+pub enum Webserver {
+    /// Lines for nginx's `http {}` block (testkit adds the rest).
+    Nginx(String),
+    /// Caddyfile site blocks (testkit adds the global options).
+    Caddy(String),
+}
+
+/// Where a homeserver's webserver listens and what is behind it, for a test to write its config.
+#[derive(Debug, Clone)]
+pub struct Front {
+    /// The federation port: the port of the server name `localhost:<port>`.
+    pub federation_port: u16,
+    /// The client port, which clients (and `public_baseurl`) use.
+    pub client_port: u16,
+    /// Synapse's plain HTTP listener on 127.0.0.1 (client and federation resources).
+    pub synapse_port: u16,
+    pub certificate: PathBuf,
+    pub certificate_key: PathBuf,
+}
+
+type WebserverFn = dyn Fn(&Front) -> Webserver + Send + Sync;
 
 impl HomeserverSetup {
     /// Routes `/_matrix/media/`, `/_matrix/client/v1/media/` and `/_matrix/federation/v1/media/`
@@ -40,10 +66,21 @@ impl HomeserverSetup {
         self.extra_signing_key = Some(line.to_owned());
         self
     }
+
+    /// Fronts the homeserver with the webserver `config` describes instead of testkit's nginx,
+    /// on two ports (federation and client, see [`Front`]), and turns Synapse's own media repo
+    /// off: the test's config decides what reaches whom.
+    pub fn webserver(
+        mut self,
+        config: impl Fn(&Front) -> Webserver + Send + Sync + 'static,
+    ) -> Self {
+        self.webserver = Some(Arc::new(config));
+        self
+    }
 }
 
 /// How to start a [`Federation`]; [`FederationBuilder::start`] starts it.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct FederationBuilder {
     a: HomeserverSetup,
     b: HomeserverSetup,
@@ -72,12 +109,22 @@ impl FederationBuilder {
             .find(|&p| p != a_port)
             .unwrap_or_default();
         let ports = [a_port, b_port];
-        let synapse = |setup: &HomeserverSetup, port: u16| {
+        let client_port = |setup: &HomeserverSetup, port: u16| {
+            if setup.webserver.is_some() {
+                std::iter::repeat_with(free_port)
+                    .find(|p| !ports.contains(p))
+                    .unwrap_or_default()
+            } else {
+                port
+            }
+        };
+        let client_ports = [client_port(&self.a, a_port), client_port(&self.b, b_port)];
+        let synapse = |setup: &HomeserverSetup, port: u16, client_port: u16| {
             let mut builder = Synapse::builder(&format!("localhost:{port}"))
                 .x_forwarded(true)
                 .config(
                     "public_baseurl",
-                    json!(format!("https://localhost:{port}/")),
+                    json!(format!("https://localhost:{client_port}/")),
                 )
                 .config("federation_verify_certificates", json!(true))
                 .config(
@@ -98,7 +145,7 @@ impl FederationBuilder {
                 // Remote media is rate-limited apart from rc_* (87 KiB/s after 500 MiB).
                 .config("remote_media_download_burst_count", json!("100G"))
                 .config("remote_media_download_per_second", json!("100G"));
-            if setup.media_upstream.is_some() {
+            if setup.media_upstream.is_some() || setup.webserver.is_some() {
                 builder = builder.config("enable_media_repo", json!(false));
             }
             if let Some(line) = &setup.extra_signing_key {
@@ -106,7 +153,10 @@ impl FederationBuilder {
             }
             builder
         };
-        let (a, b) = (synapse(&self.a, ports[0]), synapse(&self.b, ports[1]));
+        let (a, b) = (
+            synapse(&self.a, ports[0], client_ports[0]),
+            synapse(&self.b, ports[1], client_ports[1]),
+        );
         // Each takes a few seconds, mostly Python starting up.
         let (a, b) = std::thread::scope(|s| {
             let a = s.spawn(|| a.start());
@@ -117,16 +167,39 @@ impl FederationBuilder {
                 (Err(panic), _) | (_, Err(panic)) => std::panic::resume_unwind(panic),
             }
         });
-        let front = |setup: &HomeserverSetup, synapse: Synapse, port: u16| Homeserver {
-            nginx: Nginx::start(
-                &server_block(port, synapse.port(), setup.media_upstream, &certs),
-                &[port],
-            ),
-            synapse,
-            port,
+        let front = |setup: &HomeserverSetup, synapse: Synapse, port: u16, client_port: u16| {
+            let webserver = match &setup.webserver {
+                Some(config) => {
+                    let front = Front {
+                        federation_port: port,
+                        client_port,
+                        synapse_port: synapse.port(),
+                        certificate: certs.cert_path(),
+                        certificate_key: certs.key_path(),
+                    };
+                    match config(&front) {
+                        Webserver::Nginx(http) => {
+                            FrontProcess::Nginx(Nginx::start(&http, &[port, client_port]))
+                        }
+                        Webserver::Caddy(sites) => {
+                            FrontProcess::Caddy(Caddy::start(&sites, &[port, client_port]))
+                        }
+                    }
+                }
+                None => FrontProcess::Nginx(Nginx::start(
+                    &server_block(port, synapse.port(), setup.media_upstream, &certs),
+                    &[port],
+                )),
+            };
+            Homeserver {
+                webserver,
+                synapse,
+                port,
+                client_port,
+            }
         };
-        let a = front(&self.a, a, ports[0]);
-        let b = front(&self.b, b, ports[1]);
+        let a = front(&self.a, a, ports[0], client_ports[0]);
+        let b = front(&self.b, b, ports[1], client_ports[1]);
         Federation { a, b, certs }
     }
 }
@@ -213,11 +286,17 @@ impl Federation {
     }
 }
 
-/// One homeserver of a [`Federation`]: a Synapse and the nginx in front of it.
+/// One homeserver of a [`Federation`]: a Synapse and the webserver in front of it.
 pub struct Homeserver {
-    nginx: Nginx,
+    webserver: FrontProcess,
     synapse: Synapse,
     port: u16,
+    client_port: u16,
+}
+
+enum FrontProcess {
+    Nginx(Nginx),
+    Caddy(Caddy),
 }
 
 impl Homeserver {
@@ -231,9 +310,15 @@ impl Homeserver {
         self.port
     }
 
-    /// `https://localhost:<port>`: the homeserver as clients and peers reach it (through nginx).
+    /// `https://localhost:<port>`: the homeserver as clients reach it (through its webserver; the
+    /// federation port too unless the test's webserver has a client port of its own).
     pub fn base_url(&self) -> String {
-        format!("https://localhost:{}", self.port)
+        format!("https://localhost:{}", self.client_port)
+    }
+
+    /// The client port (the federation port unless the test's webserver has its own).
+    pub fn client_port(&self) -> u16 {
+        self.client_port
     }
 
     /// `http://127.0.0.1:<port>`: Synapse's own listener, bypassing nginx (and the media
@@ -245,8 +330,21 @@ impl Homeserver {
     /// nginx's access log so far: `<client> "<request line>" <status> <bytes> "<Host>"`, one
     /// request a line, with the request target as received. A line is written once the request
     /// is answered, which can be just after the requester got the response.
+    ///
+    /// Panics for a Caddy front, whose config is the test's (and has no access log).
     pub fn access_log(&self) -> Vec<String> {
-        self.nginx.access_log()
+        match &self.webserver {
+            FrontProcess::Nginx(nginx) => nginx.access_log(),
+            FrontProcess::Caddy(_) => panic!("a Caddy front keeps no access log"),
+        }
+    }
+
+    /// What the webserver logged: nginx's error log, or Caddy's log.
+    pub fn webserver_log(&self) -> String {
+        match &self.webserver {
+            FrontProcess::Nginx(nginx) => nginx.error_log(),
+            FrontProcess::Caddy(caddy) => caddy.log(),
+        }
     }
 
     /// Registers a user through Synapse's shared-secret API; returns the user id and an access

@@ -8,6 +8,7 @@
 //! that cannot run fails, it is never skipped.
 #![allow(clippy::print_stderr)] // Tests report progress on stderr (the harness captures it).
 
+mod caddy;
 mod db;
 pub mod dns;
 mod fedharness;
@@ -19,13 +20,16 @@ mod synapse;
 mod tls;
 mod tools;
 
+pub use caddy::{Caddy, caddy_bin};
 pub use db::{PgUrl, TestDb, database_url, parse_url};
 pub use dns::DnsServer;
-pub use fedharness::{Federation, FederationBuilder, Homeserver, HomeserverSetup};
+pub use fedharness::{
+    Federation, FederationBuilder, Front, Homeserver, HomeserverSetup, Webserver,
+};
 pub use nginx::{Nginx, nginx_bin};
 /// The PostgreSQL client [`TestDb::client`] returns.
 pub use postgres;
 pub use s3::{ACCESS_KEY_ID, ACCESS_SECRET, S3Object, S3Server};
 pub use synapse::{Database, Synapse, SynapseBuilder, free_port};
 pub use tls::TestCerts;
-pub use tools::{python, tool, tools_bin};
+pub use tools::{promtool_bin, python, tool, tools_bin};

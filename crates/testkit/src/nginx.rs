@@ -8,23 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const NGINX_VAR: &str = "MMRCTL_NGINX";
-
 /// The nginx binary, from `MMRCTL_NGINX` (set by `cargo xtask test`).
 pub fn nginx_bin() -> PathBuf {
-    let Some(path) = std::env::var_os(NGINX_VAR).filter(|v| !v.is_empty()) else {
-        panic!(
-            "{NGINX_VAR} is not set: run the tests with `cargo xtask test`, which finds nginx on \
-             PATH or unpacks Debian's nginx package under target/ and sets it"
-        );
-    };
-    let path = PathBuf::from(path);
-    assert!(
-        path.is_file(),
-        "{NGINX_VAR}={} is not a file: run `cargo xtask test`, which provides nginx",
-        path.display()
-    );
-    path
+    crate::tools::provided_binary("MMRCTL_NGINX", "nginx")
 }
 
 /// A running nginx (master and one worker) with its config, pid file, logs and temp files in a

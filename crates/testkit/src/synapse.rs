@@ -439,6 +439,11 @@ impl Synapse {
         r.json()
     }
 
+    /// The password [`Synapse::register_user`] gives user `name`.
+    pub fn password_of(name: &str) -> String {
+        format!("testkit-password-{name}")
+    }
+
     /// Registers `name` through the shared-secret admin API; returns the user id and an access
     /// token.
     pub fn register_user(&self, name: &str, admin: bool) -> (String, String) {
@@ -449,7 +454,7 @@ impl Synapse {
             .as_str()
             .unwrap_or_else(|| panic!("no nonce from GET {path}"))
             .to_owned();
-        let password = format!("testkit-password-{name}");
+        let password = Synapse::password_of(name);
         let message = [
             nonce.as_str(),
             name,

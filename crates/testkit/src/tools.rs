@@ -36,3 +36,26 @@ pub fn tool(name: &str) -> PathBuf {
 pub fn python() -> PathBuf {
     tool("python")
 }
+
+/// A program `cargo xtask test` provides through the environment variable `var` (found on PATH
+/// or unpacked from Debian's package under target/); panics with what to do when it is not.
+pub(crate) fn provided_binary(var: &str, what: &str) -> PathBuf {
+    let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
+        panic!(
+            "{var} is not set: run the tests with `cargo xtask test`, which finds {what} on PATH \
+             or unpacks Debian's package under target/ and sets it"
+        );
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "{var}={} is not a file: run `cargo xtask test`, which provides {what}",
+        path.display()
+    );
+    path
+}
+
+/// Prometheus's `promtool`, from `MMRCTL_PROMTOOL`.
+pub fn promtool_bin() -> PathBuf {
+    provided_binary("MMRCTL_PROMTOOL", "promtool")
+}

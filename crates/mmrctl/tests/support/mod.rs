@@ -137,7 +137,12 @@ impl MediaRepo {
 
     /// Runs `mmrctl serve` on a config file written elsewhere (a rendered one), listening on `port`;
     /// waits until it is healthy. Its log goes to `server.log` in a new temp dir.
-    pub fn start_with_config_file(config_path: &Path, port: u16, db: Option<TestDb>) -> MediaRepo {
+    pub fn start_with_config_file(
+        config_path: &Path,
+        port: u16,
+        db: Option<TestDb>,
+        env: &[(&str, &str)],
+    ) -> MediaRepo {
         let dir = tempfile::tempdir().unwrap();
         let text = fs::read_to_string(config_path).unwrap();
         let config: Value = serde_norway::from_str(&text).unwrap();
@@ -145,14 +150,16 @@ impl MediaRepo {
         let child = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
             .args(["serve", "--config"])
             .arg(config_path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
+        let metrics_port = config["metrics"]["port"].as_u64().unwrap_or(0) as u16;
         let repo = MediaRepo {
             child,
             port,
-            metrics_port: 0,
+            metrics_port,
             dir,
             db,
             config,

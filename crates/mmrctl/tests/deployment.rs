@@ -1,0 +1,413 @@
+//! A real deployment, configured only from what `mmrctl render` writes: homeserver A (a real
+//! Synapse) behind nginx or Caddy with the rendered config, `mmrctl serve` on the rendered
+//! `media-repo.yaml`, and a stock homeserver B federating with it. Every path is checked to reach
+//! the backend the rendered Traefik routes say it should (the media repo marks its responses);
+//! then a real Matrix client (matrix-nio) uploads an image on A, sends it in a room, and a user
+//! on B syncs and downloads it and its thumbnail (B fetches the original over federation from
+//! A's media repo); alice gets a thumbnail and a link preview from the media repo.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic: that is how a test fails.
+
+mod support;
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use keys::{KeyFile, KeyFormat, SigningKey};
+use provision::webserver::Rule;
+use serde_json::{Value, json};
+use support::remote::{Action, Scripted};
+use support::{MediaRepo, free_port};
+use testkit::{Federation, Front, HomeserverSetup, TestDb, Webserver};
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Nginx,
+    Caddy,
+}
+
+struct Deployment {
+    fed: Federation,
+    repo: MediaRepo,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 99]));
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// The inventory of homeserver A: the playbook's defaults plus where this machine's parts are.
+fn vars(front: &Front, ports: Ports, db_url: &str, key: &Path, out: &Path) -> String {
+    format!(
+        r#"
+matrix_domain: "localhost:{federation_port}"
+matrix_server_fqn_matrix: localhost
+matrix_homeserver_generic_secret_key: "nVZ6bdmuJTl7Ffr9uTqDpL7r5lhIuzqMEpQxuzyi"
+matrix_homeserver_container_url: "http://127.0.0.1:{synapse_port}"
+matrix_media_repo_enabled: true
+matrix_media_repo_base_path: "{out}"
+matrix_media_repo_generate_signing_key: true
+matrix_media_repo_signing_key_path: "{key}"
+matrix_media_repo_bind_address: 127.0.0.1
+matrix_media_repo_port: {media_port}
+matrix_media_repo_metrics_enabled: true
+matrix_media_repo_metrics_bind_address: 127.0.0.1
+matrix_media_repo_metrics_port: {metrics_port}
+matrix_media_repo_database_postgres: "{db_url}"
+matrix_media_repo_datastore_file_id: "Hv0dZ3x1IuGmL9cFyDqCkQnV6bE2sWtR8aJoP4lYzMhKfN7gU5iXeTwB3rSjOAdq"
+# Everything here is on loopback.
+matrix_media_repo_federation_disallowed_networks: []
+matrix_media_repo_url_previews_disallowed_networks: []
+matrix_media_repo_url_previews_allowed_networks: ["127.0.0.1/32"]
+matrix_media_repo_url_previews_allowed_ports: [{pages_port}]
+matrix_media_repo_webserver_homeserver_client_url: "http://127.0.0.1:{synapse_port}"
+matrix_media_repo_webserver_homeserver_federation_url: "http://127.0.0.1:{synapse_port}"
+matrix_media_repo_webserver_client_port: {client_port}
+matrix_media_repo_webserver_federation_port: {federation_port}
+matrix_media_repo_webserver_bind_addresses: ["127.0.0.1"]
+matrix_media_repo_webserver_tls_certificate: "{cert}"
+matrix_media_repo_webserver_tls_certificate_key: "{cert_key}"
+"#,
+        federation_port = front.federation_port,
+        client_port = front.client_port,
+        synapse_port = front.synapse_port,
+        out = out.display(),
+        key = key.display(),
+        cert = front.certificate.display(),
+        cert_key = front.certificate_key.display(),
+        media_port = ports.media,
+        metrics_port = ports.metrics,
+        pages_port = ports.pages,
+    )
+}
+
+/// The media repo's listeners, and the port of the pages that previews fetch.
+#[derive(Clone, Copy)]
+struct Ports {
+    media: u16,
+    metrics: u16,
+    pages: u16,
+}
+
+fn render(vars_text: &str, out: &Path) {
+    let vars_path = out.join("vars.yml");
+    std::fs::write(&vars_path, vars_text).unwrap();
+    let render = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args(["render", "--out"])
+        .arg(out)
+        .arg(&vars_path)
+        .output()
+        .unwrap();
+    assert!(
+        render.status.success(),
+        "mmrctl render failed:\n{}",
+        String::from_utf8_lossy(&render.stderr)
+    );
+}
+
+fn deploy(kind: Kind, pages_port: u16) -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("matrix-media-repo");
+    std::fs::create_dir_all(&out).unwrap();
+    // The repo's key, merged into A's key file before A starts (what `mmrctl keys merge` does).
+    let key = SigningKey::generate().unwrap();
+    let seed = base64::engine::general_purpose::STANDARD_NO_PAD.encode(key.seed());
+    let line = format!("ed25519 {} {seed}", key.id().version());
+    let key_path = dir.path().join("media-repo.signing.key");
+    std::fs::write(
+        &key_path,
+        KeyFile::new(KeyFormat::Mmr, vec![key]).to_text(KeyFormat::Mmr),
+    )
+    .unwrap();
+
+    let db = TestDb::new();
+    let ports = Ports {
+        media: free_port(),
+        metrics: free_port(),
+        pages: pages_port,
+    };
+    let db_url = db.url().to_owned();
+    let (out_for_front, key_for_front) = (out.clone(), key_path.clone());
+    let webserver = move |front: &Front| {
+        render(
+            &vars(front, ports, &db_url, &key_for_front, &out_for_front),
+            &out_for_front,
+        );
+        match kind {
+            Kind::Nginx => Webserver::Nginx(
+                std::fs::read_to_string(out_for_front.join("nginx/matrix-media-repo.conf"))
+                    .unwrap(),
+            ),
+            Kind::Caddy => Webserver::Caddy(
+                std::fs::read_to_string(out_for_front.join("caddy/matrix-media-repo.Caddyfile"))
+                    .unwrap(),
+            ),
+        }
+    };
+    let fed = Federation::builder()
+        .a(HomeserverSetup::default()
+            .extra_signing_key(&line)
+            .webserver(webserver))
+        .start();
+    let ca = fed.ca_path();
+    let repo = MediaRepo::start_with_config_file(
+        &out.join("config/media-repo.yaml"),
+        ports.media,
+        Some(db),
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
+    Deployment {
+        fed,
+        repo,
+        out,
+        _dir: dir,
+    }
+}
+
+/// The rendered Traefik file-provider routers: (entrypoint, rule) pairs.
+fn traefik_routers(out: &Path) -> Vec<(Vec<String>, Rule)> {
+    let text = std::fs::read_to_string(out.join("traefik/matrix-media-repo.yml")).unwrap();
+    let doc: Value = serde_norway::from_str(&text).unwrap();
+    doc["http"]["routers"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|r| {
+            let entrypoints = r["entryPoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_str().unwrap().to_owned())
+                .collect();
+            (
+                entrypoints,
+                Rule::parse(r["rule"].as_str().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Requests on each port reach the media repo exactly when the rendered Traefik routes send them
+/// there: what Traefik, nginx and Caddy do agrees, judged by the marker on the response.
+fn check_routing(d: &Deployment) {
+    let a = d.fed.a();
+    let routers = traefik_routers(&d.out);
+    let traefik_sends_to_repo = |entrypoint: &str, path: &str| {
+        routers.iter().any(|(eps, rule)| {
+            eps.iter().any(|e| e == entrypoint) && rule.matches("localhost", path)
+        })
+    };
+    let client_paths = [
+        "/_matrix/media/v3/config",
+        "/_matrix/media/r0/download/localhost/abc",
+        "/_matrix/media/v3/thumbnail/localhost/abc?width=32&height=32",
+        "/_matrix/client/v1/media/config",
+        "/_matrix/client/v1/media/download/localhost/abc",
+        "/_matrix/client/v1/media/preview_url?url=http://127.0.0.1/",
+        "/_matrix/client/v3/logout",
+        "/_matrix/client/r0/logout/all",
+        "/_matrix/client/v3/admin/purge_media_cache",
+        "/_matrix/client/unstable/io.t2bot.media/usage",
+        "/_matrix/client/versions",
+        "/_matrix/client/v3/login",
+        "/_matrix/client/v3/sync",
+        "/_matrix/client/v3/profile/@alice:localhost",
+        "/_matrix/key/v2/server",
+        "/_synapse/admin/v1/server_version",
+        "/health",
+    ];
+    let federation_paths = [
+        "/_matrix/federation/v1/media/download/abc",
+        "/_matrix/federation/v1/media/thumbnail/abc?width=32&height=32&method=scale",
+        "/_matrix/media/v3/download/localhost/abc",
+        "/_matrix/federation/v1/version",
+        "/_matrix/federation/v1/query/profile?user_id=@alice:localhost",
+        "/_matrix/key/v2/server",
+    ];
+    let tls = d.fed.certs();
+    for (entrypoint, port, paths) in [
+        ("web-secure", a.client_port(), &client_paths[..]),
+        ("matrix-federation", a.port(), &federation_paths[..]),
+    ] {
+        for path in paths {
+            let route_path = path.split('?').next().unwrap();
+            let expected = traefik_sends_to_repo(entrypoint, route_path);
+            let r = tls.get(&format!("https://localhost:{port}{path}"), &[]);
+            let reached_repo = r.header(server::INSTANCE_HEADER).is_some();
+            assert_eq!(
+                reached_repo,
+                expected,
+                "{entrypoint} {path}: reached the {} (status {}), Traefik's routes send it to the {}",
+                if reached_repo {
+                    "media repo"
+                } else {
+                    "homeserver"
+                },
+                r.status,
+                if expected { "media repo" } else { "homeserver" },
+            );
+        }
+    }
+}
+
+/// alice@A uploads an image with matrix-nio and sends it in a room; bob@B joins, syncs and
+/// downloads it and its thumbnail (B fetches both over federation from A's media repo).
+fn client_flow(d: &Deployment) -> Value {
+    let (a, b) = (d.fed.a(), d.fed.b());
+    let (alice, _) = a.register_user("alice", false);
+    let (bob, _) = b.register_user("bob", false);
+    let image = d._dir.path().join("cat.png");
+    std::fs::write(&image, png(640, 480)).unwrap();
+    let script = r#"
+import asyncio, json, ssl, sys
+from nio import AsyncClient, DownloadResponse, ThumbnailResponse, UploadResponse, RoomCreateResponse, JoinResponse
+
+async def main(a_url, b_url, ca, alice_id, alice_password, bob_id, bob_password, image_path):
+    ctx = ssl.create_default_context(cafile=ca)
+    alice = AsyncClient(a_url, alice_id, ssl=ctx)
+    bob = AsyncClient(b_url, bob_id, ssl=ctx)
+    try:
+        assert (await alice.login(alice_password)).access_token
+        assert (await bob.login(bob_password)).access_token
+        data = open(image_path, "rb").read()
+        with open(image_path, "rb") as f:
+            up, _ = await alice.upload(f, content_type="image/png", filename="cat.png", filesize=len(data))
+        assert isinstance(up, UploadResponse), up
+        room = await alice.room_create(invite=[bob_id])
+        assert isinstance(room, RoomCreateResponse), room
+        # B gets no history from before its join: bob joins first, then alice sends.
+        joined = await bob.join(room.room_id)
+        assert isinstance(joined, JoinResponse), joined
+        await alice.room_send(room.room_id, "m.room.message", {
+            "msgtype": "m.image", "body": "cat.png", "url": up.content_uri,
+            "info": {"mimetype": "image/png", "size": len(data), "w": 640, "h": 480}})
+        url = None
+        for _ in range(60):
+            s = await bob.sync(timeout=1000)
+            room_sync = s.rooms.join.get(room.room_id)
+            for event in (room_sync.timeline.events if room_sync else []):
+                if getattr(event, "url", None) == up.content_uri:
+                    url = event.url
+            if url:
+                break
+        assert url, "bob never saw the image event"
+        got = await bob.download(mxc=url)
+        assert isinstance(got, DownloadResponse), got
+        server, media_id = url[len("mxc://"):].split("/", 1)
+        thumb = await bob.thumbnail(server, media_id, 64, 64)
+        assert isinstance(thumb, ThumbnailResponse), thumb
+        print(json.dumps({
+            "mxc": up.content_uri,
+            "alice_token": alice.access_token,
+            "downloaded_equal": got.body == data,
+            "thumbnail_type": thumb.content_type,
+            "thumbnail_png": thumb.body[:8] == b"\x89PNG\r\n\x1a\n" or thumb.body[:3] == b"\xff\xd8\xff",
+            "thumbnail_bytes": len(thumb.body),
+        }))
+    finally:
+        await alice.close()
+        await bob.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"#;
+    let out = Command::new(testkit::python())
+        .arg("-c")
+        .arg(script)
+        .arg(a.base_url())
+        .arg(b.base_url())
+        .arg(d.fed.ca_path())
+        .arg(&alice)
+        .arg(testkit::Synapse::password_of("alice"))
+        .arg(&bob)
+        .arg(testkit::Synapse::password_of("bob"))
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the matrix-nio client failed:\n{}\n--- media repo log ---\n{}\n--- webserver log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.repo.log(),
+        a.webserver_log(),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn deployment_works(kind: Kind) {
+    let pages = Scripted::start("127.0.0.1");
+    pages.route(
+        "/article",
+        Action::ok(
+            "text/html",
+            "<html><head><meta property=\"og:title\" content=\"An article\"></head></html>",
+        ),
+    );
+    let d = deploy(kind, pages.port);
+    check_routing(&d);
+
+    let flow = client_flow(&d);
+    assert_eq!(flow["downloaded_equal"], json!(true), "{flow}");
+    assert_eq!(flow["thumbnail_png"], json!(true), "{flow}");
+    let mxc = flow["mxc"].as_str().unwrap();
+    let media_id = mxc.rsplit('/').next().unwrap();
+    // The original and a thumbnail were served to B by the media repo, over federation.
+    assert_eq!(
+        d.repo.count(&format!(
+            "SELECT COUNT(*) FROM media WHERE media_id = '{media_id}' AND sha256 IS NOT NULL"
+        )),
+        1
+    );
+    // B fetched the original over federation (Synapse thumbnails remote media itself).
+    let metrics = d.repo.metrics();
+    let served = "mmrctl_http_requests_total{route=\"/_matrix/federation/v1/media/download/{media_id}\",method=\"GET\",status=\"200\"}";
+    assert!(
+        metrics.contains(served),
+        "B's download did not reach the media repo over federation:\n{metrics}"
+    );
+
+    // alice's thumbnail through A's webserver comes from the media repo.
+    let token = flow["alice_token"].as_str().unwrap();
+    let auth = format!("Bearer {token}");
+    let r = d.fed.certs().get(
+        &format!(
+            "{}/_matrix/client/v1/media/thumbnail/{}/{media_id}?width=64&height=64&method=scale",
+            d.fed.a().base_url(),
+            d.fed.a().server_name()
+        ),
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header(server::INSTANCE_HEADER).is_some());
+    assert_eq!(r.header("content-type"), Some("image/png"));
+
+    // alice previews a link through A's webserver: the media repo fetches the page.
+    let page = format!("http://127.0.0.1:{}/article", pages.port);
+    let r = d.fed.certs().get(
+        &format!(
+            "{}/_matrix/client/v1/media/preview_url?url={}",
+            d.fed.a().base_url(),
+            support::encode(&page)
+        ),
+        &[("Authorization", &auth)],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["og:title"], json!("An article"));
+    assert!(r.header(server::INSTANCE_HEADER).is_some());
+    assert_eq!(pages.count("/article"), 1);
+}
+
+#[test]
+fn nginx_from_the_rendered_config_fronts_a_federating_deployment() {
+    deployment_works(Kind::Nginx);
+}
+
+#[test]
+fn caddy_from_the_rendered_config_fronts_a_federating_deployment() {
+    deployment_works(Kind::Caddy);
+}
