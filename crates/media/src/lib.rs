@@ -7,6 +7,7 @@
 //! from start to end, whatever a reload does meanwhile.
 
 mod body;
+mod counts;
 mod download;
 mod inflight;
 pub mod jobs;
@@ -18,6 +19,7 @@ mod upload;
 
 use std::sync::Arc;
 
+pub use counts::Counts;
 pub use download::Wait;
 pub use previews::{PreviewParams, Setup as PreviewSetup};
 pub use remote::{Fetch, Found, Live, load_signers};
@@ -123,6 +125,14 @@ impl Service {
         if let Some(r) = &self.remote {
             r.reconfigure(signers);
         }
+    }
+
+    /// Remote media fetched over federation since start, by origin.
+    pub fn remote_downloads(&self) -> Vec<(Vec<String>, u64)> {
+        self.remote
+            .as_ref()
+            .map(|r| r.downloaded.snapshot())
+            .unwrap_or_default()
     }
 
     /// `server` sent a request we verified: it is up, whatever its backoff said.

@@ -181,6 +181,9 @@ pub(crate) struct Previewer {
     inflight: Inflight<PreviewKey, Result<Arc<str>, Failure>>,
     found: moka::sync::Cache<PreviewKey, Arc<str>>,
     fetched: std::sync::atomic::AtomicU64,
+    /// Previews made, by type: `oembed`, `opengraph`, or `calculated` (from the page's title,
+    /// description and first image).
+    made: crate::Counts,
 }
 
 impl Previewer {
@@ -197,6 +200,7 @@ impl Previewer {
                 .time_to_live(MEMORY_TTL)
                 .build(),
             fetched: std::sync::atomic::AtomicU64::new(0),
+            made: crate::Counts::default(),
         }
     }
 }
@@ -205,6 +209,11 @@ impl Service {
     /// Previews use `setup` from now on (at start, and on reload).
     pub fn configure_previews(&self, setup: Setup) {
         self.previews.setup.store(Some(Arc::new(setup)));
+    }
+
+    /// Previews made since start, by type (`oembed`, `opengraph`, `calculated`).
+    pub fn previews_made(&self) -> Vec<(Vec<String>, u64)> {
+        self.previews.made.snapshot()
     }
 
     /// Pages fetched for previews by this instance so far.
@@ -364,12 +373,19 @@ struct Job {
 }
 
 impl Job {
+    fn made(&self, kind: &str) {
+        self.service.previews.made.add(&[kind]);
+    }
+
     async fn preview(&self, url: Url) -> Result<OpenGraph, Failure> {
         if self.settings.oembed
             && let Some((endpoint, _)) = self.setup.providers.endpoint(&url)
         {
             match self.oembed(&endpoint, &url).await {
-                Ok(og) => return self.with_image(og).await,
+                Ok(og) => {
+                    self.made("oembed");
+                    return self.with_image(og).await;
+                }
                 Err(e) => {
                     tracing::info!(%url, error = ?e, "oEmbed failed; previewing the page itself")
                 }
@@ -399,6 +415,7 @@ impl Job {
             let page =
                 read_page(response, &final_url, preview::html::charset(&content_type)).await?;
             let mut og = page.open_graph(&final_url, self.settings.limits);
+            let from_open_graph = page.properties.keys().any(|k| k.starts_with("og:"));
             if self.settings.oembed
                 && !og.contains_key("og:title")
                 && let Some(link) = page.oembed.as_deref().and_then(|l| Url::parse(l).ok())
@@ -407,6 +424,13 @@ impl Job {
                 for (k, v) in extra {
                     og.entry(k).or_insert(v);
                 }
+                self.made("oembed");
+            } else {
+                self.made(if from_open_graph {
+                    "opengraph"
+                } else {
+                    "calculated"
+                });
             }
             return self.with_image(og).await;
         }

@@ -115,6 +115,8 @@ pub(crate) struct Remote {
     health: moka::sync::Cache<String, Health>,
     /// Fetches running at once (`downloads.numWorkers`, read at start-up).
     workers: tokio::sync::Semaphore,
+    /// Remote media fetched, by origin.
+    pub(crate) downloaded: crate::Counts,
 }
 
 /// Reads each homeserver's signing key (the media repo's own key, MMR's PEM or any format `keys`
@@ -149,6 +151,7 @@ impl Remote {
         workers: usize,
     ) -> Remote {
         Remote {
+            downloaded: crate::Counts::default(),
             workers: tokio::sync::Semaphore::new(workers.max(1)),
             client,
             signers: ArcSwap::from_pointee(signers),
@@ -242,6 +245,9 @@ impl Remote {
                 .await;
                 // Once per fetch, whoever waits for it (or nobody, if they all left).
                 this.record(origin, media_id, &result, backoff_at, remember);
+                if result.is_ok() {
+                    this.downloaded.add(&[origin]);
+                }
                 result
             }
             .boxed()

@@ -77,6 +77,8 @@ pub(crate) struct Thumbnailer {
     batches: Mutex<Batches>,
     failures: moka::sync::Cache<String, thumbnail::Error>,
     generated: std::sync::atomic::AtomicU64,
+    /// Thumbnails made: width, height, method, animated, origin (`remote` for remote media).
+    made: crate::Counts,
     queued: std::sync::atomic::AtomicUsize,
 }
 
@@ -90,6 +92,7 @@ impl Thumbnailer {
                 .time_to_live(FAILURE_MEMORY)
                 .build(),
             generated: std::sync::atomic::AtomicU64::new(0),
+            made: crate::Counts::default(),
             queued: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -149,6 +152,12 @@ impl Service {
         self.thumbnails
             .generated
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Thumbnails made since start, by width, height, method, animated and origin (`remote` for
+    /// remote media).
+    pub fn thumbnails_made(&self) -> Vec<(Vec<String>, u64)> {
+        self.thumbnails.made.snapshot()
     }
 
     /// The media `origin`/`media_id` and its thumbnail for `params`, waiting for a pending upload
@@ -335,6 +344,19 @@ impl Service {
         // Answered already; stored now (requests meanwhile join this batch: it leaves the map
         // once stored).
         for (request, kept) in made {
+            if matches!(kept, Kept::Made { .. }) {
+                let origin = match media.kind {
+                    config::MediaKind::RemoteMedia => "remote",
+                    _ => media.origin.as_str(),
+                };
+                self.thumbnails.made.add(&[
+                    &request.width.to_string(),
+                    &request.height.to_string(),
+                    request.method.as_str(),
+                    if request.animated { "true" } else { "false" },
+                    origin,
+                ]);
+            }
             if let Err(e) = self.keep(media, object, &request, kept).await {
                 tracing::warn!(mxc = %media.mxc(), error = %e, "a thumbnail was served but not stored; it is made again when asked for");
             }

@@ -339,6 +339,79 @@ asyncio.run(main(*sys.argv[1:]))
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// matrix-media-repo's dashboard (the one the playbook installed for it) queries these; its Go
+/// runtime panels (`go_*`) have no counterpart in a Rust server, and its evictions panel queries a
+/// metric matrix-media-repo itself no longer has.
+const MMR_DASHBOARD_METRICS: &[&str] = &[
+    "media_http_requests_total",
+    "media_invalid_http_requests_total",
+    "media_http_responses_total",
+    "media_http_response_time_seconds_bucket",
+    "media_s3_operations_total",
+    "media_cache_hits_total",
+    "media_cache_misses_total",
+    "media_thumbnails_generated_total",
+    "media_age_accessed_media_seconds_bucket",
+    "media_downloaded_total",
+    "media_url_previews_generated_total",
+];
+
+/// After the mixed workload: the exposition passes `promtool check metrics`, has every series
+/// matrix-media-repo's dashboard queries, and every query of our dashboard returns data from a
+/// real Prometheus scraping the server.
+fn check_metrics(d: &Deployment) {
+    let exposition = d.repo.metrics();
+    let mut promtool = Command::new(testkit::promtool_bin())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), exposition.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{exposition}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    for name in MMR_DASHBOARD_METRICS {
+        assert!(
+            exposition
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{"))),
+            "matrix-media-repo's dashboard queries {name}, which is not exported:\n{exposition}"
+        );
+    }
+
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../roles/custom/matrix-media-repo/templates/grafana/media-repo.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let metrics_port = d.repo.config["metrics"]["port"].as_u64().unwrap();
+    let prometheus =
+        testkit::Prometheus::start("media-repo", &[format!("127.0.0.1:{metrics_port}")], 3);
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let result = prometheus.query(expr);
+            assert!(
+                !result.is_empty(),
+                "panel {:?}: {expr} returns nothing after the workload",
+                panel["title"]
+            );
+            queries += 1;
+        }
+    }
+    assert!(queries >= 20, "the dashboard has only {queries} queries");
+}
+
 fn deployment_works(kind: Kind) {
     let pages = Scripted::start("127.0.0.1");
     pages.route(
@@ -400,6 +473,34 @@ fn deployment_works(kind: Kind) {
     assert_eq!(r.json()["og:title"], json!("An article"));
     assert!(r.header(server::INSTANCE_HEADER).is_some());
     assert_eq!(pages.count("/article"), 1);
+
+    if matches!(kind, Kind::Nginx) {
+        // The rest of a mixed workload: alice gets bob's media (the repo fetches it from B), and
+        // a request names a host that is not served here.
+        let (a, b) = (d.fed.a(), d.fed.b());
+        let (_, bob_token) = b.register_user("carol", false);
+        let body = png(50, 40);
+        let up = d.fed.certs().send(
+            "POST",
+            &format!("{}/_matrix/media/v3/upload?filename=b.png", b.base_url()),
+            &[("Authorization", &format!("Bearer {bob_token}"))],
+            Some("image/png"),
+            &body,
+        );
+        assert_eq!(up.status, 200, "{}", up.text());
+        let remote = up.json()["content_uri"].as_str().unwrap()["mxc://".len()..].to_owned();
+        let r = d.fed.certs().get(
+            &format!("{}/_matrix/client/v1/media/download/{remote}", a.base_url()),
+            &[("Authorization", &auth)],
+        );
+        assert_eq!((r.status, r.body.as_slice()), (200, body.as_slice()));
+        let r = testkit::http::get(
+            &d.repo.url("/_matrix/media/v3/config"),
+            &[("Host", "not-served.example")],
+        );
+        assert_eq!(r.status, 404);
+        check_metrics(&d);
+    }
 }
 
 #[test]

@@ -235,6 +235,7 @@ async fn download(
         return Err(ApiError::not_found("Not found"));
     };
     let disposition_name = path.file_name.as_deref().or(media.upload_name.as_deref());
+    state.metrics.observe_media_age(media.created_ts);
     // MSC3916: clients of the authenticated endpoints follow redirects; legacy clients say so.
     let allow_redirect =
         authenticated || query_param(query, "allow_redirect").is_some_and(|v| v == "true");

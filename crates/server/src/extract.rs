@@ -33,6 +33,12 @@ fn homeserver(config: &Config, parts: &Parts) -> Result<Homeserver, ApiError> {
     }
 }
 
+/// The name of the homeserver a request is for, when it is one served here.
+pub(crate) fn served_name(config: &Config, parts: &Parts) -> Option<String> {
+    let host = request_host(config, parts).ok()?;
+    served_homeserver(config, &host).map(|hs| hs.name.clone())
+}
+
 /// The homeserver name a request is for: `X-Forwarded-Host` when `useForwardedHost` and the peer
 /// is a proxy we trust, else the authority of an absolute-form target (which wins over `Host`, RFC
 /// 9112 3.2.2), else `Host`.

@@ -117,6 +117,9 @@ impl AppState {
             metrics::ServiceCounts {
                 thumbnails_generated: self.media.thumbnails_generated(),
                 previews_fetched: self.media.previews_fetched(),
+                thumbnails_made: self.media.thumbnails_made(),
+                remote_downloads: self.media.remote_downloads(),
+                previews_made: self.media.previews_made(),
             },
         )
     }
@@ -247,7 +250,8 @@ async fn health(State(state): State<SharedState>) -> Response {
     }
 }
 
-/// Counts requests by route (the matched pattern, not the raw path), method and status.
+/// Counts requests by route (the matched pattern, not the raw path), method and status, and by
+/// homeserver and action as matrix-media-repo does.
 async fn record_request(
     State(state): State<SharedState>,
     request: Request,
@@ -260,23 +264,17 @@ async fn record_request(
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let method = request.method().clone();
-    let response = next.run(request).await;
-    let labels = metrics::RequestLabels {
-        route: route.clone(),
-        method: method_label(&method),
-        status: response.status().as_u16(),
-    };
-    state.metrics.requests.get_or_create(&labels).inc();
-    state
-        .metrics
-        .latency
-        .get_or_create(&metrics::RouteLabels { route })
-        .observe(started.elapsed().as_secs_f64());
+    let (parts, body) = request.into_parts();
+    let host = extract::served_name(&state.config.load(), &parts);
+    let response = next.run(Request::from_parts(parts, body)).await;
+    state.metrics.observe_request(
+        host,
+        route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     response
-}
-
-fn method_label(m: &Method) -> String {
-    m.as_str().to_owned()
 }
 
 /// The router for the metrics listener.

@@ -35,6 +35,7 @@ pub use datastore::{BackendError, Datastore, Datastores, Reader};
 pub use jobs::JobLock;
 pub use pipeline::{Limits, NewMedia, Quota, Target, Uploaded};
 pub use previews::{PreviewKey, StoredPreview};
+pub use s3::operation_counts as s3_operation_counts;
 pub use thumbnails::{StoredThumbnail, ThumbnailKey};
 pub use transfer::TransferReport;
 

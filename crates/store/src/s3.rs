@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
@@ -28,6 +29,25 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 
 use crate::Error;
 use crate::datastore::{BackendError, Reader};
+
+/// S3 requests this process made, by matrix-media-repo's operation names (its metric
+/// `media_s3_operations_total`): an upload is one `PutObject` however many parts it took.
+pub fn operation_counts() -> Vec<(&'static str, u64)> {
+    OPERATION_NAMES
+        .iter()
+        .zip(&OPERATIONS)
+        .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+        .collect()
+}
+
+const OPERATION_NAMES: [&str; 4] = ["PutObject", "GetObject", "StatObject", "RemoveObject"];
+static OPERATIONS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+fn count(name: &str) {
+    if let Some(i) = OPERATION_NAMES.iter().position(|n| *n == name) {
+        OPERATIONS[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Objects larger than this go up as multipart uploads (when `multipartUploads`), as minio-go (what
 /// matrix-media-repo uses) does.
@@ -252,6 +272,7 @@ impl S3Store {
             return Ok(key);
         }
         let size = tokio::fs::metadata(temp).await?.len();
+        count("PutObject");
         if self.multipart && size > MULTIPART_THRESHOLD {
             self.put_multipart(temp, &key, size).await?;
         } else {
@@ -360,6 +381,7 @@ impl S3Store {
     }
 
     pub(crate) async fn exists(&self, key: &str) -> Result<bool, Error> {
+        count("StatObject");
         match self
             .client
             .head_object()
@@ -394,6 +416,7 @@ impl S3Store {
             (start, None) => Some(format!("bytes={start}-")),
             (start, Some(len)) => Some(format!("bytes={start}-{}", start + len - 1)),
         };
+        count("GetObject");
         match self
             .client
             .get_object()
@@ -410,6 +433,7 @@ impl S3Store {
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), Error> {
+        count("RemoveObject");
         self.client
             .delete_object()
             .bucket(&self.bucket)

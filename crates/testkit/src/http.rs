@@ -88,6 +88,12 @@ pub fn get(url: &str, headers: &[(&str, &str)]) -> Response {
     finish(url, request.call())
 }
 
+/// `GET url`, or `None` when nothing answered (a server still starting).
+pub fn try_get(url: &str) -> Option<Response> {
+    let result = agent().get(url).call();
+    result.is_ok().then(|| finish(url, result))
+}
+
 /// `method url` with `headers` and `body` (with a `Content-Type` header when given).
 pub fn send(
     method: &str,

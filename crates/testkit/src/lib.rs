@@ -15,6 +15,7 @@ mod fedharness;
 mod hmac;
 pub mod http;
 mod nginx;
+mod prometheus;
 mod s3;
 mod synapse;
 mod tls;
@@ -29,6 +30,7 @@ pub use fedharness::{
 pub use nginx::{Nginx, nginx_bin};
 /// The PostgreSQL client [`TestDb::client`] returns.
 pub use postgres;
+pub use prometheus::Prometheus;
 pub use s3::{ACCESS_KEY_ID, ACCESS_SECRET, S3Object, S3Server};
 pub use synapse::{Database, Synapse, SynapseBuilder, free_port};
 pub use tls::TestCerts;
