@@ -27,6 +27,10 @@ enum Command {
     Keys(cmd::keys::Args),
     /// Move media between datastores (file and S3), and check a datastore against the database.
     Datastores(cmd::datastores::Args),
+    /// Check a running deployment from the outside in (routing, the homeserver's media repo and
+    /// keys, database, datastores, disk space, clocks) and say what to fix. Exits with 1 when a
+    /// check fails.
+    Doctor(cmd::doctor::Args),
     /// Import the media a Synapse or Dendrite already has into the media repo (as `import_synapse` or
     /// `import_dendrite`, a link to mmrctl, it takes matrix-media-repo's flags).
     Import(cmd::import::Args),
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => cmd::keys::run(&args),
         Command::Import(args) => cmd::import::run(&args),
         Command::Datastores(args) => cmd::datastores::run(&args),
+        Command::Doctor(args) => cmd::doctor::run(&args),
     };
     match result {
         Ok(code) => code,

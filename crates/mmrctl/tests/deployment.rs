@@ -512,3 +512,162 @@ fn nginx_from_the_rendered_config_fronts_a_federating_deployment() {
 fn caddy_from_the_rendered_config_fronts_a_federating_deployment() {
     deployment_works(Kind::Caddy);
 }
+
+/// Runs `mmrctl doctor --json` on `config`; returns whether it passed and the checks that failed.
+fn doctor(d: &Deployment, config: &Path) -> (bool, Vec<String>, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args(["doctor", "--json", "--config"])
+        .arg(config)
+        .env("SSL_CERT_FILE", d.fed.ca_path())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor printed no JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let failed: Vec<String> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "failed")
+        .map(|c| c["check"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(out.status.success(), failed.is_empty(), "{report:#}");
+    assert_eq!(report["ok"], json!(failed.is_empty()), "{report:#}");
+    (out.status.success(), failed, report)
+}
+
+/// A copy of the rendered config with `edit` applied.
+fn config_with(d: &Deployment, name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let mut config = d.repo.config.clone();
+    edit(&mut config);
+    let path = d._dir.path().join(name);
+    std::fs::write(&path, serde_norway::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+/// A directory nobody can write, root included (`chattr +i`), made writable again when dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(path: PathBuf) -> Immutable {
+        std::fs::create_dir_all(path.join(".tmp")).unwrap();
+        let status = Command::new("chattr").arg("+i").arg(&path).status().unwrap();
+        assert!(
+            status.success(),
+            "chattr +i {} failed: the read-only datastore check needs a filesystem with \
+             immutable attributes (ext4, xfs, btrfs) under the temp dir",
+            path.display()
+        );
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn doctor_passes_a_good_deployment_and_names_each_planted_fault() {
+    let pages = Scripted::start("127.0.0.1");
+    let d = deploy(Kind::Nginx, pages.port);
+    let rendered = d.out.join("config/media-repo.yaml");
+    let (ok, failed, report) = doctor(&d, &rendered);
+    assert!(ok, "doctor fails a good deployment: {failed:?}\n{report:#}");
+    let checks: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    for check in [
+        "client routing",
+        "federation routing",
+        "homeserver media off",
+        "key published",
+        "signature accepted",
+        "database",
+        "datastore",
+        "disk space",
+        "clock",
+    ] {
+        assert!(checks.contains(&check), "doctor did not check {check}: {report:#}");
+    }
+
+    // The key not merged into the homeserver's key file.
+    let other_key = d._dir.path().join("unmerged.signing.key");
+    std::fs::write(
+        &other_key,
+        KeyFile::new(KeyFormat::Mmr, vec![SigningKey::generate().unwrap()]).to_text(KeyFormat::Mmr),
+    )
+    .unwrap();
+    let config = config_with(&d, "unmerged.yaml", |c| {
+        c["homeservers"][0]["signingKeyPath"] = json!(other_key)
+    });
+    assert_eq!(
+        doctor(&d, &config).1,
+        ["key published", "signature accepted"],
+        "an unmerged key"
+    );
+
+    // The homeserver's own media repo left on (B's Synapse serves media itself).
+    let b_client = d.fed.b().client_url();
+    let config = config_with(&d, "media-on.yaml", |c| {
+        c["homeservers"][0]["csApi"] = json!(b_client)
+    });
+    assert_eq!(doctor(&d, &config).1, ["homeserver media off"], "media left on");
+
+    // A read-only datastore.
+    let read_only = Immutable::new(d._dir.path().join("read-only-media"));
+    let config = config_with(&d, "read-only.yaml", |c| {
+        c["datastores"][0]["opts"]["path"] = json!(read_only.0)
+    });
+    let (_, failed, report) = doctor(&d, &config);
+    assert_eq!(failed, ["datastore"], "a read-only datastore: {report:#}");
+    drop(read_only);
+
+    // The database down (nothing listens there).
+    let config = config_with(&d, "database-down.yaml", |c| {
+        c["database"]["postgres"] = json!("postgres://postgres@127.0.0.1:1/mmrctl?sslmode=disable")
+    });
+    assert_eq!(doctor(&d, &config).1, ["database"], "the database down");
+
+    // A media path routed to the homeserver: the client media router switched off, nginx reloaded.
+    let vars_path = d.out.join("vars.yml");
+    let vars_text = std::fs::read_to_string(&vars_path).unwrap();
+    render(
+        &format!(
+            "{vars_text}matrix_media_repo_container_labels_traefik_client_matrix_client_media_enabled: false\n"
+        ),
+        &d.out,
+    );
+    d.fed.a().reload_nginx(
+        &std::fs::read_to_string(d.out.join("nginx/matrix-media-repo.conf")).unwrap(),
+    );
+    let probe = format!("{}/_matrix/client/v1/media/config", d.fed.a().base_url());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d.fed.certs().get(&probe, &[]).header(server::INSTANCE_HEADER).is_some() {
+        assert!(std::time::Instant::now() < deadline, "nginx did not reload");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, failed, report) = doctor(&d, &rendered);
+    assert_eq!(failed, ["client routing"], "a media path routed to Synapse: {report:#}");
+    let routing = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "client routing")
+        .unwrap();
+    assert!(
+        routing["message"]
+            .as_str()
+            .unwrap()
+            .contains("/_matrix/client/v1/media/config reached the homeserver"),
+        "{routing}"
+    );
+}

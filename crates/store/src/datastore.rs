@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use config::MediaKind;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 
 use crate::Error;
 use crate::s3::S3Store;
@@ -170,6 +170,61 @@ impl Datastore {
         }
     }
 
+    /// Writes a small object, reads it back and deletes it: whether the datastore works now, as
+    /// `mmrctl doctor` checks it. For a file datastore, also the space left on its filesystem.
+    pub async fn probe(&self) -> Result<Probe, Error> {
+        use sha2::Digest as _;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let content = format!("mmrctl doctor probe {} {nanos}\n", std::process::id());
+        let sha256 = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+        let temp_dir = match &self.backend {
+            Backend::File(f) => f.tmp.clone(),
+            Backend::S3(_) => std::env::temp_dir(),
+        };
+        let temp = temp_dir.join(format!("mmrctl-probe-{sha256}"));
+        let written = async {
+            let mut file = tokio::fs::File::create(&temp).await?;
+            file.write_all(content.as_bytes()).await?;
+            file.sync_all().await?;
+            Ok::<(), io::Error>(())
+        }
+        .await;
+        let placed = match written {
+            Ok(()) => self.place(&temp, &sha256).await,
+            Err(e) => Err(e.into()),
+        };
+        let _ = tokio::fs::remove_file(&temp).await;
+        let location = placed?;
+        let mut read = Vec::new();
+        let result = async {
+            self.open(&location, 0, None)
+                .await?
+                .read_to_end(&mut read)
+                .await?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        let deleted = self.delete(&location).await;
+        result?;
+        deleted?;
+        if read != content.as_bytes() {
+            return Err(Error::Corrupt(format!(
+                "datastore {}: the probe object read back differs from what was written",
+                self.id
+            )));
+        }
+        let space = match &self.backend {
+            Backend::File(f) => rustix::fs::statvfs(&f.root).ok().map(|s| Space {
+                free_bytes: s.f_bavail.saturating_mul(s.f_frsize),
+                total_bytes: s.f_blocks.saturating_mul(s.f_frsize),
+            }),
+            Backend::S3(_) => None,
+        };
+        Ok(Probe { space })
+    }
+
     pub(crate) async fn delete(&self, location: &str) -> Result<(), Error> {
         match &self.backend {
             Backend::File(f) => match tokio::fs::remove_file(f.path(location)?).await {
@@ -203,6 +258,20 @@ impl Datastore {
             )),
         }
     }
+}
+
+/// What [`Datastore::probe`] found besides that the datastore works.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe {
+    /// The filesystem of a file datastore.
+    pub space: Option<Space>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Space {
+    /// Available to unprivileged writers (`f_bavail`).
+    pub free_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// Objects as files under `root`, at `ab/cd/<sha256>`.

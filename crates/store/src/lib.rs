@@ -31,7 +31,7 @@ use tokio::sync::broadcast;
 use tokio_postgres::NoTls;
 
 pub use check::CheckReport;
-pub use datastore::{BackendError, Datastore, Datastores, Reader};
+pub use datastore::{BackendError, Datastore, Datastores, Probe, Reader, Space};
 pub use jobs::JobLock;
 pub use pipeline::{Limits, NewMedia, Quota, Target, Uploaded};
 pub use previews::{PreviewKey, StoredPreview};

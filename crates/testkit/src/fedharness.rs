@@ -148,6 +148,10 @@ impl FederationBuilder {
             if setup.media_upstream.is_some() || setup.webserver.is_some() {
                 builder = builder.config("enable_media_repo", json!(false));
             }
+            if setup.webserver.is_some() {
+                // Clients find the client port from the server name, as in production.
+                builder = builder.config("serve_client_wellknown", json!(true));
+            }
             if let Some(line) = &setup.extra_signing_key {
                 builder = builder.append_signing_key(line);
             }
@@ -336,6 +340,16 @@ impl Homeserver {
         match &self.webserver {
             FrontProcess::Nginx(nginx) => nginx.access_log(),
             FrontProcess::Caddy(_) => panic!("a Caddy front keeps no access log"),
+        }
+    }
+
+    /// Reloads an nginx front with `http` (see [`Nginx::reload`]).
+    ///
+    /// Panics for a Caddy front.
+    pub fn reload_nginx(&self, http: &str) {
+        match &self.webserver {
+            FrontProcess::Nginx(nginx) => nginx.reload(http),
+            FrontProcess::Caddy(_) => panic!("only an nginx front reloads here"),
         }
     }
 

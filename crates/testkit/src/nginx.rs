@@ -34,39 +34,7 @@ impl Nginx {
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
         let d = dir.path();
-        let p = |name: &str| d.join(name).to_string_lossy().into_owned();
-        let config = format!(
-            r#"daemon off;
-worker_processes 1;
-# Workers write the temp files in this (0700) temp dir; the directive is ignored unless root.
-user root;
-pid "{pid}";
-error_log "{error_log}" notice;
-events {{ worker_connections 1024; }}
-http {{
-    client_body_temp_path "{client_body}";
-    proxy_temp_path "{proxy}";
-    fastcgi_temp_path "{fastcgi}";
-    uwsgi_temp_path "{uwsgi}";
-    scgi_temp_path "{scgi}";
-    default_type application/octet-stream;
-    log_format testkit '$remote_addr "$request" $status $body_bytes_sent "$http_host"';
-    access_log "{access_log}" testkit;
-{http}
-}}
-"#,
-            pid = p("nginx.pid"),
-            error_log = p("error.log"),
-            client_body = p("client_body_temp"),
-            proxy = p("proxy_temp"),
-            fastcgi = p("fastcgi_temp"),
-            uwsgi = p("uwsgi_temp"),
-            scgi = p("scgi_temp"),
-            access_log = p("access.log"),
-        );
-        let config_path = d.join("nginx.conf");
-        fs::write(&config_path, config)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let config_path = write_config(d, http);
         let output = |name: &str| {
             fs::File::create(d.join(name))
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", d.join(name).display()))
@@ -113,6 +81,17 @@ http {{
         }
     }
 
+    /// Replaces the `http {}` body and reloads (`SIGHUP`): new connections get the new config
+    /// once the new workers run, which the caller waits for by what it expects to change.
+    pub fn reload(&self, http: &str) {
+        write_config(self.dir.path(), http);
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
+        assert!(status.success(), "kill -HUP nginx failed");
+    }
+
     /// The temp dir holding `nginx.conf`, the logs and the temp files.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -147,4 +126,43 @@ impl Drop for Nginx {
             eprintln!("testkit: nginx's error log:\n{}", self.error_log());
         }
     }
+}
+
+/// Writes `nginx.conf` in `d`: `http` inside testkit's frame (`daemon off`, pid, logs and temp
+/// paths in `d`).
+fn write_config(d: &Path, http: &str) -> PathBuf {
+    let p = |name: &str| d.join(name).to_string_lossy().into_owned();
+    let config = format!(
+        r#"daemon off;
+worker_processes 1;
+# Workers write the temp files in this (0700) temp dir; the directive is ignored unless root.
+user root;
+pid "{pid}";
+error_log "{error_log}" notice;
+events {{ worker_connections 1024; }}
+http {{
+    client_body_temp_path "{client_body}";
+    proxy_temp_path "{proxy}";
+    fastcgi_temp_path "{fastcgi}";
+    uwsgi_temp_path "{uwsgi}";
+    scgi_temp_path "{scgi}";
+    default_type application/octet-stream;
+    log_format testkit '$remote_addr "$request" $status $body_bytes_sent "$http_host"';
+    access_log "{access_log}" testkit;
+{http}
+}}
+"#,
+        pid = p("nginx.pid"),
+        error_log = p("error.log"),
+        client_body = p("client_body_temp"),
+        proxy = p("proxy_temp"),
+        fastcgi = p("fastcgi_temp"),
+        uwsgi = p("uwsgi_temp"),
+        scgi = p("scgi_temp"),
+        access_log = p("access.log"),
+    );
+    let config_path = d.join("nginx.conf");
+    fs::write(&config_path, config)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+    config_path
 }
