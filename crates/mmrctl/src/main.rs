@@ -6,10 +6,15 @@ mod cmd;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mmrctl", version, about, propagate_version = true)]
+#[command(
+    name = "mmrctl",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MMRCTL_COMMIT"), ")"),
+    about,
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,6 +36,17 @@ enum Command {
     /// keys, database, datastores, disk space, clocks) and say what to fix. Exits with 1 when a
     /// check fails.
     Doctor(cmd::doctor::Args),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) for mmrctl.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (mmrctl.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
     /// Import the media a Synapse or Dendrite already has into the media repo (as `import_synapse` or
     /// `import_dendrite`, a link to mmrctl, it takes matrix-media-repo's flags).
     Import(cmd::import::Args),
@@ -62,6 +78,29 @@ fn emit(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
+/// `mmrctl.1`, and `mmrctl-<sub>.1` for each subcommand (and theirs), written atomically.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fn write(dir: &std::path::Path, name: &str, cmd: clap::Command) -> anyhow::Result<()> {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone().name(name.to_owned()))
+            .render(&mut page)
+            .with_context(|| format!("cannot render the man page of {name}"))?;
+        let path = dir.join(format!("{name}.1"));
+        provision::output::write_atomic(&path, &page, 0o644)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            write(dir, &format!("{name}-{}", sub.get_name()), sub.clone())?;
+        }
+        Ok(())
+    }
+    let mut cli = Cli::command();
+    cli.build();
+    write(dir, "mmrctl", cli)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     // Run as `import_synapse`/`import_dendrite`: matrix-media-repo's command lines.
     let args = match cmd::import::alias_args(std::env::args_os().collect()) {
@@ -79,6 +118,13 @@ fn main() -> ExitCode {
         Command::Import(args) => cmd::import::run(&args),
         Command::Datastores(args) => cmd::datastores::run(&args),
         Command::Doctor(args) => cmd::doctor::run(&args),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "mmrctl", &mut out);
+            emit(&String::from_utf8_lossy(&out));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => man_pages(&dir),
     };
     match result {
         Ok(code) => code,

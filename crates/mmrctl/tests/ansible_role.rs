@@ -179,6 +179,10 @@ impl RoleRun {
              matrix_media_repo_binary_src: {bin}\n\
              matrix_media_repo_binary_path: {root}/bin/mmrctl\n\
              matrix_media_repo_systemd_path: {root}/systemd\n\
+             matrix_media_repo_bash_completion_path: {root}/share/bash-completion/completions/mmrctl\n\
+             matrix_media_repo_zsh_completion_path: {root}/share/zsh/site-functions/_mmrctl\n\
+             matrix_media_repo_fish_completion_path: {root}/share/fish/vendor_completions.d/mmrctl.fish\n\
+             matrix_media_repo_man_path: {root}/share/man/man1\n\
              matrix_media_repo_traefik_config_dir: {root}/traefik-dynamic\n\
              matrix_media_repo_user: {user_name}\n\
              matrix_media_repo_group: {group_name}\n\
@@ -259,6 +263,20 @@ fn the_role_installs_runs_is_idempotent_and_uninstalls() {
     let base = run.base();
     assert!(base.join("config/media-repo.yaml").is_file());
     assert!(run.path("systemd/matrix-media-repo.service").is_file());
+    // Completions and man pages, generated from the binary's command line.
+    let bash = fs::read_to_string(run.path("share/bash-completion/completions/mmrctl")).unwrap();
+    assert!(
+        bash.contains("doctor") && bash.contains("complete"),
+        "{bash}"
+    );
+    assert!(run.path("share/zsh/site-functions/_mmrctl").is_file());
+    assert!(
+        run.path("share/fish/vendor_completions.d/mmrctl.fish")
+            .is_file()
+    );
+    let man = fs::read_to_string(run.path("share/man/man1/mmrctl-doctor.1")).unwrap();
+    assert!(man.contains(".TH mmrctl-doctor 1"), "{man}");
+    assert!(run.path("share/man/man1/mmrctl.1").is_file());
     assert!(run.path("traefik-dynamic/matrix-media-repo.yml").is_file());
     assert!(run.path("bin/import_synapse").is_symlink());
     // The media repo's key, merged behind the homeserver's own, with a backup of the original.

@@ -555,7 +555,11 @@ struct Immutable(PathBuf);
 impl Immutable {
     fn new(path: PathBuf) -> Immutable {
         std::fs::create_dir_all(path.join(".tmp")).unwrap();
-        let status = Command::new("chattr").arg("+i").arg(&path).status().unwrap();
+        let status = Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .unwrap();
         assert!(
             status.success(),
             "chattr +i {} failed: the read-only datastore check needs a filesystem with \
@@ -596,7 +600,10 @@ fn doctor_passes_a_good_deployment_and_names_each_planted_fault() {
         "disk space",
         "clock",
     ] {
-        assert!(checks.contains(&check), "doctor did not check {check}: {report:#}");
+        assert!(
+            checks.contains(&check),
+            "doctor did not check {check}: {report:#}"
+        );
     }
 
     // The key not merged into the homeserver's key file.
@@ -620,7 +627,11 @@ fn doctor_passes_a_good_deployment_and_names_each_planted_fault() {
     let config = config_with(&d, "media-on.yaml", |c| {
         c["homeservers"][0]["csApi"] = json!(b_client)
     });
-    assert_eq!(doctor(&d, &config).1, ["homeserver media off"], "media left on");
+    assert_eq!(
+        doctor(&d, &config).1,
+        ["homeserver media off"],
+        "media left on"
+    );
 
     // A read-only datastore.
     let read_only = Immutable::new(d._dir.path().join("read-only-media"));
@@ -651,12 +662,22 @@ fn doctor_passes_a_good_deployment_and_names_each_planted_fault() {
     );
     let probe = format!("{}/_matrix/client/v1/media/config", d.fed.a().base_url());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while d.fed.certs().get(&probe, &[]).header(server::INSTANCE_HEADER).is_some() {
+    while d
+        .fed
+        .certs()
+        .get(&probe, &[])
+        .header(server::INSTANCE_HEADER)
+        .is_some()
+    {
         assert!(std::time::Instant::now() < deadline, "nginx did not reload");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let (_, failed, report) = doctor(&d, &rendered);
-    assert_eq!(failed, ["client routing"], "a media path routed to Synapse: {report:#}");
+    assert_eq!(
+        failed,
+        ["client routing"],
+        "a media path routed to Synapse: {report:#}"
+    );
     let routing = report["checks"]
         .as_array()
         .unwrap()

@@ -255,3 +255,27 @@ fn which(tool: &str) -> Option<PathBuf> {
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
 }
+
+#[test]
+fn the_version_names_the_commit_it_was_built_from() {
+    let o = mmrctl(&["--version"]);
+    assert!(o.status.success());
+    let text = stdout(&o);
+    let commit = text
+        .split("(commit ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no commit in {text:?}"));
+    let head = std::process::Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "rev-parse",
+            "--short=12",
+            "HEAD",
+        ])
+        .output()
+        .unwrap();
+    assert!(head.status.success(), "the tests run in a git checkout");
+    assert_eq!(commit, String::from_utf8_lossy(&head.stdout).trim());
+}

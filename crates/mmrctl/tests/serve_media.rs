@@ -722,3 +722,73 @@ fn server_names_with_a_port_are_served_by_that_name() {
     );
     assert_eq!(r.status, 404, "{}", r.text());
 }
+
+/// Under systemd (stderr is the journal's stream, as `JOURNAL_STREAM` says) each line carries its
+/// syslog priority and no timestamp of its own; elsewhere lines are timestamped.
+#[test]
+fn logs_carry_syslog_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("media-repo.yaml");
+    let yaml = serde_norway::to_string(&serde_json::json!({
+        "repo": { "bindAddress": "127.0.0.1", "port": support::free_port(), "logDirectory": "-" },
+        // Nothing listens there: the server logs an error and retries.
+        "database": { "postgres": "postgres://postgres@127.0.0.1:1/none?sslmode=disable" },
+        "homeservers": [{ "name": "example.test", "csApi": "http://127.0.0.1:9" }],
+        "datastores": [{ "type": "file", "id": "f", "forKinds": ["all"],
+                         "opts": { "path": dir.path().join("media") } }],
+    }))
+    .unwrap();
+    std::fs::write(&config, yaml).unwrap();
+    let run = |journal: bool| {
+        let log_path = dir.path().join(format!("journal-{journal}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let meta = log.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            // Inherited from a parent, but stderr is somewhere else.
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("JOURNAL_STREAM", stream)
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let text = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap();
+            if text.contains("the database is unreachable") {
+                break text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no database error logged:\n{text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        text
+    };
+    let journal = run(true);
+    let error = journal
+        .lines()
+        .find(|l| l.contains("the database is unreachable"))
+        .unwrap();
+    assert!(error.starts_with("<3>"), "{journal}");
+    assert!(
+        journal
+            .lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with('<')),
+        "{journal}"
+    );
+    let plain = run(false);
+    assert!(
+        plain.lines().next().is_some_and(|l| l.starts_with("20")),
+        "a timestamp first when stderr is not the journal:\n{plain}"
+    );
+}

@@ -104,6 +104,19 @@ fn init_logging(config: &Config) -> LogHandle {
                     .with_writer(std::io::stderr),
             )
             .try_init()
+    } else if stderr_is_journal() {
+        // journald stamps each line itself and reads its priority from a `<N>` prefix.
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(SyslogPriority(
+                        tracing_subscriber::fmt::format()
+                            .without_time()
+                            .with_ansi(false),
+                    ))
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
     } else {
         registry
             .with(
@@ -116,6 +129,46 @@ fn init_logging(config: &Config) -> LogHandle {
     // Only fails when a subscriber is set already, and nothing else sets one.
     let _ = result;
     handle
+}
+
+/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to its `device:inode`
+/// (a child that inherited the variable but writes elsewhere does not match).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_string_lossy() == format!("{}:{}", stderr.dev(), stderr.ino())
+}
+
+/// Prefixes each event with its syslog priority as sd-daemon(3) describes: `<3>` errors, `<4>`
+/// warnings, `<6>` information, `<7>` debugging.
+struct SyslogPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// Opens the store, retrying with backoff while the database is unreachable.

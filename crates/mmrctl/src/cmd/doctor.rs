@@ -97,20 +97,35 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 Status::Warning => "WARNING",
                 Status::Failed => "FAILED",
             };
-            text.push_str(&format!("{status:<8} {:<22} {}: {}\n", f.check, f.subject, f.message));
+            text.push_str(&format!(
+                "{status:<8} {:<22} {}: {}\n",
+                f.check, f.subject, f.message
+            ));
             if let Some(fix) = &f.fix {
                 text.push_str(&format!("{:31} fix: {fix}\n", ""));
             }
         }
-        let failed = findings.0.iter().filter(|f| f.status == Status::Failed).count();
-        let warned = findings.0.iter().filter(|f| f.status == Status::Warning).count();
+        let failed = findings
+            .0
+            .iter()
+            .filter(|f| f.status == Status::Failed)
+            .count();
+        let warned = findings
+            .0
+            .iter()
+            .filter(|f| f.status == Status::Warning)
+            .count();
         text.push_str(&format!(
             "{} checks: {failed} failed, {warned} warnings\n",
             findings.0.len()
         ));
         crate::emit(&text);
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn doctor(config: &config::Config) -> anyhow::Result<Findings> {
@@ -139,7 +154,8 @@ async fn doctor(config: &config::Config) -> anyhow::Result<Findings> {
                 "signing key",
                 "homeservers",
                 e,
-                "generate the key with `mmrctl keys generate` and point signingKeyPath at it".into(),
+                "generate the key with `mmrctl keys generate` and point signingKeyPath at it"
+                    .into(),
             );
             Default::default()
         }
@@ -195,19 +211,33 @@ async fn reaches_repo(
     Ok((response.headers().contains_key(MARKER), response))
 }
 
+/// Paths that must reach the media repo, and paths that must not.
+struct Routes<'a> {
+    check: &'static str,
+    media: &'a [&'a str],
+    other: &'a [&'a str],
+}
+
 /// Media paths to the media repo, the rest to the homeserver, on `base` (`host` overrides the
 /// `Host` header, as federation sends it).
 async fn check_routes(
     findings: &mut Findings,
     http: &outbound::Client,
-    check: &'static str,
+    routes: Routes<'_>,
     subject: &str,
     base: &str,
     host: Option<&str>,
-    media_paths: &[&str],
-    other_paths: &[&str],
 ) {
-    let where_ = if host.is_some() { "federation" } else { "client" };
+    let Routes {
+        check,
+        media: media_paths,
+        other: other_paths,
+    } = routes;
+    let where_ = if host.is_some() {
+        "federation"
+    } else {
+        "client"
+    };
     let mut wrong = Vec::new();
     for (path, want_repo) in media_paths
         .iter()
@@ -251,18 +281,21 @@ async fn check_routes(
     }
 }
 
-async fn check_client_routes(findings: &mut Findings, http: &outbound::Client, name: &str, base: &str) {
-    check_routes(
-        findings,
-        http,
-        "client routing",
-        name,
-        base,
-        None,
-        &["/_matrix/client/v1/media/config", "/_matrix/media/v3/config"],
-        &["/_matrix/client/versions"],
-    )
-    .await;
+async fn check_client_routes(
+    findings: &mut Findings,
+    http: &outbound::Client,
+    name: &str,
+    base: &str,
+) {
+    let routes = Routes {
+        check: "client routing",
+        media: &[
+            "/_matrix/client/v1/media/config",
+            "/_matrix/media/v3/config",
+        ],
+        other: &["/_matrix/client/versions"],
+    };
+    check_routes(findings, http, routes, name, base, None).await;
 }
 
 /// The homeserver's own media repo answers media requests on its client API when it is on.
@@ -287,7 +320,8 @@ async fn check_homeserver_media_off(
             check,
             &hs.name,
             format!("csApi ({}) is the media repo itself", hs.cs_api),
-            "point csApi at the homeserver's client API, not at a proxy that sends media here".into(),
+            "point csApi at the homeserver's client API, not at a proxy that sends media here"
+                .into(),
         ),
         Ok((false, r)) if r.status().as_u16() == 404 => findings.ok(
             check,
@@ -327,15 +361,18 @@ async fn check_federation(
             return;
         }
     };
+    let routes = Routes {
+        check: "federation routing",
+        media: &["/_matrix/federation/v1/media/download/mmrctl-doctor-probe"],
+        other: &["/_matrix/key/v2/server", "/_matrix/federation/v1/version"],
+    };
     check_routes(
         findings,
         http,
-        "federation routing",
+        routes,
         name,
         &dest.base_url,
         Some(&dest.host_header),
-        &["/_matrix/federation/v1/media/download/mmrctl-doctor-probe"],
-        &["/_matrix/key/v2/server", "/_matrix/federation/v1/version"],
     )
     .await;
 
@@ -381,9 +418,11 @@ async fn check_federation(
     let id = signer.key.id().to_string();
     let key = published["verify_keys"][&id]["key"].as_str();
     match key {
-        Some(k) if k == signer.key.public_key_base64() => {
-            findings.ok("key published", name, format!("the homeserver publishes {id}"))
-        }
+        Some(k) if k == signer.key.public_key_base64() => findings.ok(
+            "key published",
+            name,
+            format!("the homeserver publishes {id}"),
+        ),
         Some(_) => findings.fail(
             "key published",
             name,
@@ -423,7 +462,10 @@ async fn check_federation(
         Ok((_, r)) => findings.ok(
             "signature accepted",
             name,
-            format!("the homeserver accepts requests signed with {id} ({})", r.status()),
+            format!(
+                "the homeserver accepts requests signed with {id} ({})",
+                r.status()
+            ),
         ),
         Err(e) => findings.fail(
             "signature accepted",
@@ -452,7 +494,10 @@ fn report_skew(findings: &mut Findings, subject: &str, whose: &str, theirs: Syst
         .duration_since(theirs)
         .or_else(|_| theirs.duration_since(now))
         .unwrap_or_default();
-    let message = format!("this machine's clock and {whose}'s differ by {} s", skew.as_secs());
+    let message = format!(
+        "this machine's clock and {whose}'s differ by {} s",
+        skew.as_secs()
+    );
     let fix = "synchronise the clocks (systemd-timesyncd, chrony)".to_owned();
     if skew > SKEW_FAIL {
         findings.fail("clock", subject, message, fix);
@@ -478,11 +523,21 @@ async fn check_database(findings: &mut Findings, config: &config::Config) {
             client
         }
         Ok(Err(e)) => {
-            findings.fail(check, "postgres", format!("cannot connect: {e}"), fix.into());
+            findings.fail(
+                check,
+                "postgres",
+                format!("cannot connect: {e}"),
+                fix.into(),
+            );
             return;
         }
         Err(_) => {
-            findings.fail(check, "postgres", "no answer within 10 s".into(), fix.into());
+            findings.fail(
+                check,
+                "postgres",
+                "no answer within 10 s".into(),
+                fix.into(),
+            );
             return;
         }
     };
@@ -497,7 +552,11 @@ async fn check_database(findings: &mut Findings, config: &config::Config) {
         Ok(row) => {
             let version: i32 = row.get(0);
             let epoch: f64 = row.get(1);
-            findings.ok(check, "postgres", format!("connected; schema version {version}"));
+            findings.ok(
+                check,
+                "postgres",
+                format!("connected; schema version {version}"),
+            );
             let theirs = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0));
             report_skew(findings, "postgres", "the database", theirs);
         }
@@ -521,7 +580,11 @@ async fn check_datastores(findings: &mut Findings, config: &config::Config) {
         };
         match probed {
             Ok(probe) => {
-                findings.ok("datastore", &subject, "an object was written, read back and deleted");
+                findings.ok(
+                    "datastore",
+                    &subject,
+                    "an object was written, read back and deleted",
+                );
                 if let Some(space) = probe.space {
                     let percent = space.free_bytes as f64 * 100.0 / space.total_bytes.max(1) as f64;
                     let message = format!(
