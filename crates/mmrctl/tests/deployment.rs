@@ -360,7 +360,15 @@ const MMR_DASHBOARD_METRICS: &[&str] = &[
 /// matrix-media-repo's dashboard queries, and every query of our dashboard returns data from a
 /// real Prometheus scraping the server.
 fn check_metrics(d: &Deployment) {
-    let exposition = d.repo.metrics();
+    // A remote fetch is counted once it is stored, which can be just after its client got it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let exposition = loop {
+        let exposition = d.repo.metrics();
+        if exposition.contains("media_downloaded_total{") || std::time::Instant::now() > deadline {
+            break exposition;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let mut promtool = Command::new(testkit::promtool_bin())
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
