@@ -59,6 +59,10 @@ matrix_media_repo_port: {media_port}
 matrix_media_repo_metrics_enabled: true
 matrix_media_repo_metrics_bind_address: 127.0.0.1
 matrix_media_repo_metrics_port: {metrics_port}
+# Metrics exposed on the client host, behind basic auth (bcrypt, which all three webservers check).
+matrix_metrics_exposure_enabled: true
+matrix_metrics_exposure_http_basic_auth_enabled: true
+matrix_metrics_exposure_http_basic_auth_users: '{METRICS_USER}:{METRICS_HASH}'
 matrix_media_repo_database_postgres: "{db_url}"
 matrix_media_repo_datastore_file_id: "Hv0dZ3x1IuGmL9cFyDqCkQnV6bE2sWtR8aJoP4lYzMhKfN7gU5iXeTwB3rSjOAdq"
 # Everything here is on loopback.
@@ -86,6 +90,12 @@ matrix_media_repo_webserver_tls_certificate_key: "{cert_key}"
         pages_port = ports.pages,
     )
 }
+
+/// Who may read the metrics through the webserver: `METRICS_USER`/`METRICS_PASSWORD`, stored as
+/// a bcrypt hash (`htpasswd -nbB`).
+const METRICS_USER: &str = "prometheus";
+const METRICS_PASSWORD: &str = "metrics-pass";
+const METRICS_HASH: &str = "$2b$04$Utp5xxVoVX.WqgkxdFpF1uHzc2llyfigpJ50Pl9JYES21Vezmcc/W";
 
 /// The media repo's listeners, and the port of the pages that previews fetch.
 #[derive(Clone, Copy)]
@@ -482,6 +492,28 @@ fn deployment_works(kind: Kind) {
     assert!(r.header(server::INSTANCE_HEADER).is_some());
     assert_eq!(pages.count("/article"), 1);
 
+    // The metrics, through the webserver: the path replaced, basic auth checked.
+    let metrics_url = format!("{}/metrics/matrix-media-repo", d.fed.a().base_url());
+    assert_eq!(d.fed.certs().get(&metrics_url, &[]).status, 401);
+    let wrong = base64::engine::general_purpose::STANDARD.encode(format!("{METRICS_USER}:nope"));
+    let r = d.fed.certs().get(
+        &metrics_url,
+        &[("Authorization", &format!("Basic {wrong}"))],
+    );
+    assert_eq!(r.status, 401);
+    let right = base64::engine::general_purpose::STANDARD
+        .encode(format!("{METRICS_USER}:{METRICS_PASSWORD}"));
+    let r = d.fed.certs().get(
+        &metrics_url,
+        &[("Authorization", &format!("Basic {right}"))],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("media_http_requests_total{"),
+        "{}",
+        r.text()
+    );
+
     if matches!(kind, Kind::Nginx) {
         // The rest of a mixed workload: alice gets bob's media (the repo fetches it from B), and
         // a request names a host that is not served here.
@@ -699,4 +731,57 @@ fn doctor_passes_a_good_deployment_and_names_each_planted_fault() {
             .contains("/_matrix/client/v1/media/config reached the homeserver"),
         "{routing}"
     );
+}
+
+/// With the federation API on the client port (443 for both), each host gets one server block
+/// that sends federation paths to the homeserver's federation listener: nginx and Caddy accept
+/// what `render` writes.
+#[test]
+fn one_port_for_both_apis_renders_one_server_per_host_that_both_webservers_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = testkit::TestCerts::new();
+    let port = free_port();
+    let front = Front {
+        federation_port: port,
+        client_port: port,
+        synapse_port: 8008,
+        certificate: certs.cert_path(),
+        certificate_key: certs.key_path(),
+    };
+    let ports = Ports {
+        media: 8000,
+        metrics: 9000,
+        pages: 8080,
+    };
+    let db = "postgres://postgres@127.0.0.1:5432/none";
+    let text = vars(&front, ports, db, &dir.path().join("key"), dir.path()).replace(
+        "matrix_media_repo_webserver_homeserver_federation_url: \"http://127.0.0.1:8008\"",
+        "matrix_media_repo_webserver_homeserver_federation_url: \"http://127.0.0.1:8048\"",
+    );
+    render(&text, dir.path());
+    let nginx = std::fs::read_to_string(dir.path().join("nginx/matrix-media-repo.conf")).unwrap();
+    assert_eq!(
+        nginx.matches("server_name localhost;").count(),
+        1,
+        "{nginx}"
+    );
+    assert!(
+        nginx.contains("location ~ ^/_matrix/(federation|key)/ {"),
+        "{nginx}"
+    );
+    assert!(nginx.contains("server 127.0.0.1:8048;"), "{nginx}");
+    // Each starts (and listens) only with a config it accepts.
+    drop(testkit::Nginx::start(&nginx, &[port]));
+    let caddyfile =
+        std::fs::read_to_string(dir.path().join("caddy/matrix-media-repo.Caddyfile")).unwrap();
+    let sites = caddyfile
+        .lines()
+        .filter(|l| l.starts_with("localhost:") && l.ends_with(" {"))
+        .count();
+    assert_eq!(sites, 1, "{caddyfile}");
+    assert!(
+        caddyfile.contains("path_regexp ^/_matrix/(federation|key)/"),
+        "{caddyfile}"
+    );
+    drop(testkit::Caddy::start(&caddyfile, &[port]));
 }

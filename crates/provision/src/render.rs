@@ -156,6 +156,7 @@ pub(crate) fn files(s: &Settings) -> Result<Vec<OutputFile>, Error> {
         identifier => &s.identifier,
         web => Serde(&s.webserver),
         upstreams => Serde(s.webserver.addresses()),
+        schemes => Serde(s.webserver.schemes()),
         request_headers => Serde(&s.routes.request_headers),
         metrics_path => &s.routes.metrics_path,
         htpasswd_path => &htpasswd_path,

@@ -176,26 +176,28 @@ enum PathMatch {
 }
 
 impl PathMatch {
-    /// An nginx `location` argument. Prefixes take `^~` so that no regex location overrides them.
-    fn nginx(&self) -> String {
+    /// The matcher as one regular expression. Both webservers get regexes only, tried in the
+    /// order written (Traefik's), so that what wins in Traefik wins there: nginx would otherwise
+    /// prefer any prefix location to every regex, and Caddy's `path` ignores case.
+    fn regex(&self) -> String {
         match self {
-            PathMatch::Exact(p) => format!("= {}", nginx_word(p)),
-            PathMatch::Prefix(p) => format!("^~ {}", nginx_word(p)),
-            PathMatch::Regex(re) => format!("~ {}", nginx_word(re)),
+            PathMatch::Exact(p) => format!("^{}$", regex::escape(p)),
+            PathMatch::Prefix(p) => format!("^{}", regex::escape(p)),
+            PathMatch::Regex(re) => re.clone(),
         }
     }
 
-    /// A Caddy matcher. Caddy's `path` with a trailing `*` is a prefix match.
+    fn nginx(&self) -> String {
+        format!("~ {}", nginx_word(&self.regex()))
+    }
+
     fn caddy(&self) -> String {
-        match self {
-            PathMatch::Exact(p) => format!("path {}", caddy_word(p)),
-            PathMatch::Prefix(p) => format!("path {}", caddy_word(&format!("{p}*"))),
-            PathMatch::Regex(re) => format!("path_regexp {}", caddy_word(re)),
-        }
+        format!("path_regexp {}", caddy_word(&self.regex()))
     }
 }
 
-/// nginx needs quotes around arguments with spaces, `;`, `{`, `}` or quotes (regexes often have braces).
+/// nginx needs quotes around arguments with spaces, `;`, `{`, `}` or quotes (regexes often
+/// have braces); inside them it reads `\\` and `\"` as escapes and keeps other backslashes.
 fn nginx_word(s: &str) -> String {
     if s.chars()
         .any(|c| c.is_whitespace() || matches!(c, ';' | '{' | '}' | '"' | '\'' | '$' | '\\'))
@@ -206,11 +208,13 @@ fn nginx_word(s: &str) -> String {
     }
 }
 
+/// Caddy reads a backquoted token verbatim (no escapes at all), and Traefik's arguments cannot
+/// hold a backquote.
 fn caddy_word(s: &str) -> String {
     if s.chars()
-        .any(|c| c.is_whitespace() || matches!(c, '{' | '}' | '"' | '#'))
+        .any(|c| c.is_whitespace() || matches!(c, '{' | '}' | '"' | '#' | '\\' | '`'))
     {
-        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+        format!("`{s}`")
     } else {
         s.to_owned()
     }
@@ -227,22 +231,28 @@ struct Location {
     metrics: bool,
 }
 
+/// One host and port, with the routers of every side that serves it.
 #[derive(Debug, Clone, Serialize)]
 struct Server {
-    /// `client` or `federation`.
-    kind: &'static str,
+    /// `client API`, `federation API`, or both.
+    kinds: Vec<&'static str>,
     host: String,
     port: u16,
     locations: Vec<Location>,
-    /// Where every other path goes: the homeserver (client or federation side), or nothing (404)
-    /// on a host that only serves metrics.
+    /// Where every other path goes: the homeserver's client side (its federation side on a
+    /// federation-only server), or nothing (404) on a host that only serves metrics.
     fallback: Option<String>,
+    /// On a server that is both, where `/_matrix/federation/` and `/_matrix/key/` go.
+    federation_fallback: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 struct Upstream {
     name: String,
+    /// `host:port`.
     address: String,
+    /// `http` or `https`.
+    scheme: &'static str,
 }
 
 /// What the nginx and Caddy templates render.
@@ -259,10 +269,33 @@ pub struct Webserver {
     /// 0: no limit.
     max_body_bytes: u64,
     read_timeout_seconds: u32,
+    /// Whether the metrics router asks for basic auth.
+    basic_auth: bool,
     /// `user:hash` lines for the metrics route (nginx's `auth_basic_user_file`).
     basic_auth_users: Vec<String>,
     /// `user base64(bcrypt hash)` for Caddy's `basicauth`, which only takes bcrypt.
     caddy_basic_auth: Vec<String>,
+}
+
+/// Request headers that nginx and Caddy can both carry as given: a token for the name, and no
+/// character either would read as syntax or a variable (`$`, `{}`), no quotes, no controls.
+fn header_is_plain(name: &str, value: &str) -> bool {
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#%&'*+-.^_|~".contains(&b));
+    token
+        && value
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && !b"\"$`{}\\;".contains(&b))
+}
+
+/// A host a `server_name` and a Caddy site address can both take.
+fn host_is_plain(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
 }
 
 impl Webserver {
@@ -274,8 +307,16 @@ impl Webserver {
             .collect()
     }
 
+    /// Upstream names to `http` or `https`.
+    pub(crate) fn schemes(&self) -> indexmap::IndexMap<String, &'static str> {
+        self.upstreams
+            .iter()
+            .map(|u| (u.name.clone(), u.scheme))
+            .collect()
+    }
+
     pub(crate) fn htpasswd(&self) -> Option<String> {
-        (!self.basic_auth_users.is_empty()).then(|| {
+        self.basic_auth.then(|| {
             self.basic_auth_users
                 .iter()
                 .map(|u| format!("{u}\n"))
@@ -289,26 +330,70 @@ impl Webserver {
         config: &config::Config,
     ) -> Webserver {
         let v = |suffix: &str| format!("{VAR}{suffix}");
-        let address = |url: &str| {
-            let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-            rest.split('/').next().unwrap_or_default().to_owned()
+        let mut web = Webserver {
+            bind_addresses: r.strings(&v("bind_addresses")).unwrap_or_default(),
+            tls_certificate: r.string(&v("tls_certificate")).unwrap_or_default(),
+            tls_certificate_key: r.string(&v("tls_certificate_key")).unwrap_or_default(),
+            max_body_bytes: config.uploads.max_bytes,
+            read_timeout_seconds: config
+                .timeouts
+                .federation_timeout_seconds
+                .max(config.timeouts.client_server_timeout_seconds)
+                + 60,
+            ..Webserver::default()
         };
-        let media_url = table
-            .services
-            .iter()
-            .find(|s| s.name == SERVICE)
-            .map(|s| s.url.clone())
-            .unwrap_or_default();
-        let metrics_url = table
-            .services
-            .iter()
-            .find(|s| s.name == METRICS_SERVICE)
-            .map(|s| s.url.clone())
-            .unwrap_or_default();
-        let homeserver_client = r.string(&v("homeserver_client_url")).unwrap_or_default();
-        let homeserver_federation = r
-            .string(&v("homeserver_federation_url"))
-            .unwrap_or_default();
+        let service_url = |name: &str| {
+            table
+                .services
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.url.clone())
+                .unwrap_or_default()
+        };
+        let homeserver = format!("{SERVICE}-homeserver");
+        let homeserver_federation = format!("{SERVICE}-homeserver-federation");
+        let mut upstreams = Vec::new();
+        for (name, variable, url) in [
+            (
+                SERVICE.to_owned(),
+                "matrix_media_repo_traefik_service_url".to_owned(),
+                service_url(SERVICE),
+            ),
+            (
+                METRICS_SERVICE.to_owned(),
+                "matrix_media_repo_traefik_metrics_service_url".to_owned(),
+                service_url(METRICS_SERVICE),
+            ),
+            (
+                homeserver.clone(),
+                v("homeserver_client_url"),
+                r.string(&v("homeserver_client_url")).unwrap_or_default(),
+            ),
+            (
+                homeserver_federation.clone(),
+                v("homeserver_federation_url"),
+                r.string(&v("homeserver_federation_url"))
+                    .unwrap_or_default(),
+            ),
+        ] {
+            match upstream_address(&url) {
+                Some((scheme, address)) => upstreams.push(Upstream {
+                    name,
+                    address,
+                    scheme,
+                }),
+                None => {
+                    let e = r.eval.invalid(
+                        &variable,
+                        &format!(
+                            "is not an http:// or https:// URL with a host (`{url}`): the nginx and \
+                             Caddy outputs proxy to it"
+                        ),
+                    );
+                    r.diagnostics.errors.push(e);
+                }
+            }
+        }
         let client_port = r.int(&v("client_port")).unwrap_or(443);
         let federation_port = r.int(&v("federation_port")).unwrap_or(8448);
         let mut port = |name: &str, value: i64| match u16::try_from(value) {
@@ -322,37 +407,21 @@ impl Webserver {
         let client_port = port("client_port", client_port);
         let federation_port = port("federation_port", federation_port);
 
-        let upstreams = vec![
-            Upstream {
-                name: SERVICE.to_owned(),
-                address: address(&media_url),
-            },
-            Upstream {
-                name: METRICS_SERVICE.to_owned(),
-                address: address(&metrics_url),
-            },
-            Upstream {
-                name: format!("{SERVICE}-homeserver"),
-                address: address(&homeserver_client),
-            },
-            Upstream {
-                name: format!("{SERVICE}-homeserver-federation"),
-                address: address(&homeserver_federation),
-            },
-        ];
-        let mut web = Webserver {
-            bind_addresses: r.strings(&v("bind_addresses")).unwrap_or_default(),
-            tls_certificate: r.string(&v("tls_certificate")).unwrap_or_default(),
-            tls_certificate_key: r.string(&v("tls_certificate_key")).unwrap_or_default(),
-            max_body_bytes: config.uploads.max_bytes,
-            read_timeout_seconds: config
-                .timeouts
-                .federation_timeout_seconds
-                .max(config.timeouts.client_server_timeout_seconds)
-                + 60,
-            ..Webserver::default()
-        };
+        for (name, value) in &table.request_headers {
+            if !header_is_plain(name, value) {
+                let e = r.eval.invalid(
+                    "matrix_media_repo_container_labels_traefik_additional_request_headers",
+                    &format!(
+                        "has a header nginx and Caddy cannot carry as given (`{name}: {value}`): \
+                         names are HTTP tokens, values printable without quotes, `$`, `{{`, `}}`, \
+                         `;` or backslashes"
+                    ),
+                );
+                r.diagnostics.errors.push(e);
+            }
+        }
         if let Some(users) = &table.metrics_basic_auth_users {
+            web.basic_auth = true;
             for user in users.split(',').map(str::trim).filter(|u| !u.is_empty()) {
                 web.basic_auth_users.push(user.to_owned());
                 if let Some((name, hash)) = user.split_once(':')
@@ -362,29 +431,31 @@ impl Webserver {
                     web.caddy_basic_auth.push(format!("{name} {hash}"));
                 }
             }
-            if web.caddy_basic_auth.len() < web.basic_auth_users.len() {
-                r.diagnostics.warnings.push(crate::Warning(
-                    "matrix_media_repo_container_labels_traefik_metrics_middleware_basic_auth_users: Caddy checks only bcrypt hashes (`htpasswd -B`); users with other hashes cannot sign in through the Caddy output (it answers 403 when none can)"
-                        .to_owned(),
-                ));
+            let users_var =
+                "matrix_media_repo_container_labels_traefik_metrics_middleware_basic_auth_users";
+            if web.basic_auth_users.is_empty() {
+                let e = r.eval.invalid(
+                    users_var,
+                    "is empty while basic auth protects the metrics: add `user:hash` entries \
+                     (`htpasswd -nbB USER PASSWORD`), or turn basic auth off",
+                );
+                r.diagnostics.errors.push(e);
+            } else if web.caddy_basic_auth.len() < web.basic_auth_users.len() {
+                r.diagnostics.warnings.push(crate::Warning(format!(
+                    "{users_var}: Caddy checks only bcrypt hashes (`htpasswd -B`); users with other \
+                     hashes cannot sign in through the Caddy output (it answers 403 when none can)"
+                )));
             }
         }
 
         let mut routes: Vec<&Route> = table.routes.iter().collect();
-        // Traefik's order: an explicit priority, else the longest rule first. nginx tries regex
-        // locations and Caddy's `route` tries handlers in the order written.
+        // Traefik's order: an explicit priority, else the longest rule first.
         routes.sort_by_key(|r| std::cmp::Reverse(traefik_priority(r)));
         for route in routes {
             let variable = format!("{}rule", route.variables);
             let (kind, port, fallback) = match route.side {
-                Side::Public | Side::Metrics => {
-                    ("client", client_port, Some(upstreams[2].name.clone()))
-                }
-                Side::Federation => (
-                    "federation",
-                    federation_port,
-                    Some(upstreams[3].name.clone()),
-                ),
+                Side::Public | Side::Metrics => ("client API", client_port, &homeserver),
+                Side::Federation => ("federation API", federation_port, &homeserver_federation),
                 Side::Internal => {
                     web.skipped.push(format!(
                         "{}: the playbook's internal Traefik entrypoint (for containers on its network) has no counterpart here",
@@ -394,7 +465,11 @@ impl Webserver {
                 }
             };
             let (host, paths) = match Rule::parse(&route.rule).and_then(|rule| rule.split()) {
-                Ok((Some(host), paths)) => (host, paths),
+                Ok((Some(host), paths)) if host_is_plain(&host) => (host, paths),
+                Ok((Some(host), _)) => {
+                    web.skip(r, &variable, route, &format!("the host `{host}`"));
+                    continue;
+                }
                 Ok((None, _)) => {
                     web.skip(r, &variable, route, "no Host matcher");
                     continue;
@@ -405,23 +480,40 @@ impl Webserver {
                 }
             };
             let metrics = route.side == Side::Metrics;
-            let server = match web.servers.iter_mut().position(|s| {
-                s.kind == kind && s.host.eq_ignore_ascii_case(&host) && s.port == port
-            }) {
+            let server = match web
+                .servers
+                .iter()
+                .position(|s| s.host.eq_ignore_ascii_case(&host) && s.port == port)
+            {
                 Some(i) => &mut web.servers[i],
                 None => {
                     web.servers.push(Server {
-                        kind,
+                        kinds: Vec::new(),
                         host: host.clone(),
                         port,
                         locations: Vec::new(),
                         fallback: None,
+                        federation_fallback: None,
                     });
                     web.servers.last_mut().expect("just pushed")
                 }
             };
             if !metrics {
-                server.fallback = fallback;
+                if !server.kinds.contains(&kind) {
+                    server.kinds.push(kind);
+                }
+                match (kind, &server.fallback) {
+                    // The client side keeps `/`; federation paths get their own locations.
+                    ("federation API", Some(existing)) if existing == &homeserver => {
+                        server.federation_fallback = Some(homeserver_federation.clone());
+                    }
+                    ("client API", Some(existing)) if existing == &homeserver_federation => {
+                        server.fallback = Some(homeserver.clone());
+                        server.federation_fallback = Some(homeserver_federation.clone());
+                    }
+                    (_, Some(_)) => {}
+                    (_, None) => server.fallback = Some(fallback.clone()),
+                }
             }
             for path in paths {
                 server.locations.push(Location {
@@ -433,11 +525,17 @@ impl Webserver {
                 });
             }
         }
+        for server in &mut web.servers {
+            if server.kinds.is_empty() {
+                server.kinds.push("metrics");
+            }
+        }
         web.upstreams = upstreams
             .into_iter()
             .filter(|u| {
                 web.servers.iter().any(|s| {
                     s.fallback.as_deref() == Some(u.name.as_str())
+                        || s.federation_fallback.as_deref() == Some(u.name.as_str())
                         || s.locations.iter().any(|l| l.upstream == u.name)
                 })
             })
@@ -455,6 +553,22 @@ impl Webserver {
             route.name
         )));
     }
+}
+
+/// `http://host:port/...` as (`http`, `host:port`); a URL without a host is refused.
+fn upstream_address(url: &str) -> Option<(&'static str, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" => "http",
+        "https" => "https",
+        _ => return None,
+    };
+    let authority = rest.split('/').next()?;
+    let plain = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
+    plain.then(|| (scheme, authority.to_owned()))
 }
 
 fn traefik_priority(route: &Route) -> i64 {
@@ -523,19 +637,51 @@ mod tests {
     }
 
     #[test]
-    fn locations_are_written_in_each_servers_syntax() {
+    fn every_matcher_becomes_a_regex_in_each_servers_syntax() {
         let p = PathMatch::Prefix("/_matrix/media/".into());
-        assert_eq!(p.nginx(), "^~ /_matrix/media/");
-        assert_eq!(p.caddy(), "path /_matrix/media/*");
+        assert_eq!(p.nginx(), "~ ^/_matrix/media/");
+        assert_eq!(p.caddy(), "path_regexp ^/_matrix/media/");
+        let dotted = PathMatch::Prefix("/_matrix/client/unstable/io.t2bot.media".into());
+        assert_eq!(
+            dotted.nginx(),
+            "~ \"^/_matrix/client/unstable/io\\\\.t2bot\\\\.media\""
+        );
+        assert_eq!(
+            dotted.caddy(),
+            "path_regexp `^/_matrix/client/unstable/io\\.t2bot\\.media`"
+        );
         let re = PathMatch::Regex("^/_matrix/client/(?P<version>(v1))/media/".into());
         assert_eq!(re.nginx(), "~ ^/_matrix/client/(?P<version>(v1))/media/");
         assert_eq!(
             re.caddy(),
             "path_regexp ^/_matrix/client/(?P<version>(v1))/media/"
         );
-        let braces = PathMatch::Regex("^/a{2}$".into());
-        assert_eq!(braces.nginx(), "~ \"^/a{2}$\"");
-        assert_eq!(braces.caddy(), "path_regexp \"^/a{2}$\"");
-        assert_eq!(PathMatch::Exact("/m".into()).nginx(), "= /m");
+        let braces = PathMatch::Regex("^/a{2}\\d$".into());
+        assert_eq!(braces.nginx(), "~ \"^/a{2}\\\\d$\"");
+        assert_eq!(braces.caddy(), "path_regexp `^/a{2}\\d$`");
+        assert_eq!(PathMatch::Exact("/m".into()).nginx(), "~ \"^/m$\"");
+    }
+
+    #[test]
+    fn what_the_templates_would_carry_verbatim_is_checked() {
+        assert!(header_is_plain("X-Forwarded-Host", "example.com"));
+        for (name, value) in [
+            ("X Bad", "v"),
+            ("X-Ok", "a$host"),
+            ("X-Ok", "{placeholder}"),
+            ("X-Ok", "line\r\nInjected: 1"),
+            ("X-Ok", "quote\""),
+            ("X-Ok", "semi;colon"),
+        ] {
+            assert!(!header_is_plain(name, value), "{name}: {value:?}");
+        }
+        assert!(host_is_plain("matrix.example.com"));
+        assert!(!host_is_plain("matrix.example.com; evil"));
+        assert_eq!(
+            upstream_address("https://10.0.0.5:8448/x"),
+            Some(("https", "10.0.0.5:8448".to_owned()))
+        );
+        assert_eq!(upstream_address("127.0.0.1:8000"), None);
+        assert_eq!(upstream_address("http://"), None);
     }
 }
