@@ -17,11 +17,18 @@ fn main() {
     };
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=MMRCTL_COMMIT={commit}");
-    // Again when HEAD moves (a commit, a checkout).
-    if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={git_dir}/HEAD");
-        if let Some(head_ref) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={git_dir}/{head_ref}");
+    // Again when HEAD moves (a commit, a checkout): HEAD, the branch it names and packed refs,
+    // wherever this checkout keeps them (worktrees included). Only files that exist are named:
+    // cargo reruns the script on every build for one that does not.
+    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    if let Some(head_ref) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(head_ref);
+    }
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
+            && std::path::Path::new(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
         }
     }
     println!("cargo:rerun-if-changed=build.rs");

@@ -107,7 +107,13 @@ struct RoleRun {
 impl RoleRun {
     fn new() -> RoleRun {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["systemd", "traefik-dynamic", "synapse"] {
+        for sub in [
+            "systemd",
+            "traefik-dynamic",
+            "synapse",
+            "nginx-conf.d",
+            "caddy-conf.d",
+        ] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
         // The homeserver's key file, as Synapse would have it.
@@ -184,6 +190,8 @@ impl RoleRun {
              matrix_media_repo_fish_completion_path: {root}/share/fish/vendor_completions.d/mmrctl.fish\n\
              matrix_media_repo_man_path: {root}/share/man/man1\n\
              matrix_media_repo_traefik_config_dir: {root}/traefik-dynamic\n\
+             matrix_media_repo_webserver_nginx_config_dir: {root}/nginx-conf.d\n\
+             matrix_media_repo_webserver_caddy_config_dir: {root}/caddy-conf.d\n\
              matrix_media_repo_user: {user_name}\n\
              matrix_media_repo_group: {group_name}\n\
              matrix_media_repo_bind_address: 127.0.0.1\n\
@@ -278,6 +286,15 @@ fn the_role_installs_runs_is_idempotent_and_uninstalls() {
     assert!(man.contains(".TH mmrctl-doctor 1"), "{man}");
     assert!(run.path("share/man/man1/mmrctl.1").is_file());
     assert!(run.path("traefik-dynamic/matrix-media-repo.yml").is_file());
+    // The webservers' copies, readable by their workers.
+    for copy in [
+        "nginx-conf.d/matrix-media-repo.conf",
+        "caddy-conf.d/matrix-media-repo.Caddyfile",
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(run.path(copy)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "{copy}");
+    }
     assert!(run.path("bin/import_synapse").is_symlink());
     // The media repo's key, merged behind the homeserver's own, with a backup of the original.
     let hs_key = run.path("synapse/example.com.signing.key");

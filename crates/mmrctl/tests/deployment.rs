@@ -369,7 +369,11 @@ const MMR_DASHBOARD_METRICS: &[&str] = &[
 /// After the mixed workload: the exposition passes `promtool check metrics`, has every series
 /// matrix-media-repo's dashboard queries, and every query of our dashboard returns data from a
 /// real Prometheus scraping the server.
-fn check_metrics(d: &Deployment) {
+fn check_metrics(
+    d: &Deployment,
+    prometheus: &mut testkit::Prometheus,
+    second_round: impl FnOnce(),
+) {
     // A remote fetch is counted once it is stored, which can be just after its client got it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let exposition = loop {
@@ -411,17 +415,26 @@ fn check_metrics(d: &Deployment) {
         .unwrap(),
     )
     .unwrap();
-    let metrics_port = d.repo.config["metrics"]["port"].as_u64().unwrap();
-    let prometheus =
-        testkit::Prometheus::start("media-repo", &[format!("127.0.0.1:{metrics_port}")], 3);
+    // Rates and quantiles need increases between two scrapes: a second round of the workload
+    // once the first one's series were scraped, then two scrapes more.
+    prometheus.wait_scrapes(prometheus.scrapes() + 1);
+    second_round();
+    prometheus.wait_scrapes(prometheus.scrapes() + 2);
     let mut queries = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"].as_str().unwrap();
             let result = prometheus.query(expr);
+            // A number for some series (a broken histogram or ratio gives NaN).
+            let finite = result.iter().any(|series| {
+                series["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(f64::is_finite)
+            });
             assert!(
-                !result.is_empty(),
-                "panel {:?}: {expr} returns nothing after the workload",
+                finite,
+                "panel {:?}: {expr} has no value after the workload: {result:?}",
                 panel["title"]
             );
             queries += 1;
@@ -440,6 +453,12 @@ fn deployment_works(kind: Kind) {
         ),
     );
     let d = deploy(kind, pages.port);
+    // A real Prometheus scrapes the nginx deployment from the start, as in production, so
+    // that rates and quantiles see the workload.
+    let mut prometheus = matches!(kind, Kind::Nginx).then(|| {
+        let port = d.repo.config["metrics"]["port"].as_u64().unwrap();
+        testkit::Prometheus::start("media-repo", &[format!("127.0.0.1:{port}")], 2)
+    });
     check_routing(&d);
 
     let flow = client_flow(&d);
@@ -514,33 +533,87 @@ fn deployment_works(kind: Kind) {
         r.text()
     );
 
-    if matches!(kind, Kind::Nginx) {
-        // The rest of a mixed workload: alice gets bob's media (the repo fetches it from B), and
-        // a request names a host that is not served here.
-        let (a, b) = (d.fed.a(), d.fed.b());
-        let (_, bob_token) = b.register_user("carol", false);
-        let body = png(50, 40);
-        let up = d.fed.certs().send(
-            "POST",
-            &format!("{}/_matrix/media/v3/upload?filename=b.png", b.base_url()),
-            &[("Authorization", &format!("Bearer {bob_token}"))],
-            Some("image/png"),
-            &body,
-        );
-        assert_eq!(up.status, 200, "{}", up.text());
-        let remote = up.json()["content_uri"].as_str().unwrap()["mxc://".len()..].to_owned();
-        let r = d.fed.certs().get(
-            &format!("{}/_matrix/client/v1/media/download/{remote}", a.base_url()),
-            &[("Authorization", &auth)],
-        );
-        assert_eq!((r.status, r.body.as_slice()), (200, body.as_slice()));
-        let r = testkit::http::get(
-            &d.repo.url("/_matrix/media/v3/config"),
-            &[("Host", "not-served.example")],
-        );
-        assert_eq!(r.status, 404);
-        check_metrics(&d);
+    if let Some(prometheus) = prometheus.as_mut() {
+        let (_, carol) = d.fed.b().register_user("carol", false);
+        let round = |i: u32| mixed_workload(&d, &pages, &auth, &carol, i);
+        round(0);
+        check_metrics(&d, prometheus, || round(1));
     }
+}
+
+/// The rest of a mixed workload, round `i`: alice gets carol@B's new media (the repo fetches it
+/// from B), uploads her image again (stored once), downloads it, asks for a new thumbnail size
+/// and a new preview; and a request names a host that is not served here.
+fn mixed_workload(d: &Deployment, pages: &Scripted, auth: &str, carol: &str, i: u32) {
+    let (a, b, tls) = (d.fed.a(), d.fed.b(), d.fed.certs());
+    let body = png(50 + i, 40);
+    let up = tls.send(
+        "POST",
+        &format!("{}/_matrix/media/v3/upload?filename=b.png", b.base_url()),
+        &[("Authorization", &format!("Bearer {carol}"))],
+        Some("image/png"),
+        &body,
+    );
+    assert_eq!(up.status, 200, "{}", up.text());
+    let remote = up.json()["content_uri"].as_str().unwrap()["mxc://".len()..].to_owned();
+    let r = tls.get(
+        &format!("{}/_matrix/client/v1/media/download/{remote}", a.base_url()),
+        &[("Authorization", auth)],
+    );
+    assert_eq!((r.status, r.body.as_slice()), (200, body.as_slice()));
+
+    let image = png(640, 480);
+    let up = tls.send(
+        "POST",
+        &format!(
+            "{}/_matrix/media/v3/upload?filename=again.png",
+            a.base_url()
+        ),
+        &[("Authorization", auth)],
+        Some("image/png"),
+        &image,
+    );
+    assert_eq!(up.status, 200, "{}", up.text());
+    let own = up.json()["content_uri"].as_str().unwrap()["mxc://".len()..].to_owned();
+    let r = tls.get(
+        &format!("{}/_matrix/client/v1/media/download/{own}", a.base_url()),
+        &[("Authorization", auth)],
+    );
+    assert_eq!(r.status, 200);
+    let size = 100 + 50 * i;
+    let r = tls.get(
+        &format!(
+            "{}/_matrix/client/v1/media/thumbnail/{own}?width={size}&height={size}&method=crop",
+            a.base_url()
+        ),
+        &[("Authorization", auth)],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let page = format!("/article-{i}");
+    pages.route(
+        &page,
+        Action::ok(
+            "text/html",
+            "<html><head><title>Another one</title></head></html>",
+        ),
+    );
+    let url = format!("http://127.0.0.1:{}{page}", pages.port);
+    let r = tls.get(
+        &format!(
+            "{}/_matrix/client/v1/media/preview_url?url={}",
+            a.base_url(),
+            support::encode(&url)
+        ),
+        &[("Authorization", auth)],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let r = testkit::http::get(
+        &d.repo.url("/_matrix/media/v3/config"),
+        &[("Host", "not-served.example")],
+    );
+    assert_eq!(r.status, 404);
 }
 
 #[test]

@@ -151,7 +151,6 @@ pub(crate) fn files(s: &Settings) -> Result<Vec<OutputFile>, Error> {
         },
     )?;
 
-    let htpasswd_path = format!("{}/nginx/{}.htpasswd", s.base_path, s.identifier);
     let web_ctx = context! {
         identifier => &s.identifier,
         web => Serde(&s.webserver),
@@ -159,7 +158,6 @@ pub(crate) fn files(s: &Settings) -> Result<Vec<OutputFile>, Error> {
         schemes => Serde(s.webserver.schemes()),
         request_headers => Serde(&s.routes.request_headers),
         metrics_path => &s.routes.metrics_path,
-        htpasswd_path => &htpasswd_path,
     };
     let mut files = vec![
         OutputFile::new(

@@ -273,6 +273,8 @@ pub struct Webserver {
     basic_auth: bool,
     /// `user:hash` lines for the metrics route (nginx's `auth_basic_user_file`).
     basic_auth_users: Vec<String>,
+    /// Where nginx reads that file: beside the copied config when the role copies it.
+    htpasswd_path: String,
     /// `user base64(bcrypt hash)` for Caddy's `basicauth`, which only takes bcrypt.
     caddy_basic_auth: Vec<String>,
 }
@@ -330,7 +332,16 @@ impl Webserver {
         config: &config::Config,
     ) -> Webserver {
         let v = |suffix: &str| format!("{VAR}{suffix}");
+        let identifier = r.string("matrix_media_repo_identifier").unwrap_or_default();
+        let htpasswd_dir = match r.string(&v("nginx_config_dir")).unwrap_or_default() {
+            dir if dir.is_empty() => format!(
+                "{}/nginx",
+                r.string("matrix_media_repo_base_path").unwrap_or_default()
+            ),
+            dir => dir,
+        };
         let mut web = Webserver {
+            htpasswd_path: format!("{htpasswd_dir}/{identifier}.htpasswd"),
             bind_addresses: r.strings(&v("bind_addresses")).unwrap_or_default(),
             tls_certificate: r.string(&v("tls_certificate")).unwrap_or_default(),
             tls_certificate_key: r.string(&v("tls_certificate_key")).unwrap_or_default(),

@@ -204,12 +204,14 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
-/// `<hostname>/<pid>`: unique among the instances that share a database.
+/// A random id per process, told apart from other instances' without naming the host.
 fn instance_name() -> axum::http::HeaderValue {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name = format!("{}/{}", host.trim(), std::process::id());
-    axum::http::HeaderValue::from_str(&name)
-        .unwrap_or_else(|_| axum::http::HeaderValue::from(std::process::id()))
+    use std::hash::{BuildHasher as _, Hasher as _};
+    // `RandomState` is seeded from the OS's randomness for each process.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    axum::http::HeaderValue::from_str(&format!("{:016x}", hasher.finish()))
+        .unwrap_or(axum::http::HeaderValue::from_static("mmrctl"))
 }
 
 /// The instance marker, and CORS as the client-server spec asks, on every response (errors

@@ -171,6 +171,15 @@ pub(crate) fn action(route: &str, method: &axum::http::Method) -> &'static str {
     }
 }
 
+/// The method as a label: the standard ones, else `other` (clients may send any token).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    const KNOWN: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+    KNOWN
+        .into_iter()
+        .find(|m| *m == method.as_str())
+        .unwrap_or("other")
+}
+
 impl Metrics {
     pub(crate) fn new() -> Metrics {
         let mut root = Registry::default();
@@ -393,7 +402,7 @@ impl Metrics {
         seconds: f64,
     ) {
         let action = action(&route, method).to_owned();
-        let method = method.as_str().to_owned();
+        let method = method_label(method).to_owned();
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.clone(),

@@ -170,6 +170,31 @@ impl Datastore {
         }
     }
 
+    /// Opens the datastore `ds` describes and [`probes`](Datastore::probe) it, leaving nothing
+    /// behind: directories the probe created (a file datastore's root, `.tmp`, the object's
+    /// shard directories) are removed again, so that whoever runs it (root, say) owns nothing
+    /// the service must write to later.
+    pub async fn probe_config(ds: &config::Datastore) -> Result<Probe, Error> {
+        let mut created = Vec::new();
+        if let config::DatastoreOpts::File(opts) = &ds.opts {
+            let root = PathBuf::from(&opts.path);
+            for dir in [root.clone(), root.join(".tmp")] {
+                if !dir.exists() {
+                    created.push(dir);
+                }
+            }
+        }
+        let result = match Datastore::from_config(ds) {
+            Ok(datastore) => datastore.probe().await,
+            Err(e) => Err(e),
+        };
+        // Deepest first; only empty directories go (`remove_dir` refuses the others).
+        for dir in created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        result
+    }
+
     /// Writes a small object, reads it back and deletes it: whether the datastore works now, as
     /// `mmrctl doctor` checks it. For a file datastore, also the space left on its filesystem.
     pub async fn probe(&self) -> Result<Probe, Error> {
@@ -179,6 +204,17 @@ impl Datastore {
             .map_or(0, |d| d.as_nanos());
         let content = format!("mmrctl doctor probe {} {nanos}\n", std::process::id());
         let sha256 = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+        // The object's shard directories (`ab/cd/`, `ab/`) go again when the probe made them.
+        let new_dirs: Vec<PathBuf> = match &self.backend {
+            Backend::File(f) => {
+                let shard = f.root.join(&sha256[0..2]);
+                [shard.join(&sha256[2..4]), shard]
+                    .into_iter()
+                    .filter(|d| !d.exists())
+                    .collect()
+            }
+            Backend::S3(_) => Vec::new(),
+        };
         let temp_dir = match &self.backend {
             Backend::File(f) => f.tmp.clone(),
             Backend::S3(_) => std::env::temp_dir(),
@@ -196,8 +232,20 @@ impl Datastore {
             Err(e) => Err(e.into()),
         };
         let _ = tokio::fs::remove_file(&temp).await;
-        let location = placed?;
+        let remove_new_dirs = || {
+            for dir in &new_dirs {
+                let _ = std::fs::remove_dir(dir);
+            }
+        };
+        let location = match placed {
+            Ok(location) => location,
+            Err(e) => {
+                remove_new_dirs();
+                return Err(e);
+            }
+        };
         let mut read = Vec::new();
+
         let result = async {
             self.open(&location, 0, None)
                 .await?
@@ -207,6 +255,7 @@ impl Datastore {
         }
         .await;
         let deleted = self.delete(&location).await;
+        remove_new_dirs();
         result?;
         deleted?;
         if read != content.as_bytes() {

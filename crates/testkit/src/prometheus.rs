@@ -13,6 +13,7 @@ pub struct Prometheus {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    job: String,
 }
 
 impl Prometheus {
@@ -51,30 +52,52 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut prometheus = Self { child, port, dir };
-        let wanted = format!("min(count_over_time(up{{job=\"{job}\"}}[5m])) >= {scrapes}");
+        let mut prometheus = Self {
+            child,
+            port,
+            dir,
+            job: job.to_owned(),
+        };
+        prometheus.wait_scrapes(scrapes);
+        prometheus
+    }
+
+    /// How often every target has been scraped so far (within 5 minutes).
+    pub fn scrapes(&self) -> u32 {
+        let count = format!("min(count_over_time(up{{job=\"{}\"}}[5m]))", self.job);
+        self.query(&count)
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .map_or(0, |n| n as u32)
+    }
+
+    /// Waits until every target has been scraped `scrapes` times in all (within 5 minutes).
+    pub fn wait_scrapes(&mut self, scrapes: u32) {
+        let wanted = format!(
+            "min(count_over_time(up{{job=\"{}\"}}[5m])) >= {scrapes}",
+            self.job
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(Some(status)) = prometheus.child.try_wait() {
-                panic!("prometheus exited ({status}):\n{}", prometheus.log());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("prometheus exited ({status}):\n{}", self.log());
             }
-            let ready = crate::http::try_get(&prometheus.url(&wanted)).is_some_and(|r| {
+            let ready = crate::http::try_get(&self.url(&wanted)).is_some_and(|r| {
                 r.status == 200
                     && !r.json()["data"]["result"]
                         .as_array()
                         .is_none_or(Vec::is_empty)
             });
             if ready {
-                break;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "prometheus did not scrape {scrapes} times within 60 s:\n{}",
-                prometheus.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        prometheus
     }
 
     fn url(&self, expr: &str) -> String {

@@ -247,6 +247,14 @@ async fn check_routes(
         let url = format!("{base}{path}");
         match reaches_repo(http, &url, host).await {
             Ok((is_repo, _)) if is_repo == want_repo => {}
+            // The webserver's own error: the media repo (or the homeserver) did not answer it.
+            Ok((false, r)) if want_repo && matches!(r.status().as_u16(), 502..=504) => {
+                wrong.push(format!(
+                    "{path}: the webserver got no answer from the media repo ({}); is `mmrctl \
+                     serve` running where the webserver sends media?",
+                    r.status()
+                ))
+            }
             Ok((is_repo, r)) => wrong.push(format!(
                 "{path} reached the {} ({})",
                 if is_repo { "media repo" } else { "homeserver" },
@@ -327,6 +335,23 @@ async fn check_homeserver_media_off(
             check,
             &hs.name,
             "the homeserver does not serve media itself",
+        ),
+        // Its media API answering (asking for a token, or with the limits) means it is on.
+        Ok((false, r)) if !matches!(r.status().as_u16(), 200 | 401 | 403) => findings.warn(
+            check,
+            &hs.name,
+            format!("cannot tell: {url} answered {}", r.status()),
+            "check that the homeserver runs and that csApi points at it".into(),
+        ),
+        Ok((false, _)) if hs.admin_api_kind == config::AdminApiKind::Dendrite => findings.warn(
+            check,
+            &hs.name,
+            "Dendrite's media API cannot be switched off: only the routing keeps media away \
+             from it"
+                .into(),
+            "keep every media path routed to the media repo (see client and federation \
+             routing)"
+                .into(),
         ),
         Ok((false, r)) => findings.fail(
             check,
@@ -459,13 +484,25 @@ async fn check_federation(
                 "merge the media repo's key into the homeserver's key file and restart it".into(),
             );
         }
-        Ok((_, r)) => findings.ok(
+        // Past authentication: the profile exists or not (or the homeserver hides profiles).
+        Ok((_, r)) if r.status().is_success() || matches!(r.status().as_u16(), 403 | 404) => {
+            findings.ok(
+                "signature accepted",
+                name,
+                format!(
+                    "the homeserver accepts requests signed with {id} ({})",
+                    r.status()
+                ),
+            )
+        }
+        Ok((_, r)) => findings.warn(
             "signature accepted",
             name,
             format!(
-                "the homeserver accepts requests signed with {id} ({})",
+                "cannot tell: a request signed with {id} was answered {}",
                 r.status()
             ),
+            "check that the homeserver's federation API answers".into(),
         ),
         Err(e) => findings.fail(
             "signature accepted",
@@ -541,15 +578,23 @@ async fn check_database(findings: &mut Findings, config: &config::Config) {
             return;
         }
     };
-    let row = client
-        .query_one(
+    let row = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.query_one(
             "SELECT (SELECT COALESCE(MAX(version), 0) FROM mmrctl_migrations), \
              EXTRACT(EPOCH FROM now())::float8",
             &[],
-        )
-        .await;
+        ),
+    )
+    .await;
     match row {
-        Ok(row) => {
+        Err(_) => findings.fail(
+            check,
+            "postgres",
+            "connected, but a query got no answer within 10 s".into(),
+            fix.into(),
+        ),
+        Ok(Ok(row)) => {
             let version: i32 = row.get(0);
             let epoch: f64 = row.get(1);
             findings.ok(
@@ -560,7 +605,7 @@ async fn check_database(findings: &mut Findings, config: &config::Config) {
             let theirs = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0));
             report_skew(findings, "postgres", "the database", theirs);
         }
-        Err(e) => findings.fail(
+        Ok(Err(e)) => findings.fail(
             check,
             "postgres",
             format!("connected, but the media repo's tables cannot be read: {e}"),
@@ -573,11 +618,10 @@ async fn check_database(findings: &mut Findings, config: &config::Config) {
 async fn check_datastores(findings: &mut Findings, config: &config::Config) {
     for ds in &config.datastores {
         let subject = format!("datastore {}", ds.id);
-        let opened = store::Datastore::from_config(ds);
-        let probed = match opened {
-            Ok(datastore) => datastore.probe().await,
-            Err(e) => Err(e),
-        };
+        let probed =
+            tokio::time::timeout(Duration::from_secs(30), store::Datastore::probe_config(ds))
+                .await
+                .unwrap_or_else(|_| Err(store::Error::Config("no answer within 30 s".to_owned())));
         match probed {
             Ok(probe) => {
                 findings.ok(
