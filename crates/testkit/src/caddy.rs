@@ -3,10 +3,9 @@
 //! installed, with its admin API off and its storage in the temp dir.
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The Caddy binary, from `MMRCTL_CADDY` (set by `cargo xtask test`).
 pub fn caddy_bin() -> PathBuf {
@@ -57,40 +56,20 @@ impl Caddy {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let mut caddy = Self { child, dir };
-        caddy.wait_listening(ports, Duration::from_secs(20));
+        let dir = caddy.dir.path().to_owned();
+        crate::synapse::wait_listening(
+            &mut caddy.child,
+            "caddy",
+            ports,
+            Duration::from_secs(20),
+            &|| read_log(&dir),
+        );
         caddy
-    }
-
-    fn wait_listening(&mut self, ports: &[u16], timeout: Duration) {
-        let start = Instant::now();
-        for &port in ports {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!(
-                        "caddy exited ({status}) before it listened on {addr}:\n{}",
-                        self.log()
-                    );
-                }
-                assert!(
-                    start.elapsed() < timeout,
-                    "caddy did not listen on {addr} within {} s:\n{}",
-                    timeout.as_secs(),
-                    self.log()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// What Caddy logged (its own log and stderr).
     pub fn log(&self) -> String {
-        let read = |name: &str| fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!("{}{}", read("caddy.log"), read("stderr.log"))
+        read_log(self.dir.path())
     }
 
     pub fn stop(&mut self) {
@@ -105,4 +84,10 @@ impl Drop for Caddy {
             eprintln!("testkit: caddy's log:\n{}", self.log());
         }
     }
+}
+
+/// Its log and its stderr, as far as they go.
+fn read_log(dir: &Path) -> String {
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    format!("{}{}", read("caddy.log"), read("stderr.log"))
 }

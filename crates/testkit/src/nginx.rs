@@ -3,10 +3,9 @@
 //! installed.
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The nginx binary, from `MMRCTL_NGINX` (set by `cargo xtask test`).
 pub fn nginx_bin() -> PathBuf {
@@ -55,30 +54,15 @@ impl Nginx {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let mut nginx = Self { child, dir };
-        nginx.wait_listening(ports, Duration::from_secs(20));
+        let dir = nginx.dir.path().to_owned();
+        crate::synapse::wait_listening(
+            &mut nginx.child,
+            "nginx",
+            ports,
+            Duration::from_secs(20),
+            &|| read_log(&dir),
+        );
         nginx
-    }
-
-    fn wait_listening(&mut self, ports: &[u16], timeout: Duration) {
-        let start = Instant::now();
-        for &port in ports {
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
-                if let Ok(Some(status)) = self.child.try_wait() {
-                    panic!(
-                        "nginx exited ({status}) before it listened on {addr}:\n{}",
-                        self.error_log()
-                    );
-                }
-                assert!(
-                    start.elapsed() < timeout,
-                    "nginx did not listen on {addr} within {} s:\n{}",
-                    timeout.as_secs(),
-                    self.error_log()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
     }
 
     /// Replaces the `http {}` body and reloads (`SIGHUP`): new connections get the new config
@@ -109,8 +93,7 @@ impl Nginx {
 
     /// The error log and nginx's stderr so far.
     pub fn error_log(&self) -> String {
-        let read = |name: &str| fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!("{}{}", read("error.log"), read("stderr.log"))
+        read_log(self.dir.path())
     }
 
     /// Stops nginx: `SIGQUIT` (graceful), then `SIGKILL` after 10 s. Dropping it stops it too.
@@ -165,4 +148,10 @@ http {{
     fs::write(&config_path, config)
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
     config_path
+}
+
+/// Its log and its stderr, as far as they go.
+fn read_log(dir: &Path) -> String {
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    format!("{}{}", read("error.log"), read("stderr.log"))
 }

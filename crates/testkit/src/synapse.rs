@@ -492,6 +492,37 @@ impl Synapse {
     }
 }
 
+/// Waits until `child` (`name`, for messages) accepts connections on 127.0.0.1 at every one of
+/// `ports`; panics with `log()` when it exits first or `timeout` passes.
+pub(crate) fn wait_listening(
+    child: &mut std::process::Child,
+    name: &str,
+    ports: &[u16],
+    timeout: std::time::Duration,
+    log: &dyn Fn() -> String,
+) {
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+    let start = std::time::Instant::now();
+    for &port in ports {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        while TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{name} exited ({status}) before it listened on {addr}:\n{}",
+                    log()
+                );
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name} did not listen on {addr} within {} s:\n{}",
+                timeout.as_secs(),
+                log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
 /// Sends `signal` (`-TERM`, `-QUIT`) to `child`, then SIGKILL if it has not exited within 10 s.
 pub(crate) fn stop_child(child: &mut Child, signal: &str) {
     if matches!(child.try_wait(), Ok(Some(_))) {
