@@ -71,6 +71,11 @@ pub enum Reason {
     Differs(String),
     #[error("the media repo's store failed: {0}")]
     Store(String),
+    #[error(
+        "its content is quarantined in the media repo (other media with the same bytes is); \
+         it is imported once the quarantine is lifted"
+    )]
+    ContentQuarantined,
 }
 
 /// How an item went.
@@ -362,6 +367,7 @@ async fn import(store: &Store, fetcher: Option<&Fetcher>, item: &Item) -> Outcom
             what: opened.source,
             error,
         }),
+        Err(store::Error::ContentQuarantined) => Outcome::Failed(Reason::ContentQuarantined),
         Err(e) => Outcome::Failed(Reason::Store(e.to_string())),
     }
 }

@@ -43,6 +43,10 @@ impl From<Failure> for Error {
             Failure::Fetch(FetchError::NotYetUploaded) => Error::NotYetUploaded,
             Failure::Fetch(FetchError::TooLarge { max }) => Error::RemoteTooLarge(max),
             Failure::Fetch(e) => Error::Remote(e.to_string()),
+            // The remote's file has content quarantined here: served as quarantined media is.
+            Failure::Local(e) if matches!(*e, store::Error::ContentQuarantined) => {
+                Error::Quarantined
+            }
             Failure::Local(e) => match Arc::try_unwrap(e) {
                 Ok(e) => Error::Store(e),
                 // Shared with other waiters: the same class of answer the last one gets.

@@ -792,3 +792,24 @@ fn logs_carry_syslog_priorities_when_stderr_is_the_journal() {
         "a timestamp first when stderr is not the journal:\n{plain}"
     );
 }
+
+/// Content quarantined (here as an import carries a homeserver's quarantine over) cannot be
+/// uploaded again under a new id: 403, and nothing new is stored.
+#[test]
+fn quarantined_content_cannot_be_uploaded_again() {
+    let repo = repo();
+    let body = sample(20_000, 31);
+    let id = repo.upload(HS, SHARED_SECRET, "image/png", None, &body);
+    repo.execute(&format!(
+        "UPDATE media SET quarantined = TRUE WHERE media_id = '{id}'"
+    ));
+    assert_eq!(download(&repo, &id, "").status, 404);
+    let rows = repo.media_rows();
+    let r = repo.upload_response(HS, SHARED_SECRET, "image/png", Some("again.png"), &body);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json()["errcode"], "M_FORBIDDEN");
+    assert_eq!(repo.media_rows(), rows);
+    // Other content still uploads.
+    let other = repo.upload(HS, SHARED_SECRET, "image/png", None, &sample(20_000, 32));
+    assert_eq!(download(&repo, &other, "").status, 200);
+}

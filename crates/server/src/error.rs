@@ -89,6 +89,9 @@ impl From<store::Error> for ApiError {
                 "M_CANNOT_OVERWRITE_MEDIA",
                 "This media id already has content",
             ),
+            E::ContentQuarantined => ApiError::forbidden(
+                "This content has been quarantined by an administrator and cannot be uploaded",
+            ),
             E::PendingNotFound => ApiError::not_found("This media id was not created with /create"),
             E::PendingExpired => ApiError::not_found("This media id has expired"),
             E::PendingOtherUser => ApiError::forbidden("This media id was created by another user"),

@@ -88,6 +88,10 @@ pub enum Error {
     PendingOtherUser,
     #[error("this media id already has content")]
     CannotOverwrite,
+    /// The content is quarantined (some media with these bytes is): it is not stored again
+    /// under another id, whoever sends it, until an administrator lifts the quarantine.
+    #[error("this content has been quarantined")]
+    ContentQuarantined,
     #[error("too many pending uploads ({0})")]
     TooManyPending(u32),
     #[error("the user's quota of {0} files is reached")]

@@ -23,6 +23,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 use crate::blockfile::{BlockWriter, Filled, Filler, PooledBlock};
 use crate::{Error, LOCK_HASH, Media, ObjectRef, Store, ids, now_ms};
 
+/// Whether some media with this content is quarantined (read under the hash lock).
+const CONTENT_QUARANTINED: &str =
+    "SELECT EXISTS (SELECT 1 FROM media WHERE sha256 = $1 AND quarantined)";
+
 pub(crate) const SELECT_OBJECT: &str =
     "SELECT size_bytes, datastore_id, location FROM objects WHERE sha256 = $1";
 pub(crate) const INSERT_OBJECT: &str =
@@ -264,8 +268,17 @@ impl Store {
             Target::PreviewImage => INSERT_PREVIEW_IMAGE,
             _ => INSERT_MEDIA,
         };
-        let (lock, insert_object, select_object, insert_media, complete_pending, notify) = tokio::try_join!(
+        let (
+            lock,
+            quarantine,
+            insert_object,
+            select_object,
+            insert_media,
+            complete_pending,
+            notify,
+        ) = tokio::try_join!(
             client.prepare_cached(LOCK_HASH),
+            client.prepare_cached(CONTENT_QUARANTINED),
             client.prepare_cached(INSERT_OBJECT),
             client.prepare_cached(SELECT_OBJECT),
             client.prepare_cached(insert_sql),
@@ -325,12 +338,18 @@ impl Store {
             let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sha256];
             let object_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                 [&sha256, &size, &ds_id, &location, &now];
-            let (_, inserted, object_row, media_rows) = tokio::try_join!(
+            let (_, quarantined, inserted, object_row, media_rows) = tokio::try_join!(
                 tx.query_one(&lock, &lock_params),
+                tx.query_one(&quarantine, &lock_params),
                 tx.query_opt(&insert_object, &object_params),
                 tx.query_one(&select_object, &lock_params),
                 media_rows,
             )?;
+            // An import may bring quarantined media over as quarantined; nothing else stores
+            // quarantined content (the transaction is rolled back).
+            if quarantined.get::<_, bool>(0) && !new.quarantined {
+                return Err(Error::ContentQuarantined);
+            }
             let object = object_from_row(sha256, &object_row);
             if inserted.is_some() {
                 // A purge of the previous object with this hash may have removed the file we linked

@@ -390,3 +390,59 @@ fn remote_media_expires_with_its_thumbnails_and_only_unshared_objects() {
         assert_eq!(store.expire_remote_media(old + 1).await.unwrap(), 0);
     });
 }
+
+/// Quarantine holds for the content: once some media with these bytes is quarantined, nobody
+/// stores them again under another id (an import may still bring quarantined media over as
+/// quarantined), and other content is unaffected.
+#[test]
+fn quarantined_content_is_not_stored_again() {
+    with_store(async |store, _| {
+        let content = sample(50_000, 9);
+        let first = store
+            .upload(
+                new_media(),
+                Target::NewId,
+                body(&content),
+                Limits::default(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            store
+                .quarantine_media("example.test", &first.media.media_id)
+                .await
+                .unwrap()
+        );
+        let again = store
+            .upload(
+                new_media(),
+                Target::NewId,
+                body(&content),
+                Limits::default(),
+            )
+            .await;
+        assert!(
+            matches!(again, Err(store::Error::ContentQuarantined)),
+            "{again:?}"
+        );
+        let imported = NewMedia {
+            quarantined: true,
+            ..new_media()
+        };
+        let carried = store
+            .upload(
+                imported,
+                Target::Id("imported-1".into()),
+                body(&content),
+                Limits::default(),
+            )
+            .await
+            .unwrap();
+        assert!(carried.media.quarantined);
+        let other = sample(50_000, 10);
+        store
+            .upload(new_media(), Target::NewId, body(&other), Limits::default())
+            .await
+            .unwrap();
+    });
+}
