@@ -19,7 +19,7 @@ use keys::{KeyFile, KeyFormat, SigningKey};
 use provision::webserver::Rule;
 use serde_json::{Value, json};
 use support::remote::{Action, Scripted};
-use support::{MediaRepo, free_port};
+use support::{MediaRepo, free_port, render};
 use testkit::{Federation, Front, HomeserverSetup, TestDb, Webserver};
 
 #[derive(Clone, Copy, Debug)]
@@ -103,22 +103,6 @@ struct Ports {
     media: u16,
     metrics: u16,
     pages: u16,
-}
-
-fn render(vars_text: &str, out: &Path) {
-    let vars_path = out.join("vars.yml");
-    std::fs::write(&vars_path, vars_text).unwrap();
-    let render = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
-        .args(["render", "--out"])
-        .arg(out)
-        .arg(&vars_path)
-        .output()
-        .unwrap();
-    assert!(
-        render.status.success(),
-        "mmrctl render failed:\n{}",
-        String::from_utf8_lossy(&render.stderr)
-    );
 }
 
 fn deploy(kind: Kind, pages_port: u16) -> Deployment {

@@ -511,19 +511,7 @@ matrix_media_repo_datastore_s3_opts_prefix_length: 2
         secret = testkit::ACCESS_SECRET,
         bucket = s3.bucket(),
     );
-    let vars_path = out.path().join("vars.yml");
-    std::fs::write(&vars_path, vars).unwrap();
-    let render = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
-        .args(["render", "--out"])
-        .arg(out.path())
-        .arg(&vars_path)
-        .output()
-        .unwrap();
-    assert!(
-        render.status.success(),
-        "{}",
-        String::from_utf8_lossy(&render.stderr)
-    );
+    support::render(&vars, out.path());
     let config_path = out.path().join("config/media-repo.yaml");
     let rendered = std::fs::read_to_string(&config_path).unwrap();
     assert!(rendered.contains("type: s3"), "{rendered}");

@@ -472,8 +472,8 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The exposition text, with the pool gauges and the media service's counts read now.
-    /// The exposition; `counts` are the service's own running totals.
+    /// The exposition text, with the pool gauges, the media service's running totals (`counts`)
+    /// and the process's figures read now.
     pub(crate) fn encode(&self, pool: store::PoolStatus, counts: ServiceCounts) -> String {
         {
             let _copying = self

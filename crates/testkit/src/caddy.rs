@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 /// The Caddy binary, from `MMRCTL_CADDY` (set by `cargo xtask test`).
@@ -38,23 +38,15 @@ impl Caddy {
         let config_path = d.join("Caddyfile");
         fs::write(&config_path, config)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
-        let output = |name: &str| {
-            fs::File::create(d.join(name))
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", d.join(name).display()))
-        };
-        let bin = caddy_bin();
-        let child = Command::new(&bin)
-            .args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&config_path)
-            .env("HOME", d)
-            .env("XDG_DATA_HOME", d.join("data"))
-            .env("XDG_CONFIG_HOME", d.join("config"))
-            .current_dir(d)
-            .stdin(Stdio::null())
-            .stdout(output("stdout.log"))
-            .stderr(output("stderr.log"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let child = crate::synapse::spawn_logged(
+            Command::new(caddy_bin())
+                .args(["run", "--adapter", "caddyfile", "--config"])
+                .arg(&config_path)
+                .env("HOME", d)
+                .env("XDG_DATA_HOME", d.join("data"))
+                .env("XDG_CONFIG_HOME", d.join("config")),
+            d,
+        );
         let mut caddy = Self { child, dir };
         let dir = caddy.dir.path().to_owned();
         crate::synapse::wait_listening(

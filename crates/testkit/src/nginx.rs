@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 /// The nginx binary, from `MMRCTL_NGINX` (set by `cargo xtask test`).
@@ -34,25 +34,17 @@ impl Nginx {
             .unwrap_or_else(|e| panic!("cannot create a temp dir: {e}"));
         let d = dir.path();
         let config_path = write_config(d, http);
-        let output = |name: &str| {
-            fs::File::create(d.join(name))
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", d.join(name).display()))
-        };
-        let bin = nginx_bin();
         // `-e`: the compiled-in error log (/var/log/nginx) is opened before the config is read.
-        let child = Command::new(&bin)
-            .arg("-p")
-            .arg(d)
-            .arg("-c")
-            .arg(&config_path)
-            .arg("-e")
-            .arg(d.join("error.log"))
-            .current_dir(d)
-            .stdin(Stdio::null())
-            .stdout(output("stdout.log"))
-            .stderr(output("stderr.log"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let child = crate::synapse::spawn_logged(
+            Command::new(nginx_bin())
+                .arg("-p")
+                .arg(d)
+                .arg("-c")
+                .arg(&config_path)
+                .arg("-e")
+                .arg(d.join("error.log")),
+            d,
+        );
         let mut nginx = Self { child, dir };
         let dir = nginx.dir.path().to_owned();
         crate::synapse::wait_listening(

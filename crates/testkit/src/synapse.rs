@@ -492,6 +492,21 @@ impl Synapse {
     }
 }
 
+/// Starts `cmd` in `dir` (its working directory), stdin closed, stdout and stderr into
+/// `stdout.log` and `stderr.log` there.
+pub(crate) fn spawn_logged(cmd: &mut Command, dir: &Path) -> Child {
+    let output = |name: &str| {
+        std::fs::File::create(dir.join(name))
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.join(name).display()))
+    };
+    cmd.current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(output("stdout.log"))
+        .stderr(output("stderr.log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()))
+}
+
 /// Waits until `child` (`name`, for messages) accepts connections on 127.0.0.1 at every one of
 /// `ports`; panics with `log()` when it exits first or `timeout` passes.
 pub(crate) fn wait_listening(

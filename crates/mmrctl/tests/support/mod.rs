@@ -527,3 +527,21 @@ pub fn file_datastore(config: &Value, for_kinds: Value) -> Value {
     json!({ "type": "file", "id": FILE_ID, "forKinds": for_kinds,
             "opts": { "path": repo_dir(config).join("media") } })
 }
+
+/// Writes `vars` to `out/vars.yml` and runs `mmrctl render` on it into `out`; panics with its
+/// errors when it fails.
+pub fn render(vars: &str, out: &Path) {
+    let vars_path = out.join("vars.yml");
+    fs::write(&vars_path, vars).unwrap();
+    let render = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args(["render", "--out"])
+        .arg(out)
+        .arg(&vars_path)
+        .output()
+        .unwrap();
+    assert!(
+        render.status.success(),
+        "mmrctl render failed:\n{}",
+        String::from_utf8_lossy(&render.stderr)
+    );
+}
