@@ -154,18 +154,7 @@ fn s3(run: &Run) -> Result<Section> {
 /// the PostgreSQL server and tools venv (Synapse) that `cargo xtask test` provides. The bench
 /// decides what passes; this renders its figures.
 fn serve(run: &Run) -> Result<Section> {
-    let target = util::target_dir();
-    // Stopped when this goes out of scope, whatever the bench did.
-    let pg = postgres::provide(&target)?;
-    let tools_bin = tools::ensure_venv(&target)?;
-    let release = build_release()?;
-    let mut cmd = Command::new(release.join("mmrctl-bench"));
-    cmd.arg("--mmrctl")
-        .arg(release.join("mmrctl"))
-        .env(postgres::URL_VAR, &pg.url)
-        .env(tools::TOOLS_BIN_VAR, &tools_bin);
-    let shown = util::display_command(&cmd);
-    let line = json_line(&mut cmd, &shown)?;
+    let line = bench_line(None, &[])?;
 
     let figures = Figures::new("serve", &line);
     let n = |key: &str| figures.number(key);
@@ -346,20 +335,8 @@ fn build_release() -> Result<std::path::PathBuf> {
 /// raw TLS transfer, `mmrctl serve` and a stock Synapse fetching from it), with what the serve
 /// bench has plus nginx. The bench decides what passes; this renders its figures.
 fn federation(run: &Run) -> Result<Section> {
-    let target = util::target_dir();
-    let pg = postgres::provide(&target)?;
-    let tools_bin = tools::ensure_venv(&target)?;
-    let nginx = tools::ensure_nginx(&target)?;
-    let release = build_release()?;
-    let mut cmd = Command::new(release.join("mmrctl-bench"));
-    cmd.arg("--federation")
-        .arg("--mmrctl")
-        .arg(release.join("mmrctl"))
-        .env(postgres::URL_VAR, &pg.url)
-        .env(tools::TOOLS_BIN_VAR, &tools_bin)
-        .env(tools::NGINX_VAR, &nginx);
-    let shown = util::display_command(&cmd);
-    let line = json_line(&mut cmd, &shown)?;
+    let nginx = tools::ensure_nginx(&util::target_dir())?;
+    let line = bench_line(Some("--federation"), &[(tools::NGINX_VAR, nginx)])?;
     federation_section(run, &line)
 }
 
@@ -526,20 +503,8 @@ fn federation_section(run: &Run, line: &str) -> Result<Section> {
 /// Thumbnails: `mmrctl-bench --thumbnails` (mmrctl and Synapse making thumbnails of the same
 /// photos, with libjpeg-turbo's `djpeg` as the limit). The bench decides what passes.
 fn thumbnails(run: &Run) -> Result<Section> {
-    let target = util::target_dir();
-    let pg = postgres::provide(&target)?;
-    let tools_bin = tools::ensure_venv(&target)?;
-    let djpeg = tools::ensure_djpeg(&target)?;
-    let release = build_release()?;
-    let mut cmd = Command::new(release.join("mmrctl-bench"));
-    cmd.arg("--thumbnails")
-        .arg("--mmrctl")
-        .arg(release.join("mmrctl"))
-        .env(postgres::URL_VAR, &pg.url)
-        .env(tools::TOOLS_BIN_VAR, &tools_bin)
-        .env("MMRCTL_DJPEG", &djpeg);
-    let shown = util::display_command(&cmd);
-    let line = json_line(&mut cmd, &shown)?;
+    let djpeg = tools::ensure_djpeg(&util::target_dir())?;
+    let line = bench_line(Some("--thumbnails"), &[("MMRCTL_DJPEG", djpeg)])?;
     thumbnails_section(run, &line)
 }
 
@@ -638,18 +603,7 @@ fn thumbnails_section(run: &Run, line: &str) -> Result<Section> {
 /// URL previews: `mmrctl-bench --previews` (mmrctl and Synapse previewing the same local page).
 /// The bench decides what passes.
 fn previews(run: &Run) -> Result<Section> {
-    let target = util::target_dir();
-    let pg = postgres::provide(&target)?;
-    let tools_bin = tools::ensure_venv(&target)?;
-    let release = build_release()?;
-    let mut cmd = Command::new(release.join("mmrctl-bench"));
-    cmd.arg("--previews")
-        .arg("--mmrctl")
-        .arg(release.join("mmrctl"))
-        .env(postgres::URL_VAR, &pg.url)
-        .env(tools::TOOLS_BIN_VAR, &tools_bin);
-    let shown = util::display_command(&cmd);
-    let line = json_line(&mut cmd, &shown)?;
+    let line = bench_line(Some("--previews"), &[])?;
     previews_section(run, &line)
 }
 
@@ -795,6 +749,25 @@ fn cargo_bench_json(args: &[&str]) -> Result<String> {
 }
 
 /// Runs `cmd` (shown as `shown`) and returns the last JSON object line of its stdout.
+/// Runs `mmrctl-bench` (with `flag`: which bench) against the release `mmrctl`, with the
+/// PostgreSQL and tools venv the tests use and `env` besides; returns its JSON line.
+fn bench_line(flag: Option<&str>, env: &[(&str, std::path::PathBuf)]) -> Result<String> {
+    let target = util::target_dir();
+    // Stopped when this goes out of scope, whatever the bench did.
+    let pg = postgres::provide(&target)?;
+    let tools_bin = tools::ensure_venv(&target)?;
+    let release = build_release()?;
+    let mut cmd = Command::new(release.join("mmrctl-bench"));
+    cmd.args(flag)
+        .arg("--mmrctl")
+        .arg(release.join("mmrctl"))
+        .env(postgres::URL_VAR, &pg.url)
+        .env(tools::TOOLS_BIN_VAR, &tools_bin)
+        .envs(env.iter().map(|(name, path)| (name, path)));
+    let shown = util::display_command(&cmd);
+    json_line(&mut cmd, &shown)
+}
+
 fn json_line(cmd: &mut Command, shown: &str) -> Result<String> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

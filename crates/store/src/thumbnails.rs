@@ -200,17 +200,16 @@ impl Store {
                 return Ok(total);
             }
             for sha256 in &hashes {
-                let mut client = self.client().await?;
-                let tx = client.transaction().await?;
-                tx.query_one(LOCK_HASH, &[sha256]).await?;
-                total += tx
-                    .execute(
-                        "DELETE FROM thumbnails WHERE sha256 = $1 AND created_ts < $2",
-                        &[sha256, &before_ms],
-                    )
+                total += self
+                    .under_content_lock(sha256, async |tx| {
+                        Ok(tx
+                            .execute(
+                                "DELETE FROM thumbnails WHERE sha256 = $1 AND created_ts < $2",
+                                &[sha256, &before_ms],
+                            )
+                            .await?)
+                    })
                     .await?;
-                self.delete_object_if_unused(&tx, sha256).await?;
-                tx.commit().await?;
             }
         }
     }
@@ -236,46 +235,59 @@ impl Store {
                 return Ok(total);
             }
             for sha256 in &hashes {
-                let mut client = self.client().await?;
-                let tx = client.transaction().await?;
-                tx.query_one(LOCK_HASH, &[sha256]).await?;
-                let gone = tx
-                    .query(
-                        "DELETE FROM media
-                         WHERE sha256 = $1 AND kind = $2 AND created_ts < $3 AND NOT quarantined
-                         RETURNING origin, media_id",
-                        &[sha256, &kind, &before_ms],
-                    )
+                let (gone, mut thumbs) = self
+                    .under_content_lock(sha256, async |tx| {
+                        let gone = tx
+                            .query(
+                                "DELETE FROM media
+                                 WHERE sha256 = $1 AND kind = $2 AND created_ts < $3 AND NOT quarantined
+                                 RETURNING origin, media_id",
+                                &[sha256, &kind, &before_ms],
+                            )
+                            .await?;
+                        // Their thumbnails go too; each thumbnail's content is another object.
+                        let mut thumbs = Vec::new();
+                        for row in &gone {
+                            let (origin, media_id): (String, String) = (row.get(0), row.get(1));
+                            for t in tx
+                                .query(
+                                    "DELETE FROM thumbnails WHERE origin = $1 AND media_id = $2
+                                     RETURNING sha256",
+                                    &[&origin, &media_id],
+                                )
+                                .await?
+                            {
+                                thumbs.push(t.get::<_, String>(0));
+                            }
+                        }
+                        Ok((gone.len() as u64, thumbs))
+                    })
                     .await?;
-                total += gone.len() as u64;
-                // Their thumbnails go too; each thumbnail's content is another object.
-                let mut thumbs = Vec::new();
-                for row in &gone {
-                    let (origin, media_id): (String, String) = (row.get(0), row.get(1));
-                    for t in tx
-                        .query(
-                            "DELETE FROM thumbnails WHERE origin = $1 AND media_id = $2
-                             RETURNING sha256",
-                            &[&origin, &media_id],
-                        )
-                        .await?
-                    {
-                        thumbs.push(t.get::<_, String>(0));
-                    }
-                }
-                self.delete_object_if_unused(&tx, sha256).await?;
-                tx.commit().await?;
+                total += gone;
                 thumbs.sort();
                 thumbs.dedup();
                 for thumb in thumbs.iter().filter(|t| *t != sha256) {
-                    let mut client = self.client().await?;
-                    let tx = client.transaction().await?;
-                    tx.query_one(LOCK_HASH, &[thumb]).await?;
-                    self.delete_object_if_unused(&tx, thumb).await?;
-                    tx.commit().await?;
+                    self.under_content_lock(thumb, async |_| Ok(())).await?;
                 }
             }
         }
+    }
+
+    /// Runs `work` in one transaction under `sha256`'s hash lock, then deletes that object if no
+    /// row references it any more, and commits: a run stopped anywhere leaves nothing
+    /// unreferenced behind.
+    async fn under_content_lock<T>(
+        &self,
+        sha256: &str,
+        work: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.query_one(LOCK_HASH, &[&sha256]).await?;
+        let done = work(&tx).await?;
+        self.delete_object_if_unused(&tx, sha256).await?;
+        tx.commit().await?;
+        Ok(done)
     }
 
     /// The contents (SHA-256) a `SELECT DISTINCT sha256 ...` query names.
