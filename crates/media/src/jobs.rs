@@ -147,6 +147,10 @@ impl Runner {
             let service = service.clone();
             tasks.spawn(async move { service.store().maintain().await });
         }
+        {
+            let (service, workers) = (service.clone(), workers.clone());
+            tasks.spawn(async move { run_tasks(service, workers).await });
+        }
         for job in Job::ALL {
             let (service, config, workers) = (service.clone(), config.clone(), workers.clone());
             tasks.spawn(async move {
@@ -171,6 +175,49 @@ impl Runner {
     /// carries on), so that stopping never waits on a long run.
     pub async fn stop(mut self) {
         self.tasks.shutdown().await;
+    }
+}
+
+/// Runs the unfinished background tasks no instance runs: at start, when woken (a task was
+/// recorded here), and every [`crate::tasks::RESUME_EVERY`] (one whose instance died). Each runs
+/// with a worker's permit; cancelled with the runner, they stay unfinished and resume later.
+async fn run_tasks(service: Service, workers: Arc<Semaphore>) {
+    let running = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut set = JoinSet::new();
+    loop {
+        match service.store().tasks(true).await {
+            Ok(rows) => {
+                for row in rows {
+                    if !running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(row.id)
+                    {
+                        continue;
+                    }
+                    let (service, workers, running) =
+                        (service.clone(), workers.clone(), running.clone());
+                    set.spawn(async move {
+                        let id = row.id;
+                        if let Ok(_permit) = workers.acquire().await {
+                            service.run_task(row).await;
+                        }
+                        running
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id);
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list background tasks; trying again later")
+            }
+        }
+        while set.try_join_next().is_some() {}
+        tokio::select! {
+            () = tokio::time::sleep(crate::tasks::RESUME_EVERY) => {}
+            () = service.tasks_wanted() => {}
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod jobs;
 mod previews;
 mod quota;
 mod remote;
+pub mod tasks;
 mod thumbnails;
 mod upload;
 
@@ -76,6 +77,20 @@ pub enum Error {
     /// are not shared), or the host is busy. Worth trying again.
     #[error("{0}")]
     Unavailable(String),
+    /// A fault of this server (the message is for its log).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Whether trying again later may succeed: the database or a datastore was unreachable.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Store(e) => e.is_unavailable(),
+            Error::Unavailable(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// The media operations, over one store.
@@ -86,6 +101,8 @@ pub struct Service {
     previews: Arc<previews::Previewer>,
     /// `None`: remote media is never fetched (tests of local media only).
     remote: Option<Arc<remote::Remote>>,
+    /// Woken when a task was recorded, so the runner starts it at once.
+    tasks_wanted: Arc<tokio::sync::Notify>,
 }
 
 impl Service {
@@ -96,6 +113,7 @@ impl Service {
             thumbnails: Arc::new(thumbnails::Thumbnailer::new(2)),
             previews: Arc::new(previews::Previewer::new(2)),
             remote: None,
+            tasks_wanted: Arc::default(),
         }
     }
 
@@ -117,6 +135,7 @@ impl Service {
             thumbnails: Arc::new(thumbnails::Thumbnailer::new(thumbnail_workers)),
             previews: Arc::new(previews::Previewer::new(preview_workers)),
             remote: Some(Arc::new(remote::Remote::new(client, signers, workers))),
+            tasks_wanted: Arc::default(),
         }
     }
 

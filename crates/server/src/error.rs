@@ -211,6 +211,10 @@ impl From<media::Error> for ApiError {
                 ),
             ),
             E::Unavailable(why) => ApiError::unavailable(why, 5),
+            E::Internal(why) => {
+                tracing::error!(error = %why, "internal error");
+                ApiError::internal("Internal error; the media repository's log has the details")
+            }
             E::PreviewsDisabled => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "M_UNRECOGNIZED",

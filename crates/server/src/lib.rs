@@ -7,6 +7,7 @@
 //! config is swapped whole on reload (SIGHUP), so a request sees one consistent config from start
 //! to end.
 
+mod admin;
 mod auth;
 mod client;
 mod client_media;
@@ -45,6 +46,10 @@ pub struct AppState {
     /// The origins' keys, for requests other servers sign.
     keyring: federation::keyring::Keyring,
     metrics: metrics::Metrics,
+    /// Homeserver admins, as their homeservers said.
+    admin_checks: admin::AdminChecks,
+    /// For the admin API's federation test.
+    federation: federation::Client,
     /// `X-Mmrctl-Instance` on every response: tells a webserver's routing (and `mmrctl doctor`)
     /// which instance answered, and that it was the media repo and not the homeserver.
     instance: axum::http::HeaderValue,
@@ -66,7 +71,7 @@ impl AppState {
         let keyring = federation::keyring::Keyring::new(federation.clone());
         let media = media::Service::with_federation(
             store,
-            federation,
+            federation.clone(),
             signers,
             usize::try_from(config.downloads.num_workers).unwrap_or(1),
             media::thumbnail_workers(&config),
@@ -83,6 +88,8 @@ impl AppState {
             media,
             config: ArcSwap::from_pointee(config),
             metrics: metrics::Metrics::new(),
+            admin_checks: admin::AdminChecks::new(),
+            federation,
             instance: instance_name(),
         })
     }
@@ -183,7 +190,17 @@ pub fn router(state: SharedState) -> Router {
             post(client::logout_all),
         )
         .route("/_matrix/client/versions", get(client::versions))
-        .route("/healthz", get(health).head(health));
+        .route("/healthz", get(health).head(health))
+        .nest("/_matrix/media/unstable/admin", admin::routes())
+        .nest(
+            "/_matrix/media/unstable/io.t2bot.media/admin",
+            admin::routes(),
+        )
+        .nest("/_matrix/client/{version}", admin::synapse_routes())
+        .nest(
+            "/_matrix/client/unstable/io.t2bot.media",
+            admin::synapse_routes(),
+        );
     routes
         .fallback(|| async { ApiError::unrecognized() })
         .method_not_allowed_fallback(|| async {

@@ -8,6 +8,7 @@
 //!   per-hash advisory lock;
 //! - no upload is held in memory: bodies stream to a temp file in the target datastore.
 
+pub mod admin;
 mod blockfile;
 mod check;
 mod datastore;
@@ -19,6 +20,7 @@ mod previews;
 mod s3;
 mod schema;
 mod streamcopy;
+mod tasks;
 mod thumbnails;
 mod transfer;
 
@@ -36,6 +38,7 @@ pub use jobs::JobLock;
 pub use pipeline::{Limits, NewMedia, Quota, Target, Uploaded};
 pub use previews::{PreviewKey, StoredPreview};
 pub use s3::operation_counts as s3_operation_counts;
+pub use tasks::TaskRow;
 pub use thumbnails::{StoredThumbnail, ThumbnailKey};
 pub use transfer::TransferReport;
 

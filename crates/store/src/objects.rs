@@ -130,6 +130,40 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Runs `work` in one transaction under `sha256`'s hash lock, deleting that object's row too
+    /// if no media or thumbnail row references it any more; commits, then deletes its file unless
+    /// an object row references it again (an upload of the same bytes meanwhile). Stopped
+    /// anywhere, this leaves rows that point at their object, or at worst a file no row uses
+    /// (which `datastores check` reports): never a row without its object.
+    pub(crate) async fn under_content_lock<T>(
+        &self,
+        sha256: &str,
+        work: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.query_one(LOCK_HASH, &[&sha256]).await?;
+        let done = work(&tx).await?;
+        let unused = tx
+            .query_opt(
+                "DELETE FROM objects o WHERE o.sha256 = $1
+                   AND NOT EXISTS (SELECT 1 FROM media WHERE sha256 = $1)
+                   AND NOT EXISTS (SELECT 1 FROM thumbnails WHERE sha256 = $1)
+                 RETURNING datastore_id, location",
+                &[&sha256],
+            )
+            .await?;
+        tx.commit().await?;
+        drop(client);
+        if let Some(row) = unused {
+            let (ds_id, location): (String, String) = (row.get(0), row.get(1));
+            if let Some(ds) = self.datastores.get(&ds_id) {
+                self.delete_unreferenced(ds, sha256, &location).await?;
+            }
+        }
+        Ok(done)
+    }
+
     /// Deletes the object at `location` of `ds` unless an object row references it, deciding under
     /// the hash's lock. Returns whether it deleted.
     pub(crate) async fn delete_unreferenced(

@@ -23,9 +23,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc};
 use crate::blockfile::{BlockWriter, Filled, Filler, PooledBlock};
 use crate::{Error, LOCK_HASH, Media, ObjectRef, Store, ids, now_ms};
 
-/// Whether some media with this content is quarantined (read under the hash lock).
+/// Whether this content is quarantined: some media with it is, or it was when purged (read under
+/// the hash lock).
 const CONTENT_QUARANTINED: &str =
-    "SELECT EXISTS (SELECT 1 FROM media WHERE sha256 = $1 AND quarantined)";
+    "SELECT EXISTS (SELECT 1 FROM media WHERE sha256 = $1 AND quarantined)
+         OR EXISTS (SELECT 1 FROM quarantined_content WHERE sha256 = $1)";
 
 pub(crate) const SELECT_OBJECT: &str =
     "SELECT size_bytes, datastore_id, location FROM objects WHERE sha256 = $1";

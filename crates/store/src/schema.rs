@@ -89,6 +89,40 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     "#,
     ),
+    (
+        3,
+        r#"
+    -- Content whose quarantine outlives its media rows (they were purged): never stored again
+    -- until unquarantined.
+    CREATE TABLE quarantined_content (
+        sha256         TEXT PRIMARY KEY,
+        quarantined_ts BIGINT NOT NULL
+    );
+
+    -- matrix-media-repo's media attributes: `pinned` media is never purged or quarantined.
+    CREATE TABLE media_attributes (
+        origin   TEXT NOT NULL,
+        media_id TEXT NOT NULL,
+        purpose  TEXT NOT NULL,
+        PRIMARY KEY (origin, media_id),
+        FOREIGN KEY (origin, media_id) REFERENCES media (origin, media_id) ON DELETE CASCADE
+    );
+
+    -- Background tasks in matrix-media-repo's shape: `end_ts` 0 while unfinished (a restarted
+    -- server resumes them), `error` empty unless the task failed; `progress` what it did so far.
+    CREATE TABLE background_tasks (
+        id       BIGSERIAL PRIMARY KEY,
+        task     TEXT NOT NULL,
+        params   JSONB NOT NULL,
+        start_ts BIGINT NOT NULL,
+        end_ts   BIGINT NOT NULL DEFAULT 0,
+        error    TEXT NOT NULL DEFAULT '',
+        progress JSONB NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX background_tasks_unfinished ON background_tasks (id) WHERE end_ts = 0;
+    CREATE INDEX media_origin_created ON media (origin, created_ts);
+    "#,
+    ),
 ];
 
 /// Brings the schema up to date.

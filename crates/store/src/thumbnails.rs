@@ -273,56 +273,13 @@ impl Store {
         }
     }
 
-    /// Runs `work` in one transaction under `sha256`'s hash lock, then deletes that object if no
-    /// row references it any more, and commits: a run stopped anywhere leaves nothing
-    /// unreferenced behind.
-    async fn under_content_lock<T>(
-        &self,
-        sha256: &str,
-        work: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> Result<T, Error>,
-    ) -> Result<T, Error> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.query_one(LOCK_HASH, &[&sha256]).await?;
-        let done = work(&tx).await?;
-        self.delete_object_if_unused(&tx, sha256).await?;
-        tx.commit().await?;
-        Ok(done)
-    }
-
     /// The contents (SHA-256) a `SELECT DISTINCT sha256 ...` query names.
-    async fn contents(
+    pub(crate) async fn contents(
         &self,
         select: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<String>, Error> {
         let rows = self.client().await?.query(select, params).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
-    /// Deletes the object `sha256` (row and file) when no media or thumbnail row references it,
-    /// in `tx`, which holds its hash lock until the file is gone, so that no upload of the same
-    /// content can link to the file in between (as `delete_unreferenced`).
-    async fn delete_object_if_unused(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        sha256: &str,
-    ) -> Result<bool, Error> {
-        let deleted = tx
-            .query_opt(
-                "DELETE FROM objects o WHERE o.sha256 = $1
-                   AND NOT EXISTS (SELECT 1 FROM media WHERE sha256 = $1)
-                   AND NOT EXISTS (SELECT 1 FROM thumbnails WHERE sha256 = $1)
-                 RETURNING datastore_id, location",
-                &[&sha256],
-            )
-            .await?;
-        if let Some(row) = &deleted {
-            let (ds_id, location): (String, String) = (row.get(0), row.get(1));
-            if let Some(ds) = self.datastores.get(&ds_id) {
-                ds.delete(&location).await?;
-            }
-        }
-        Ok(deleted.is_some())
     }
 }

@@ -1,0 +1,264 @@
+//! Background tasks an operator starts (a datastore transfer, a purge): recorded as rows first,
+//! then run by whichever instance takes the task's lock, so that a task survives the instance
+//! that started it. Every task can stop anywhere and carries on when run again: a restarted
+//! server (or another instance, once the lock's session ended) resumes every unfinished task.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use store::admin::{PurgeReport, Selection};
+
+use crate::{Error, Service};
+
+/// How often a running task records its progress, at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often an instance looks for unfinished tasks nobody runs (besides when woken).
+pub(crate) const RESUME_EVERY: Duration = Duration::from_secs(30);
+
+/// For tests of resuming: each step of a task (an object moved, a content purged) waits this long
+/// (milliseconds), so that a server can be stopped in the middle of one.
+const STEP_PAUSE_VAR: &str = "MMRCTL_TEST_TASK_STEP_MS";
+
+fn step_pause() -> Option<Duration> {
+    std::env::var(STEP_PAUSE_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+/// What a task does; its row's `task` and `params`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Task {
+    /// matrix-media-repo's `storage_migration`: every object of one datastore to another.
+    StorageMigration {
+        source_datastore_id: String,
+        target_datastore_id: String,
+        before_ts: i64,
+    },
+    /// A purge too large to hold a request for.
+    Purge {
+        selection: Selection,
+        only_origin: Option<String>,
+    },
+}
+
+impl Task {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::StorageMigration { .. } => "storage_migration",
+            Task::Purge { .. } => "purge",
+        }
+    }
+}
+
+/// What a transfer task did, as its progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferProgress {
+    pub total: u64,
+    pub moved: u64,
+    pub bytes: u64,
+    pub failed: u64,
+}
+
+impl Service {
+    /// Records `task` and has it started (here, unless another instance is quicker); returns its id.
+    pub async fn start_task(&self, task: &Task) -> Result<i64, Error> {
+        let params = serde_json::to_string(task).map_err(|e| Error::Internal(e.to_string()))?;
+        let id = self.store().create_task(task.name(), &params).await?;
+        self.wake_tasks();
+        Ok(id)
+    }
+
+    /// Has the runner look for unfinished tasks now.
+    pub fn wake_tasks(&self) {
+        self.tasks_wanted.notify_one();
+    }
+
+    /// Resolves when someone asked for a look at the tasks ([`Service::wake_tasks`]).
+    pub(crate) async fn tasks_wanted(&self) {
+        self.tasks_wanted.notified().await;
+    }
+
+    /// Waits until task `id` has finished, at most `bound`; returns its row then (or as it
+    /// stands when the time ran out).
+    pub async fn wait_task(
+        &self,
+        id: i64,
+        bound: Duration,
+    ) -> Result<Option<store::TaskRow>, Error> {
+        let start = Instant::now();
+        loop {
+            let row = self.store().task(id).await?;
+            match &row {
+                Some(r) if r.end_ts == 0 && start.elapsed() < bound => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => return Ok(row),
+            }
+        }
+    }
+
+    /// Runs the unfinished task `row` to its end, if this instance gets its lock.
+    pub(crate) async fn run_task(&self, row: store::TaskRow) {
+        let mut lock = match self.store().try_lock_job(&format!("task {}", row.id)).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(task = row.id, error = %e, "cannot take the task's lock; trying again later");
+                return;
+            }
+        };
+        // Taken after a check: another instance may have finished it meanwhile.
+        let row = match self.store().task(row.id).await {
+            Ok(Some(r)) if r.end_ts == 0 => r,
+            _ => return lock.release().await,
+        };
+        tracing::info!(task = row.id, name = %row.name, "task started");
+        let outcome = tokio::select! {
+            outcome = self.execute(&row) => Some(outcome),
+            () = lock.lost() => None,
+        };
+        match outcome {
+            None => {
+                tracing::warn!(task = row.id, "the task's lock was lost: it resumes later")
+            }
+            Some(Ok(progress)) => {
+                tracing::info!(task = row.id, "task finished");
+                self.finish(row.id, &progress, "").await;
+            }
+            // A transient failure leaves the task unfinished, to resume.
+            Some(Err(e)) if e.is_unavailable() => {
+                tracing::warn!(task = row.id, error = %e, "task interrupted; it resumes later");
+            }
+            Some(Err(e)) => {
+                tracing::warn!(task = row.id, error = %e, "task failed");
+                self.finish(row.id, &row.progress, &e.to_string()).await;
+            }
+        }
+        lock.release().await;
+    }
+
+    async fn finish(&self, id: i64, progress: &str, error: &str) {
+        if let Err(e) = self.store().finish_task(id, progress, error).await {
+            tracing::warn!(task = id, error = %e, "cannot record the task's end; it runs again later");
+        }
+    }
+
+    /// Does the task's work; returns its final progress (JSON).
+    async fn execute(&self, row: &store::TaskRow) -> Result<String, Error> {
+        let task: Task = serde_json::from_str(&row.params).map_err(|e| {
+            Error::Internal(format!(
+                "task {} has parameters this mmrctl cannot read: {e}",
+                row.id
+            ))
+        })?;
+        let store = self.store();
+        let mut recorder = Recorder::new(store, row.id);
+        let pause = step_pause();
+        // Only under test: blocks this worker thread between steps.
+        let step = || {
+            if let Some(p) = pause {
+                std::thread::sleep(p);
+            }
+        };
+        match task {
+            Task::StorageMigration {
+                source_datastore_id,
+                target_datastore_id,
+                ..
+            } => {
+                let report = store
+                    .transfer(&source_datastore_id, &target_datastore_id, |report, _| {
+                        recorder.record(&transfer_progress(report));
+                        step();
+                    })
+                    .await?;
+                recorder.flush().await;
+                Ok(to_json(&transfer_progress(&report)))
+            }
+            Task::Purge {
+                selection,
+                only_origin,
+            } => {
+                // A resumed purge adds to what it did before.
+                let before: PurgeReport = serde_json::from_str(&row.progress).unwrap_or_default();
+                let report = store
+                    .purge(&selection, only_origin.as_deref(), |report| {
+                        recorder.record(&add(&before, report));
+                        step();
+                    })
+                    .await?;
+                recorder.flush().await;
+                Ok(to_json(&add(&before, &report)))
+            }
+        }
+    }
+}
+
+fn transfer_progress(report: &store::TransferReport) -> TransferProgress {
+    TransferProgress {
+        total: report.total,
+        moved: report.moved,
+        bytes: report.bytes,
+        failed: report.failed.len() as u64,
+    }
+}
+
+fn add(before: &PurgeReport, now: &PurgeReport) -> PurgeReport {
+    let mut affected = before.affected.clone();
+    let room = store::admin::AFFECTED_LISTED.saturating_sub(affected.len());
+    affected.extend(now.affected.iter().take(room).cloned());
+    PurgeReport {
+        media: before.media + now.media,
+        thumbnails: before.thumbnails + now.thumbnails,
+        objects: before.objects + now.objects,
+        affected,
+    }
+}
+
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Records a task's progress at most every [`PROGRESS_EVERY`], from a synchronous callback: the
+/// write runs beside the work, and the latest state is written last.
+struct Recorder {
+    store: store::Store,
+    id: i64,
+    last: Option<Instant>,
+    pending: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Recorder {
+    fn new(store: &store::Store, id: i64) -> Recorder {
+        Recorder {
+            store: store.clone(),
+            id,
+            last: None,
+            pending: None,
+        }
+    }
+
+    fn record(&mut self, progress: &impl Serialize) {
+        if self.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY)
+            || self.pending.as_ref().is_some_and(|p| !p.is_finished())
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let (store, id, json) = (self.store.clone(), self.id, to_json(progress));
+        self.pending = Some(tokio::spawn(async move {
+            if let Err(e) = store.set_task_progress(id, &json).await {
+                tracing::debug!(task = id, error = %e, "progress not recorded");
+            }
+        }));
+    }
+
+    /// Waits for a write in flight, so that it cannot land after the final one.
+    async fn flush(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let _ = p.await;
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The admin API against a real Synapse: repo admins from `admins`, homeserver admins made through
+//! Synapse's admin API and checked through it, uploaders, everyone else refused; quarantine by
+//! content, by room (Synapse's room media listing), by user; purges that free disk exactly when
+//! the last reference goes; usage, datastores, attributes; a transfer task that survives a restart.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{FILE_ID, MediaRepo, SHARED_SECRET, encode, sample};
+use testkit::Synapse;
+use testkit::http::Response;
+
+const HS: &str = "hs1.test";
+const PREFIXES: [&str; 2] = [
+    "/_matrix/media/unstable/admin",
+    "/_matrix/media/unstable/io.t2bot.media/admin",
+];
+
+fn call(repo: &MediaRepo, method: &str, path: &str, token: &str, body: &[u8]) -> Response {
+    let auth = format!("Bearer {token}");
+    repo.send(
+        method,
+        path,
+        &[("Host", HS), ("Authorization", &auth)],
+        Some("application/json"),
+        body,
+    )
+}
+
+fn admin(repo: &MediaRepo, method: &str, path: &str, token: &str) -> Response {
+    call(repo, method, &format!("{}{path}", PREFIXES[0]), token, b"")
+}
+
+fn forbidden(r: &Response) {
+    assert_eq!(
+        (r.status, r.json()["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN")),
+        "{}",
+        r.text()
+    );
+}
+
+fn ok(r: Response) -> Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn status_of(repo: &MediaRepo, id: &str) -> u16 {
+    repo.download(HS, id, &[]).status
+}
+
+#[test]
+fn admin_api_with_synapse_admins_quarantine_purge_usage() {
+    let synapse = Synapse::start(HS);
+    let (root, root_token) = synapse.register_user("root", false);
+    let (_hsadmin, hs_admin) = synapse.register_user("hsadmin", true);
+    let (alice, alice_token) = synapse.register_user("alice", false);
+    let (_bob, bob_token) = synapse.register_user("bob", false);
+    let repo = MediaRepo::start(&[(HS, &synapse.base_url())], |c| {
+        c["admins"] = json!([root]);
+        c["quarantine"] = json!({ "allowLocalAdmins": true });
+    });
+
+    // --- Quarantine holds for the content: two ids, one object; both blocked, and a re-upload.
+    let shared = sample(100_000, 1);
+    let a1 = repo.upload(HS, &alice_token, "image/png", Some("a.png"), &shared);
+    let b1 = repo.upload(HS, &bob_token, "image/png", Some("b.png"), &shared);
+    assert_eq!(repo.objects(), 1);
+    forbidden(&admin(
+        &repo,
+        "POST",
+        &format!("/quarantine/{HS}/{a1}"),
+        &bob_token,
+    ));
+    assert_eq!(
+        status_of(&repo, &a1),
+        200,
+        "a refused caller changed nothing"
+    );
+    let r = ok(admin(
+        &repo,
+        "POST",
+        &format!("/quarantine/{HS}/{a1}"),
+        &hs_admin,
+    ));
+    assert_eq!(r["num_quarantined"], 2, "{r}");
+    assert_eq!((status_of(&repo, &a1), status_of(&repo, &b1)), (404, 404));
+    let again = repo.upload_response(HS, &bob_token, "image/png", None, &shared);
+    forbidden(&again);
+
+    // --- A room's media through Synapse's room media listing (and Synapse's own alias path).
+    let room = synapse
+        .post_json(
+            "/_matrix/client/v3/createRoom",
+            &json!({}),
+            Some(&alice_token),
+        )
+        .json()["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let in_room = repo.upload(HS, &alice_token, "image/png", None, &sample(2_000, 2));
+    let event =
+        json!({ "msgtype": "m.image", "body": "x.png", "url": format!("mxc://{HS}/{in_room}") });
+    let sent = testkit::http::send(
+        "PUT",
+        &format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+            synapse.base_url(),
+            encode(&room)
+        ),
+        &[("Authorization", &format!("Bearer {alice_token}"))],
+        Some("application/json"),
+        event.to_string().as_bytes(),
+    );
+    assert_eq!(sent.status, 200, "{}", sent.text());
+    let alias = format!(
+        "/_matrix/client/v3/admin/quarantine_media/{}",
+        encode(&room)
+    );
+    forbidden(&call(&repo, "POST", &alias, &alice_token, b""));
+    let r = ok(call(&repo, "POST", &alias, &hs_admin, b""));
+    assert_eq!(r["num_quarantined"], 1, "{r}");
+    assert_eq!(status_of(&repo, &in_room), 404);
+
+    // --- Unquarantine: served and accepted again.
+    let r = ok(admin(
+        &repo,
+        "POST",
+        &format!("/unquarantine/{HS}/{a1}"),
+        &hs_admin,
+    ));
+    assert_eq!(r["num_unquarantined"], 2, "{r}");
+    assert_eq!((status_of(&repo, &a1), status_of(&repo, &b1)), (200, 200));
+    repo.upload(HS, &bob_token, "image/png", None, &shared);
+
+    // --- Pinned media is never quarantined, and never purged.
+    let pinned = repo.upload(HS, &alice_token, "text/plain", None, &sample(500, 9));
+    let attributes = format!("/media/{HS}/{pinned}/attributes");
+    forbidden(&call(
+        &repo,
+        "POST",
+        &format!("{}{attributes}", PREFIXES[1]),
+        &alice_token,
+        br#"{"purpose":"pinned"}"#,
+    ));
+    let r = ok(call(
+        &repo,
+        "POST",
+        &format!("{}{attributes}/set", PREFIXES[1]),
+        &root_token,
+        br#"{"purpose":"pinned"}"#,
+    ));
+    assert_eq!(r["purpose"], "pinned");
+    assert_eq!(
+        ok(admin(&repo, "GET", &attributes, &hs_admin))["purpose"],
+        "pinned"
+    );
+    forbidden(&admin(
+        &repo,
+        "POST",
+        &format!("/quarantine/{HS}/{pinned}"),
+        &root_token,
+    ));
+
+    // --- Purges free disk exactly when the last reference goes.
+    let twice = sample(50_000, 3);
+    let e = repo.upload(HS, &alice_token, "image/png", None, &twice);
+    let f = repo.upload(HS, &bob_token, "image/png", None, &twice);
+    let own = repo.upload(HS, &alice_token, "image/png", None, &sample(30_000, 4));
+    let twice_file = repo.object_path(&hex::encode(sha2_256(&twice)));
+    forbidden(&admin(
+        &repo,
+        "POST",
+        &format!("/purge/{HS}/{own}"),
+        &bob_token,
+    ));
+    let r = ok(admin(
+        &repo,
+        "POST",
+        &format!("/purge/{HS}/{e}"),
+        &alice_token,
+    ));
+    assert_eq!(r["affected"], json!([format!("mxc://{HS}/{e}")]), "{r}");
+    assert_eq!(r["objects_deleted"], 0, "bob's media still uses the bytes");
+    assert!(twice_file.exists());
+    assert_eq!(status_of(&repo, &f), 200);
+    let r = ok(admin(&repo, "POST", &format!("/purge/{HS}/{f}"), &hs_admin));
+    assert_eq!(r["objects_deleted"], 1, "{r}");
+    assert!(
+        !twice_file.exists(),
+        "the last reference went: so did the file"
+    );
+    assert_eq!(status_of(&repo, &f), 404);
+
+    // A user purge: repo admins, homeserver admins for their own users; pinned media stays.
+    forbidden(&admin(
+        &repo,
+        "POST",
+        &format!("/purge/user/{}", encode(&alice)),
+        &bob_token,
+    ));
+    let r = ok(admin(
+        &repo,
+        "POST",
+        &format!("/purge/user/{}", encode(&alice)),
+        &hs_admin,
+    ));
+    let affected: Vec<&str> = r["affected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        affected.contains(&format!("mxc://{HS}/{own}").as_str()),
+        "{r}"
+    );
+    assert!(
+        !affected.contains(&format!("mxc://{HS}/{pinned}").as_str()),
+        "{r}"
+    );
+    assert_eq!(status_of(&repo, &own), 404);
+    assert_eq!(status_of(&repo, &pinned), 200);
+    // Other servers' users are not a homeserver admin's business.
+    forbidden(&admin(
+        &repo,
+        "POST",
+        "/purge/user/%40x%3Aother.test",
+        &hs_admin,
+    ));
+    forbidden(&admin(&repo, "POST", "/purge/server/other.test", &hs_admin));
+
+    // Remote media purges and Synapse's purge_media_cache: repo admins only.
+    forbidden(&admin(&repo, "POST", "/purge/remote", &hs_admin));
+    assert_eq!(
+        ok(admin(&repo, "POST", "/purge/remote", &root_token))["num_removed"],
+        0
+    );
+    let cache = "/_matrix/client/v3/admin/purge_media_cache?before_ts=1";
+    forbidden(&call(&repo, "POST", cache, &hs_admin, b""));
+    assert_eq!(
+        ok(call(&repo, "POST", cache, &SHARED_SECRET.to_owned(), b""))["deleted"],
+        0
+    );
+
+    // --- Quarantined purge: the content stays refused after its rows are gone.
+    let bad = sample(10_000, 5);
+    let bad_id = repo.upload(HS, &bob_token, "image/png", None, &bad);
+    ok(admin(
+        &repo,
+        "POST",
+        &format!("/quarantine/user/{}", encode("@bob:hs1.test")),
+        &hs_admin,
+    ));
+    assert_eq!(status_of(&repo, &bad_id), 404);
+    let r = ok(admin(&repo, "POST", "/purge/quarantined", &hs_admin));
+    assert!(r["total"].as_u64().unwrap() >= 1, "{r}");
+    forbidden(&repo.upload_response(HS, &alice_token, "image/png", None, &bad));
+
+    // --- Usage, statistics, uploads, datastores: who may see them.
+    let usage = admin(&repo, "GET", &format!("/usage/{HS}"), &hs_admin);
+    forbidden(&usage);
+    let usage = ok(admin(&repo, "GET", &format!("/usage/{HS}"), &root_token));
+    let media_count = repo.count("SELECT COUNT(*) FROM media WHERE sha256 IS NOT NULL");
+    assert_eq!(usage["raw_counts"]["media"], media_count, "{usage}");
+    let users = ok(admin(
+        &repo,
+        "GET",
+        &format!("/usage/{HS}/users?user_id={}", encode(&alice)),
+        &root_token,
+    ));
+    assert_eq!(users.as_object().unwrap().len(), 1, "{users}");
+    assert_eq!(
+        users[&alice]["uploaded"],
+        json!([format!("mxc://{HS}/{pinned}")]),
+        "{users}"
+    );
+    let stats = ok(admin(
+        &repo,
+        "GET",
+        &format!("/usage/{HS}/users-stats?order_by=media_count&dir=b"),
+        &hs_admin,
+    ));
+    assert_eq!(stats["total"], 1, "only alice has media left: {stats}");
+    assert_eq!(stats["users"][0]["user_id"], alice.as_str(), "{stats}");
+    forbidden(&admin(
+        &repo,
+        "GET",
+        &format!("/usage/{HS}/users-stats"),
+        &alice_token,
+    ));
+    let uploads = ok(admin(
+        &repo,
+        "GET",
+        &format!(
+            "/usage/{HS}/uploads?mxc={}",
+            encode(&format!("mxc://{HS}/{pinned}"))
+        ),
+        &root_token,
+    ));
+    assert_eq!(
+        uploads[format!("mxc://{HS}/{pinned}")]["uploaded_by"],
+        alice.as_str(),
+        "{uploads}"
+    );
+    let stores = ok(admin(&repo, "GET", "/datastores", &root_token));
+    assert_eq!(stores[FILE_ID]["type"], "file", "{stores}");
+    forbidden(&admin(&repo, "GET", "/datastores", &hs_admin));
+    let estimate = ok(admin(
+        &repo,
+        "GET",
+        &format!("/datastores/{FILE_ID}/size_estimate"),
+        &root_token,
+    ));
+    assert_eq!(
+        estimate["total_hashes_affected"],
+        repo.objects() as u64,
+        "{estimate}"
+    );
+
+    // Every purge was a task, finished and visible.
+    let tasks = ok(admin(&repo, "GET", "/tasks/all", &root_token));
+    let tasks = tasks.as_array().unwrap();
+    assert!(tasks.len() >= 6, "{tasks:?}");
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t["is_finished"] == true && t["error_message"] == ""),
+        "{tasks:?}"
+    );
+    assert_eq!(
+        ok(admin(&repo, "GET", "/tasks/unfinished", &root_token)),
+        json!([])
+    );
+    forbidden(&admin(&repo, "GET", "/tasks/all", &hs_admin));
+
+    // Nothing points at a missing object, and nothing is left unreferenced.
+    check_clean(&repo.config_path(), FILE_ID);
+}
+
+/// `mmrctl datastores check` finds the store and the database in agreement.
+fn check_clean(config: &std::path::Path, id: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args(["datastores", "check", id, "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("0 orphan(s), 0 missing"),
+        "{id}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sha2_256(bytes: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).to_vec()
+}
+
+#[test]
+fn a_transfer_task_shows_progress_and_survives_a_restart() {
+    const SECOND: &str = "second-store";
+    let db = testkit::TestDb::new();
+    let url = db.url().to_owned();
+    let mut first = MediaRepo::spawn_with_env(
+        Some(db),
+        &url,
+        &[(HS, "http://127.0.0.1:9")],
+        &[("MMRCTL_TEST_TASK_STEP_MS", "300")],
+        |c| {
+            let second = support::repo_dir(c).join("second");
+            c["datastores"].as_array_mut().unwrap().push(
+                json!({ "type": "file", "id": SECOND, "forKinds": [], "opts": { "path": second } }),
+            );
+        },
+    );
+    first.wait_healthy();
+    let bodies: Vec<Vec<u8>> = (0..10)
+        .map(|i| sample(20_000 + i, 100 + i as u64))
+        .collect();
+    let ids: Vec<String> = bodies
+        .iter()
+        .map(|b| first.upload(HS, SHARED_SECRET, "application/octet-stream", None, b))
+        .collect();
+    let r = ok(admin(
+        &first,
+        "POST",
+        &format!("/datastores/{FILE_ID}/transfer_to/{SECOND}"),
+        SHARED_SECRET,
+    ));
+    assert_eq!(r["media_affected"], 10, "{r}");
+    let task = r["task_id"].as_i64().unwrap();
+    let task_path = format!("/tasks/{task}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = ok(admin(&first, "GET", &task_path, SHARED_SECRET));
+        assert_eq!(t["task_name"], "storage_migration", "{t}");
+        assert_eq!(t["params"]["target_datastore_id"], SECOND, "{t}");
+        if t["progress"]["moved"].as_u64().unwrap_or(0) >= 2 {
+            assert_eq!(t["is_finished"], false, "{t}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    first.signal("KILL");
+    let _ = first.wait_exit(Duration::from_secs(10));
+    let second = MediaRepo::start_with_config_file(&first.config_path(), first.port, None, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let t = ok(admin(&second, "GET", &task_path, SHARED_SECRET));
+        if t["is_finished"] == true {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "not resumed: {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["error_message"], "", "{done}");
+    assert_eq!(done["progress"]["failed"], 0, "{done}");
+    for (id, body) in ids.iter().zip(&bodies) {
+        let r = second.download(HS, id, &[]);
+        assert_eq!((r.status, &r.body), (200, body));
+    }
+    let in_first = first.count(&format!(
+        "SELECT COUNT(*) FROM objects WHERE datastore_id = '{FILE_ID}'"
+    ));
+    assert_eq!(in_first, 0);
+    for store in [FILE_ID, SECOND] {
+        check_clean(&first.config_path(), store);
+    }
+}
