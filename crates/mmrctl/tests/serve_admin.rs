@@ -244,7 +244,7 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
     let cache = "/_matrix/client/v3/admin/purge_media_cache?before_ts=1";
     forbidden(&call(&repo, "POST", cache, &hs_admin, b""));
     assert_eq!(
-        ok(call(&repo, "POST", cache, &SHARED_SECRET.to_owned(), b""))["deleted"],
+        ok(call(&repo, "POST", cache, SHARED_SECRET, b""))["deleted"],
         0
     );
 
@@ -434,4 +434,76 @@ fn a_transfer_task_shows_progress_and_survives_a_restart() {
     for store in [FILE_ID, SECOND] {
         check_clean(&first.config_path(), store);
     }
+}
+
+#[test]
+fn rate_limits_answer_429_per_client_and_stay_bounded_for_10000_addresses() {
+    let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
+        c["repo"]["freezeUnauthenticatedMedia"] = json!(false);
+        c["rateLimit"] = json!({
+            "enabled": true, "requestsPerSecond": 1, "burst": 5,
+            "buckets": { "downloads": {
+                "capacityBytes": 300_000, "drainBytesPerMinute": 60_000, "overflowLimitBytes": 0 } },
+        });
+    });
+    // The shared secret is not limited: it uploads as often as it likes.
+    let body = sample(200_000, 7);
+    let ids: Vec<String> = (0..8)
+        .map(|i| {
+            repo.upload(
+                HS,
+                SHARED_SECRET,
+                "image/png",
+                None,
+                &sample(200 + i, i as u64),
+            )
+        })
+        .collect();
+    let big = repo.upload(HS, SHARED_SECRET, "image/png", None, &body);
+    let from = |ip: &str, path: &str| repo.get(path, &[("Host", HS), ("X-Forwarded-For", ip)]);
+    let download = |id: &str| format!("/_matrix/media/v3/download/{HS}/{id}");
+
+    // A burst of 5, then 429 with when to come back; another client is served meanwhile.
+    for id in &ids[..5] {
+        assert_eq!(from("203.0.113.5", &download(id)).status, 200);
+    }
+    let r = from("203.0.113.5", &download(&ids[5]));
+    assert_eq!(
+        (r.status, r.json()["errcode"].as_str()),
+        (429, Some("M_LIMIT_EXCEEDED")),
+        "{}",
+        r.text()
+    );
+    let wait = r.json()["retry_after_ms"].as_u64().unwrap();
+    assert!((1..=1000).contains(&wait), "{wait}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(from("203.0.113.6", &download(&ids[5])).status, 200);
+
+    // Bytes: 200 kB fit the 300 kB bucket; the next 200 kB would overflow it, and must wait
+    // until 100 kB drained at 1 kB/s.
+    let r = from("203.0.113.7", &download(&big));
+    assert_eq!((r.status, r.body.len()), (200, body.len()));
+    let r = from("203.0.113.7", &download(&big));
+    assert_eq!(r.status, 429, "{}", r.text());
+    let wait = r.json()["retry_after_ms"].as_u64().unwrap();
+    assert!((95_000..=100_000).contains(&wait), "{wait}");
+    assert_eq!(from("203.0.113.8", &download(&big)).status, 200);
+
+    // 10,000 addresses, one request each: memory stays flat.
+    let before = repo.peak_rss_kib();
+    for i in 0..10_000u32 {
+        let ip = format!("198.18.{}.{}", i / 256, i % 256);
+        let r = from(&ip, "/_matrix/media/v3/config");
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    let grown = repo.peak_rss_kib().saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "peak RSS grew by {grown} KiB for 10,000 addresses"
+    );
+    // And the limits still hold, for a new client as for the first.
+    let statuses: Vec<u16> = (0..6)
+        .map(|_| from("203.0.113.99", &download(&ids[6])).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
 }

@@ -20,6 +20,7 @@ mod metrics;
 mod peer;
 mod previews;
 mod range;
+mod ratelimit;
 mod serve;
 mod thumbnails;
 
@@ -48,6 +49,8 @@ pub struct AppState {
     metrics: metrics::Metrics,
     /// Homeserver admins, as their homeservers said.
     admin_checks: admin::AdminChecks,
+    /// `rateLimit`'s buckets, rebuilt on reload.
+    limiter: ArcSwap<ratelimit::Limiter>,
     /// For the admin API's federation test.
     federation: federation::Client,
     /// `X-Mmrctl-Instance` on every response: tells a webserver's routing (and `mmrctl doctor`)
@@ -84,6 +87,7 @@ impl AppState {
         }
         Ok(AppState {
             auth: auth::Auth::new(http, &config),
+            limiter: ArcSwap::from_pointee(ratelimit::Limiter::new(&config)),
             keyring,
             media,
             config: ArcSwap::from_pointee(config),
@@ -115,6 +119,8 @@ impl AppState {
                 }
             }
         }
+        self.limiter
+            .store(Arc::new(ratelimit::Limiter::new(&config)));
         self.config.store(Arc::new(config));
     }
 
@@ -210,6 +216,10 @@ pub fn router(state: SharedState) -> Router {
                 "Method not allowed",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::rate_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             record_request,
