@@ -22,7 +22,8 @@ const HOLD_VAR: &str = "MMRCTL_TEST_JOB_HOLD_SECONDS";
 /// One recurring job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {
-    /// Asynchronous uploads reserved with `/create` whose time ran out without content.
+    /// Asynchronous uploads reserved with `/create` whose time ran out without content; and
+    /// file deletions a crash interrupted (`pending_deletions`).
     ExpireReservations,
     /// Temp files a crash left in the datastores.
     StaleTempFiles,
@@ -83,7 +84,10 @@ impl Job {
         Ok(match self {
             Job::ExpireReservations => {
                 let n = store.delete_expired_reservations().await?;
-                format!("{n} expired reservations deleted")
+                let files = store.finish_pending_deletions().await?;
+                format!(
+                    "{n} expired reservations deleted, {files} interrupted file deletions finished"
+                )
             }
             Job::StaleTempFiles => {
                 let n = store.delete_stale_temp_files(STALE_TEMP_FILE).await?;

@@ -341,7 +341,10 @@ fn the_reservation_job_deletes_only_expired_reservations() {
                 .run(media, config)
                 .await
                 .unwrap();
-            assert_eq!(did, "1 expired reservations deleted");
+            assert_eq!(
+                did,
+                "1 expired reservations deleted, 0 interrupted file deletions finished"
+            );
             media
                 .check_pending(config, "example.test", &kept.media_id, "@a:example.test")
                 .await

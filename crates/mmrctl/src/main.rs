@@ -36,6 +36,9 @@ enum Command {
     /// keys, database, datastores, disk space, clocks) and say what to fix. Exits with 1 when a
     /// check fails.
     Doctor(cmd::doctor::Args),
+    /// Operate the running media repo through its admin API: purge, quarantine, usage, tasks,
+    /// transfers between datastores.
+    Admin(cmd::admin::Args),
     /// Print shell completions (bash, zsh, fish, elvish, powershell) for mmrctl.
     Completions {
         #[arg(value_enum)]
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         Command::Import(args) => cmd::import::run(&args),
         Command::Datastores(args) => cmd::datastores::run(&args),
         Command::Doctor(args) => cmd::doctor::run(&args),
+        Command::Admin(args) => cmd::admin::run(&args),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "mmrctl", &mut out);

@@ -339,6 +339,39 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
     );
     forbidden(&admin(&repo, "GET", "/tasks/all", &hs_admin));
 
+    // `mmrctl admin` on the same API, with the config's shared secret or a given token.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+            .args(["admin", "--config"])
+            .arg(repo.config_path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = cli(&["usage", HS, "--json"]);
+    assert_eq!(code, Some(0));
+    let cli_usage: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(cli_usage["raw_counts"]["media"], media_count, "{stdout}");
+    let (code, _, stderr) = cli(&["--token", &alice_token, "tasks"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("HTTP 403") && stderr.contains("M_FORBIDDEN"),
+        "{stderr}"
+    );
+    let doomed = repo.upload(HS, &alice_token, "image/png", None, &sample(3_000, 6));
+    let (code, stdout, stderr) = cli(&["purge", "media", &format!("mxc://{HS}/{doomed}")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "1 media purged (0 thumbnails, 1 files deleted)"
+    );
+    assert_eq!(status_of(&repo, &doomed), 404);
+
     // Nothing points at a missing object, and nothing is left unreferenced.
     check_clean(&repo.config_path(), FILE_ID);
 }

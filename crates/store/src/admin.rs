@@ -222,6 +222,8 @@ impl Store {
         only_origin: Option<&str>,
         mut progress: impl FnMut(&PurgeReport),
     ) -> Result<PurgeReport, Error> {
+        // A run a crash stopped may have left files of deleted objects behind.
+        self.finish_pending_deletions().await?;
         let condition = selection.condition(only_origin);
         let mut report = PurgeReport::default();
         // Pending uploads have no content: their rows just go.

@@ -10,6 +10,11 @@ use tokio_util::io::ReaderStream;
 
 use crate::{Datastore, Error, LOCK_HASH, ObjectRef, Store};
 
+/// Records a file to delete once the transaction that dropped its object row commits.
+pub(crate) const RECORD_DELETION: &str =
+    "INSERT INTO pending_deletions (datastore_id, location, sha256) VALUES ($1, $2, $3)
+     ON CONFLICT DO NOTHING";
+
 /// How thoroughly [`Store::check_object`] looks at an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckDepth {
@@ -153,15 +158,59 @@ impl Store {
                 &[&sha256],
             )
             .await?;
+        let unused = match unused {
+            Some(row) => {
+                let (ds_id, location): (String, String) = (row.get(0), row.get(1));
+                tx.execute(RECORD_DELETION, &[&ds_id, &location, &sha256])
+                    .await?;
+                Some((ds_id, location))
+            }
+            None => None,
+        };
         tx.commit().await?;
         drop(client);
-        if let Some(row) = unused {
-            let (ds_id, location): (String, String) = (row.get(0), row.get(1));
-            if let Some(ds) = self.datastores.get(&ds_id) {
-                self.delete_unreferenced(ds, sha256, &location).await?;
-            }
+        if let Some((ds_id, location)) = unused {
+            self.finish_deletion(&ds_id, sha256, &location).await?;
         }
         Ok(done)
+    }
+
+    /// Deletes a file recorded in `pending_deletions` unless an object row references it again,
+    /// then forgets the record.
+    pub(crate) async fn finish_deletion(
+        &self,
+        ds_id: &str,
+        sha256: &str,
+        location: &str,
+    ) -> Result<(), Error> {
+        if let Some(ds) = self.datastores.get(ds_id) {
+            self.delete_unreferenced(ds, sha256, location).await?;
+        }
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM pending_deletions WHERE datastore_id = $1 AND location = $2",
+                &[&ds_id, &location],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Finishes the deletions a crash interrupted; returns how many.
+    pub async fn finish_pending_deletions(&self) -> Result<u64, Error> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT datastore_id, location, sha256 FROM pending_deletions LIMIT 10000",
+                &[],
+            )
+            .await?;
+        for row in &rows {
+            self.finish_deletion(row.get(0), row.get(2), row.get(1))
+                .await?;
+        }
+        Ok(rows.len() as u64)
     }
 
     /// Deletes the object at `location` of `ds` unless an object row references it, deciding under

@@ -121,6 +121,16 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     CREATE INDEX background_tasks_unfinished ON background_tasks (id) WHERE end_ts = 0;
     CREATE INDEX media_origin_created ON media (origin, created_ts);
+
+    -- Files whose object row is gone (a purge, a transfer's source), recorded in the same
+    -- transaction; the row goes once the file did. A crash in between leaves the row, and the
+    -- deletion is finished later: never a file that nothing remembers.
+    CREATE TABLE pending_deletions (
+        datastore_id TEXT NOT NULL,
+        location     TEXT NOT NULL,
+        sha256       TEXT NOT NULL,
+        PRIMARY KEY (datastore_id, location)
+    );
     "#,
     ),
 ];

@@ -46,6 +46,8 @@ impl Store {
         }
         let source = self.datastores.named(from)?;
         let target = self.datastores.named(to)?;
+        // A run a crash stopped may have left a moved object's source behind.
+        self.finish_pending_deletions().await?;
 
         let total: i64 = self
             .client()
@@ -122,9 +124,14 @@ impl Store {
         if !target.exists(&placed).await? {
             target.place(&temp, &object.sha256).await?;
         }
+        tx.execute(
+            crate::objects::RECORD_DELETION,
+            &[&source.id(), &object.location, &object.sha256],
+        )
+        .await?;
         tx.commit().await?;
         drop(temp);
-        self.delete_unreferenced(source, &object.sha256, &object.location)
+        self.finish_deletion(source.id(), &object.sha256, &object.location)
             .await?;
         Ok(true)
     }
