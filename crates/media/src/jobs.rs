@@ -9,6 +9,8 @@ use config::Config;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use store::admin::Selection;
+
 use crate::{Error, Service};
 
 /// A temp file nothing wrote to for this long was left by a crash (a live upload writes at least
@@ -115,7 +117,10 @@ impl Job {
                 0 => "remote media does not expire (downloads.expireAfterDays is 0)".to_owned(),
                 days => {
                     let before = days_ago(days);
-                    let n = store.expire_remote_media(before).await?;
+                    let n = store
+                        .purge(&Selection::Remote { before_ts: before }, None, |_| {})
+                        .await?
+                        .media;
                     format!("{n} remote media cached over {days} days ago deleted")
                 }
             },

@@ -314,9 +314,18 @@ async fn purge_remote(
 ) -> ApiResult<Response> {
     caller.require_repo_admin()?;
     let before_ts = before_ts(q.as_deref())?;
+    purge_cache(&state, before_ts, "num_removed").await
+}
+
+/// Cached remote media stored before `before_ts`, answered with how many as `count_name`.
+async fn purge_cache(state: &SharedState, before_ts: i64, count_name: &str) -> ApiResult<Response> {
     Ok(
-        match purge(&state, Selection::Remote { before_ts }, None).await? {
-            Purged::Done(report) => Json(json!({ "num_removed": report.media })).into_response(),
+        match purge(state, Selection::Remote { before_ts }, None).await? {
+            Purged::Done(report) => {
+                let mut answer = serde_json::Map::new();
+                answer.insert(count_name.to_owned(), json!(report.media));
+                Json(answer).into_response()
+            }
             Purged::Running(id) => still_running(id),
         },
     )
@@ -333,12 +342,7 @@ async fn purge_media_cache(
         .ok_or_else(|| ApiError::bad_request("Missing integer query parameter 'before_ts'"))?
         .parse()
         .map_err(|_| ApiError::bad_request("`before_ts` must be a time in milliseconds"))?;
-    Ok(
-        match purge(&state, Selection::Remote { before_ts }, None).await? {
-            Purged::Done(report) => Json(json!({ "deleted": report.media })).into_response(),
-            Purged::Running(id) => still_running(id),
-        },
-    )
+    purge_cache(&state, before_ts, "deleted").await
 }
 
 /// `POST purge/old?before_ts=&include_local=`
@@ -513,8 +517,18 @@ fn room_failed(ctx: &Ctx, why: &str) -> ApiError {
     )
 }
 
-fn quarantined(n: u64) -> Json<Value> {
-    Json(json!({ "num_quarantined": n }))
+/// Quarantines `selection` within `scope`; answers `{"num_quarantined": n}`.
+async fn quarantine(
+    state: &SharedState,
+    selection: Selection,
+    scope: Option<String>,
+) -> ApiResult<Json<Value>> {
+    let n = state
+        .media
+        .store()
+        .quarantine(&selection, scope.as_deref())
+        .await?;
+    Ok(Json(json!({ "num_quarantined": n })))
 }
 
 /// `POST quarantine/room/{roomId}` and Synapse's `quarantine_media/{roomId}`.
@@ -527,12 +541,7 @@ async fn quarantine_room(
     let room_id = params.get("room_id").cloned().unwrap_or_default();
     let scope = caller.scope(&state, caller.quarantine_locals()).await?;
     let media = room_media(&state, &caller, &room_id).await?;
-    let n = state
-        .media
-        .store()
-        .quarantine(&Selection::Media { media }, scope.as_deref())
-        .await?;
-    Ok(quarantined(n))
+    quarantine(&state, Selection::Media { media }, scope).await
 }
 
 /// `POST quarantine/user/{userId}`
@@ -548,12 +557,7 @@ async fn quarantine_user(
         user_id,
         before_ts: i64::MAX,
     };
-    let n = state
-        .media
-        .store()
-        .quarantine(&selection, scope.as_deref())
-        .await?;
-    Ok(quarantined(n))
+    quarantine(&state, selection, scope).await
 }
 
 /// `POST quarantine/server/{serverName}`: what is stored now (later media is not flagged).
@@ -569,12 +573,7 @@ async fn quarantine_server(
         origin: server,
         before_ts: i64::MAX,
     };
-    let n = state
-        .media
-        .store()
-        .quarantine(&selection, scope.as_deref())
-        .await?;
-    Ok(quarantined(n))
+    quarantine(&state, selection, scope).await
 }
 
 /// `POST quarantine/{server}/{mediaId}`: the media and every media with the same content.
@@ -598,9 +597,7 @@ async fn quarantine_one(
     let selection = Selection::Media {
         media: vec![(server, media_id)],
     };
-    Ok(quarantined(
-        store.quarantine(&selection, scope.as_deref()).await?,
-    ))
+    quarantine(&state, selection, scope).await
 }
 
 /// `POST unquarantine/{server}/{mediaId}` (ours): the content is served and accepted again.

@@ -11,6 +11,7 @@ use config::MediaKind;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::ToSql;
 
+use crate::thumbnails::delete_thumbnails_of;
 use crate::{Error, Store};
 
 /// Rows read per query.
@@ -257,7 +258,7 @@ impl Store {
                 return Ok(report);
             }
             for sha256 in &hashes {
-                let (gone, thumbs) = self
+                let ((gone, thumbs), dropped) = self
                     .under_content_lock(sha256, async |tx| {
                         let mut params = condition.refs();
                         params.push(sha256);
@@ -270,54 +271,21 @@ impl Store {
                             )
                             .await?;
                         }
-                        let mut media = Vec::with_capacity(gone.len());
-                        let mut thumbs = Vec::new();
-                        for row in &gone {
-                            let (origin, media_id): (String, String) = (row.get(0), row.get(1));
-                            for t in tx
-                                .query(
-                                    "DELETE FROM thumbnails WHERE origin = $1 AND media_id = $2
-                                     RETURNING sha256",
-                                    &[&origin, &media_id],
-                                )
-                                .await?
-                            {
-                                thumbs.push(t.get::<_, String>(0));
-                            }
-                            media.push((origin, media_id));
-                        }
+                        let media: Vec<(String, String)> =
+                            gone.iter().map(|r| (r.get(0), r.get(1))).collect();
+                        let thumbs = delete_thumbnails_of(tx, &media).await?;
                         Ok((media, thumbs))
                     })
                     .await?;
                 report.thumbnails += thumbs.len() as u64;
+                report.objects += u64::from(dropped) + self.drop_unused(thumbs, sha256).await?;
                 for (origin, media_id) in gone {
                     report.media += 1;
                     list(&mut report, origin, media_id);
                 }
-                if !self.object_exists(sha256).await? {
-                    report.objects += 1;
-                }
-                let mut thumbs = thumbs;
-                thumbs.sort();
-                thumbs.dedup();
-                for thumb in thumbs.iter().filter(|t| *t != sha256) {
-                    self.under_content_lock(thumb, async |_| Ok(())).await?;
-                    if !self.object_exists(thumb).await? {
-                        report.objects += 1;
-                    }
-                }
                 progress(&report);
             }
         }
-    }
-
-    async fn object_exists(&self, sha256: &str) -> Result<bool, Error> {
-        Ok(self
-            .client()
-            .await?
-            .query_opt("SELECT 1 FROM objects WHERE sha256 = $1", &[&sha256])
-            .await?
-            .is_some())
     }
 
     /// Quarantines the selected media and, with each, every media row with the same content

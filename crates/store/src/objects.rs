@@ -138,13 +138,14 @@ impl Store {
     /// Runs `work` in one transaction under `sha256`'s hash lock, deleting that object's row too
     /// if no media or thumbnail row references it any more; commits, then deletes its file unless
     /// an object row references it again (an upload of the same bytes meanwhile). Stopped
-    /// anywhere, this leaves rows that point at their object, or at worst a file no row uses
-    /// (which `datastores check` reports): never a row without its object.
+    /// anywhere, this leaves rows that point at their object, never a row without its object; a
+    /// file whose deletion a crash interrupted is remembered (`pending_deletions`) and deleted
+    /// later. Returns what `work` did, and whether the object went.
     pub(crate) async fn under_content_lock<T>(
         &self,
         sha256: &str,
         work: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> Result<T, Error>,
-    ) -> Result<T, Error> {
+    ) -> Result<(T, bool), Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         tx.query_one(LOCK_HASH, &[&sha256]).await?;
@@ -169,10 +170,11 @@ impl Store {
         };
         tx.commit().await?;
         drop(client);
+        let dropped = unused.is_some();
         if let Some((ds_id, location)) = unused {
             self.finish_deletion(&ds_id, sha256, &location).await?;
         }
-        Ok(done)
+        Ok((done, dropped))
     }
 
     /// Deletes a file recorded in `pending_deletions` unless an object row references it again,

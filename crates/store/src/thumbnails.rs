@@ -209,68 +209,28 @@ impl Store {
                             )
                             .await?)
                     })
-                    .await?;
+                    .await?
+                    .0;
             }
         }
     }
 
-    /// Deletes remote media cached before `before_ms` (`downloads.expireAfterDays`; fetched again
-    /// when asked for), quarantined media excepted, with their thumbnails, and each object no row
-    /// references any more: one content at a time, under its hash lock, as thumbnail expiry does.
-    /// Returns how many media rows went.
-    pub async fn expire_remote_media(&self, before_ms: i64) -> Result<u64, Error> {
-        const BATCH: i64 = 500;
-        let kind = MediaKind::RemoteMedia.as_str();
-        let mut total = 0;
-        loop {
-            let hashes = self
-                .contents(
-                    "SELECT DISTINCT sha256 FROM media
-                     WHERE kind = $1 AND created_ts < $2 AND NOT quarantined AND sha256 IS NOT NULL
-                     LIMIT $3",
-                    &[&kind, &before_ms, &BATCH],
-                )
-                .await?;
-            if hashes.is_empty() {
-                return Ok(total);
-            }
-            for sha256 in &hashes {
-                let (gone, mut thumbs) = self
-                    .under_content_lock(sha256, async |tx| {
-                        let gone = tx
-                            .query(
-                                "DELETE FROM media
-                                 WHERE sha256 = $1 AND kind = $2 AND created_ts < $3 AND NOT quarantined
-                                 RETURNING origin, media_id",
-                                &[sha256, &kind, &before_ms],
-                            )
-                            .await?;
-                        // Their thumbnails go too; each thumbnail's content is another object.
-                        let mut thumbs = Vec::new();
-                        for row in &gone {
-                            let (origin, media_id): (String, String) = (row.get(0), row.get(1));
-                            for t in tx
-                                .query(
-                                    "DELETE FROM thumbnails WHERE origin = $1 AND media_id = $2
-                                     RETURNING sha256",
-                                    &[&origin, &media_id],
-                                )
-                                .await?
-                            {
-                                thumbs.push(t.get::<_, String>(0));
-                            }
-                        }
-                        Ok((gone.len() as u64, thumbs))
-                    })
-                    .await?;
-                total += gone;
-                thumbs.sort();
-                thumbs.dedup();
-                for thumb in thumbs.iter().filter(|t| *t != sha256) {
-                    self.under_content_lock(thumb, async |_| Ok(())).await?;
-                }
+    /// Deletes each of `contents` (but `except`, whose lock was just held) that no row references
+    /// any more; returns how many went.
+    pub(crate) async fn drop_unused(
+        &self,
+        mut contents: Vec<String>,
+        except: &str,
+    ) -> Result<u64, Error> {
+        contents.sort();
+        contents.dedup();
+        let mut dropped = 0;
+        for sha256 in contents.iter().filter(|t| *t != except) {
+            if self.under_content_lock(sha256, async |_| Ok(())).await?.1 {
+                dropped += 1;
             }
         }
+        Ok(dropped)
     }
 
     /// The contents (SHA-256) a `SELECT DISTINCT sha256 ...` query names.
@@ -282,4 +242,25 @@ impl Store {
         let rows = self.client().await?.query(select, params).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+}
+
+/// Deletes the thumbnails of `media` (`(origin, media_id)`) in `tx`; returns their contents, each
+/// another object that may now be unused.
+pub(crate) async fn delete_thumbnails_of(
+    tx: &deadpool_postgres::Transaction<'_>,
+    media: &[(String, String)],
+) -> Result<Vec<String>, Error> {
+    let mut thumbs = Vec::new();
+    for (origin, media_id) in media {
+        for t in tx
+            .query(
+                "DELETE FROM thumbnails WHERE origin = $1 AND media_id = $2 RETURNING sha256",
+                &[origin, media_id],
+            )
+            .await?
+        {
+            thumbs.push(t.get::<_, String>(0));
+        }
+    }
+    Ok(thumbs)
 }

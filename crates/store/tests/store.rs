@@ -372,8 +372,10 @@ fn remote_media_expires_with_its_thumbnails_and_only_unshared_objects() {
             .await
             .unwrap();
         let files_before = files_in(&dir.join("a"));
+        let selection = store::admin::Selection::Remote { before_ts: old + 1 };
+        let expire = async || store.purge(&selection, None, |_| {}).await.unwrap().media;
 
-        assert_eq!(store.expire_remote_media(old + 1).await.unwrap(), 2);
+        assert_eq!(expire().await, 2);
         for (id, kept) in [
             ("alone", false),
             ("shared", false),
@@ -387,7 +389,7 @@ fn remote_media_expires_with_its_thumbnails_and_only_unshared_objects() {
         // `alone` and its thumbnail were deleted; `shared` stays for the local upload.
         assert_eq!(files_in(&dir.join("a")), files_before - 2);
         // Nothing more to do on a second run.
-        assert_eq!(store.expire_remote_media(old + 1).await.unwrap(), 0);
+        assert_eq!(expire().await, 0);
     });
 }
 
