@@ -540,3 +540,58 @@ fn rate_limits_answer_429_per_client_and_stay_bounded_for_10000_addresses() {
         .collect();
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
 }
+
+#[test]
+fn quarantined_media_is_replaced_as_configured() {
+    let mut repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
+        c["quarantine"] = json!({ "replaceThumbnails": true, "replaceDownloads": true });
+    });
+    let id = repo.upload(HS, SHARED_SECRET, "image/png", None, &sample(5_000, 11));
+    ok(admin(
+        &repo,
+        "POST",
+        &format!("/quarantine/{HS}/{id}"),
+        SHARED_SECRET,
+    ));
+    let auth = format!("Bearer {SHARED_SECRET}");
+    let thumb = |repo: &MediaRepo| {
+        repo.get(
+            &format!("/_matrix/client/v1/media/thumbnail/{HS}/{id}?width=64&height=48"),
+            &[("Host", HS), ("Authorization", &auth)],
+        )
+    };
+    // No thumbnailPath: a placeholder of the size asked, for thumbnails and downloads alike.
+    let r = thumb(&repo);
+    assert_eq!(
+        (r.status, r.header("content-type")),
+        (200, Some("image/png"))
+    );
+    let image = image::load_from_memory(&r.body).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 48));
+    let r = repo.download(HS, &id, &[]);
+    assert_eq!(r.status, 200);
+    let image = image::load_from_memory(&r.body).unwrap();
+    assert_eq!((image.width(), image.height()), (512, 512));
+
+    // The operator's image, as it is; downloads not replaced: 404.
+    let mut png = Vec::new();
+    image::DynamicImage::new_rgb8(7, 5)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let path = repo.dir.path().join("quarantined.png");
+    std::fs::write(&path, &png).unwrap();
+    repo.rewrite_config(|c| {
+        c["quarantine"] =
+            json!({ "replaceThumbnails": true, "replaceDownloads": false, "thumbnailPath": path });
+    });
+    repo.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while thumb(&repo).body != png {
+        assert!(
+            Instant::now() < deadline,
+            "thumbnailPath not served after reload"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(repo.download(HS, &id, &[]).status, 404);
+}

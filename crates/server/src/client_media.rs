@@ -197,7 +197,7 @@ async fn download(
     let live_ok = parts.method == Method::GET
         && !parts.headers.contains_key(header::RANGE)
         && !parts.headers.contains_key(header::IF_NONE_MATCH);
-    let media = match state
+    let found = state
         .media
         .find(
             &ctx.config,
@@ -207,8 +207,14 @@ async fn download(
             fetch,
             live_ok,
         )
-        .await?
-    {
+        .await;
+    let found = match found {
+        Err(media::Error::Quarantined) if ctx.config.quarantine.replace_downloads => {
+            return crate::thumbnails::quarantined_image(ctx, parts, 512, 512).await;
+        }
+        found => found?,
+    };
+    let media = match found {
         media::Found::Stored(media) => media,
         media::Found::Live(live) => {
             let name = path.file_name.as_deref().or(live.upload_name.as_deref());

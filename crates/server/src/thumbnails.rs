@@ -94,7 +94,8 @@ async fn thumbnail(
 ) -> ApiResult<Response> {
     let query = parts.uri.query();
     let params = params(query, authenticated)?;
-    let (_, thumb) = state
+    let (width, height) = (params.width, params.height);
+    let found = state
         .media
         .thumbnail(
             &ctx.config,
@@ -104,7 +105,13 @@ async fn thumbnail(
             wait_param(query),
             fetch_rule(ctx, query, authenticated),
         )
-        .await?;
+        .await;
+    let thumb = match found {
+        Err(media::Error::Quarantined) if ctx.config.quarantine.replace_thumbnails => {
+            return quarantined_image(ctx, parts, width, height).await;
+        }
+        found => found?.1,
+    };
     let allow_redirect =
         authenticated || query_param(query, "allow_redirect").is_some_and(|v| v == "true");
     match thumb {
@@ -162,4 +169,48 @@ async fn thumbnail(
                 .map_err(|e| ApiError::internal(e.to_string()))
         }
     }
+}
+
+/// What quarantined media is served as (`quarantine.replaceThumbnails`, and
+/// `replaceDownloads`): the image at `thumbnailPath` as it is, else a placeholder of the size asked.
+pub(crate) async fn quarantined_image(
+    ctx: &Ctx,
+    parts: &Parts,
+    width: u32,
+    height: u32,
+) -> ApiResult<Response> {
+    /// An operator's image larger than this is not read per request.
+    const MAX_IMAGE: u64 = 16 * 1024 * 1024;
+    let path = &ctx.config.quarantine.thumbnail_path;
+    let bytes = if path.is_empty() {
+        thumbnail::quarantine_placeholder(width, height)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+    } else {
+        let too_large = tokio::fs::metadata(path)
+            .await
+            .is_ok_and(|m| m.len() > MAX_IMAGE);
+        match tokio::fs::read(path).await {
+            Ok(bytes) if !too_large => bytes,
+            Ok(_) | Err(_) => {
+                tracing::error!(
+                    path,
+                    "quarantine.thumbnailPath cannot be read, or is over 16 MiB"
+                );
+                return Err(ApiError::not_found("This media has been quarantined"));
+            }
+        }
+    };
+    let content_type = thumbnail::sniff(&bytes).map_or("application/octet-stream", |f| f.mime());
+    let builder = media_headers(content_type, None)
+        .status(StatusCode::OK)
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(header::CONTENT_LENGTH, bytes.len());
+    let body = if parts.method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    };
+    builder
+        .body(body)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }

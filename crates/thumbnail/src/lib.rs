@@ -460,6 +460,23 @@ fn catching<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
     })
 }
 
+/// The image served in place of quarantined media (`quarantine.replaceThumbnails` without a
+/// `thumbnailPath`): a grey PNG of `width`×`height` (at most 800 a side) crossed out.
+pub fn quarantine_placeholder(width: u32, height: u32) -> Result<Vec<u8>, Error> {
+    let (w, h) = (width.clamp(1, 800), height.clamp(1, 800));
+    let mut data = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in 0..h {
+        for x in 0..w {
+            // Both diagonals, about 1/40 of the image thick.
+            let (fx, fy) = (f64::from(x) / f64::from(w), f64::from(y) / f64::from(h));
+            let on_cross = (fx - fy).abs() < 0.025 || (fx + fy - 1.0).abs() < 0.025;
+            let v = if on_cross { 0x40 } else { 0xb0 };
+            data.extend_from_slice(&[v, v, v]);
+        }
+    }
+    raster::encode_png(&Pixels::rgb(w, h, data))
+}
+
 /// 8-bit RGB or RGBA pixels, row after row.
 #[derive(Debug, Clone)]
 pub(crate) struct Pixels {
