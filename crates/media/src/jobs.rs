@@ -38,15 +38,21 @@ pub enum Job {
     /// `downloads.expireAfterDays`: remote media cached longer than that is deleted (fetched
     /// again when asked for), with its thumbnails.
     ExpireRemoteMedia,
+    /// GDPR exports older than [`EXPORTS_KEPT_DAYS`] are deleted with their parts.
+    ExpireExports,
 }
 
+/// How long a GDPR export stays downloadable.
+pub const EXPORTS_KEPT_DAYS: u32 = 7;
+
 impl Job {
-    pub const ALL: [Job; 5] = [
+    pub const ALL: [Job; 6] = [
         Job::ExpireReservations,
         Job::StaleTempFiles,
         Job::ExpireThumbnails,
         Job::ExpirePreviews,
         Job::ExpireRemoteMedia,
+        Job::ExpireExports,
     ];
 
     /// The job's name, in logs and in its lock.
@@ -57,6 +63,7 @@ impl Job {
             Job::ExpireThumbnails => "expire-thumbnails",
             Job::ExpirePreviews => "expire-previews",
             Job::ExpireRemoteMedia => "expire-remote-media",
+            Job::ExpireExports => "expire-exports",
         }
     }
 
@@ -76,7 +83,8 @@ impl Job {
             Job::StaleTempFiles
             | Job::ExpireThumbnails
             | Job::ExpirePreviews
-            | Job::ExpireRemoteMedia => Duration::from_secs(3600),
+            | Job::ExpireRemoteMedia
+            | Job::ExpireExports => Duration::from_secs(3600),
         }
     }
 
@@ -124,6 +132,10 @@ impl Job {
                     format!("{n} remote media cached over {days} days ago deleted")
                 }
             },
+            Job::ExpireExports => {
+                let n = store.expire_exports(days_ago(EXPORTS_KEPT_DAYS)).await?;
+                format!("{n} exports older than {EXPORTS_KEPT_DAYS} days deleted")
+            }
         })
     }
 }

@@ -6,6 +6,7 @@
 //! Every operation takes the config snapshot of its request, so that one request sees one config
 //! from start to end, whatever a reload does meanwhile.
 
+pub mod archives;
 mod body;
 mod counts;
 mod download;
@@ -80,6 +81,12 @@ pub enum Error {
     /// A fault of this server (the message is for its log).
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::Store(store::Error::Io(e))
+    }
 }
 
 impl Error {

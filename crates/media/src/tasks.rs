@@ -41,6 +41,13 @@ pub enum Task {
         selection: Selection,
         only_origin: Option<String>,
     },
+    /// matrix-media-repo's `export_data`: a GDPR export of a user's or a server's media.
+    ExportData {
+        export_id: String,
+        entity: String,
+        include_s3_urls: bool,
+        part_bytes: u64,
+    },
 }
 
 impl Task {
@@ -48,6 +55,7 @@ impl Task {
         match self {
             Task::StorageMigration { .. } => "storage_migration",
             Task::Purge { .. } => "purge",
+            Task::ExportData { .. } => "export_data",
         }
     }
 }
@@ -191,6 +199,23 @@ impl Service {
                     .await?;
                 recorder.flush().await;
                 Ok(to_json(&add(&before, &report)))
+            }
+            // Resumed from the start: an interrupted run's parts are replaced.
+            Task::ExportData {
+                export_id,
+                entity,
+                include_s3_urls,
+                part_bytes,
+            } => {
+                let report = crate::archives::export(
+                    store,
+                    &export_id,
+                    &entity,
+                    part_bytes,
+                    include_s3_urls,
+                )
+                .await?;
+                Ok(to_json(&report))
             }
         }
     }

@@ -2,6 +2,7 @@
 //! (a module is named for its subcommand, the library crate it calls may share the name).
 
 pub(crate) mod admin;
+pub(crate) mod archive;
 pub(crate) mod datastores;
 pub(crate) mod doctor;
 pub(crate) mod import;

@@ -39,6 +39,9 @@ enum Command {
     /// Operate the running media repo through its admin API: purge, quarantine, usage, tasks,
     /// transfers between datastores.
     Admin(cmd::admin::Args),
+    /// GDPR archives in matrix-media-repo's format: export a user's or a server's media, import
+    /// an export, list and delete exports.
+    Archive(cmd::archive::Args),
     /// Print shell completions (bash, zsh, fish, elvish, powershell) for mmrctl.
     Completions {
         #[arg(value_enum)]
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
         Command::Datastores(args) => cmd::datastores::run(&args),
         Command::Doctor(args) => cmd::doctor::run(&args),
         Command::Admin(args) => cmd::admin::run(&args),
+        Command::Archive(args) => cmd::archive::run(&args),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "mmrctl", &mut out);

@@ -595,3 +595,262 @@ fn quarantined_media_is_replaced_as_configured() {
     }
     assert_eq!(repo.download(HS, &id, &[]).status, 404);
 }
+
+/// The entries of a tar.gz part: name to bytes.
+fn entries(part: &[u8]) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use std::io::Read as _;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(part));
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            e.read_to_end(&mut bytes).unwrap();
+            (name, bytes)
+        })
+        .collect()
+}
+
+/// A tar.gz of `files`, as matrix-media-repo writes its parts.
+fn tgz(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    for (name, bytes) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        tar.append_data(&mut header, name, *bytes).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+fn mmrctl_archive(repo: &MediaRepo, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args(["archive", "--config"])
+        .arg(repo.config_path())
+        .args(args)
+        .output()
+        .unwrap();
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
+    let archiving =
+        |c: &mut Value| c["archiving"] = json!({ "enabled": true, "targetBytesPerPart": 150_000 });
+    let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], archiving);
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| sample(100_000, 40 + i)).collect();
+    let ids: Vec<String> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            repo.upload(
+                HS,
+                SHARED_SECRET,
+                "image/png",
+                Some(&format!("pic {i}.png")),
+                b,
+            )
+        })
+        .collect();
+
+    // Exported by a task; listed in parts of about targetBytesPerPart, the manifest last.
+    let r = ok(admin(
+        &repo,
+        "POST",
+        &format!("/server/{HS}/export"),
+        SHARED_SECRET,
+    ));
+    let (export_id, task) = (
+        r["export_id"].as_str().unwrap().to_owned(),
+        r["task_id"].as_i64().unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = ok(admin(
+            &repo,
+            "GET",
+            &format!("/tasks/{task}"),
+            SHARED_SECRET,
+        ));
+        if t["is_finished"] == true {
+            assert_eq!(
+                (t["task_name"].as_str(), t["error_message"].as_str()),
+                (Some("export_data"), Some("")),
+                "{t}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The export id is the secret: no token needed.
+    let anonymous = |path: &str| {
+        repo.get(
+            &format!("{}/export/{export_id}{path}", PREFIXES[1]),
+            &[("Host", HS)],
+        )
+    };
+    let meta = anonymous("/metadata");
+    assert_eq!(meta.status, 200, "{}", meta.text());
+    let meta = meta.json();
+    assert_eq!(meta["entity"], HS);
+    let names: Vec<&str> = meta["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "export-part-1.tgz",
+            "export-part-2.tgz",
+            "export-manifest.tgz"
+        ]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    let mut all = std::collections::BTreeMap::new();
+    for p in meta["parts"].as_array().unwrap() {
+        let r = anonymous(&format!("/part/{}", p["index"]));
+        assert_eq!(
+            (r.status, r.body.len() as u64),
+            (200, p["size"].as_u64().unwrap())
+        );
+        let path = dir.path().join(p["name"].as_str().unwrap());
+        std::fs::write(&path, &r.body).unwrap();
+        files.push(path);
+        all.extend(entries(&r.body));
+    }
+    let manifest: Value = serde_json::from_slice(&all["manifest.json"]).unwrap();
+    assert_eq!(
+        (manifest["version"].as_i64(), manifest["entity_id"].as_str()),
+        (Some(2), Some(HS))
+    );
+    for (id, body) in ids.iter().zip(&bodies) {
+        let record = &manifest["media"][format!("mxc://{HS}/{id}")];
+        let file = record["file_name"].as_str().unwrap();
+        assert_eq!(file, format!("{HS}__{id}.png"));
+        assert_eq!(&all[file], body);
+        assert_eq!(record["sha256"], hex::encode(sha2_256(body)));
+        assert_eq!(record["content_type"], "image/png");
+    }
+    assert!(String::from_utf8_lossy(&all["index.html"]).contains("pic 0.png"));
+    let view = anonymous("/view");
+    assert!(
+        view.text().contains("export-manifest.tgz"),
+        "{}",
+        view.text()
+    );
+
+    // Imported into another repo byte-identical; a second run finds everything there.
+    let other = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], archiving);
+    let paths: Vec<&str> = files.iter().map(|p| p.to_str().unwrap()).collect();
+    let mut import = vec!["import"];
+    import.extend(paths.iter().rev());
+    let (code, out) = mmrctl_archive(&other, &import);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            Some(0),
+            format!(
+                "import of {HS}: 3 imported, 0 already here, 0 missing from the parts, 0 failed"
+            )
+            .as_str()
+        )
+    );
+    for (id, body) in ids.iter().zip(&bodies) {
+        let r = other.download(HS, id, &[]);
+        assert_eq!((r.status, &r.body), (200, body));
+        assert_eq!(r.header("content-type"), Some("image/png"));
+    }
+    let (_, out) = mmrctl_archive(&other, &import);
+    assert!(out.contains("0 imported, 3 already here"), "{out}");
+
+    // An archive as matrix-media-repo writes it: a media part, then the manifest part. A record
+    // whose bytes do not match its hash is refused; one with no file is reported missing.
+    let (good, bad) = (sample(5_000, 50), sample(6_000, 51));
+    let record = |id: &str, file: &str, sha: &str, size: usize| {
+        json!({
+        "name": format!("{id}.bin"), "file_name": file, "size_bytes": size, "content_type": "application/pdf",
+        "s3_url": "", "sha256": sha, "origin": "remote.example", "media_id": id,
+        "created_ts": 1_600_000_000_000i64, "uploader": "@carol:remote.example" })
+    };
+    let mmr_manifest = json!({ "version": 2, "entity_id": "@carol:remote.example", "created_ts": 1, "media": {
+        "mxc://remote.example/good": record("good", "remote.example__good.pdf", &hex::encode(sha2_256(&good)), good.len()),
+        "mxc://remote.example/bad": record("bad", "remote.example__bad.pdf", &hex::encode(sha2_256(&good)), bad.len()),
+        "mxc://remote.example/gone": record("gone", "remote.example__gone.pdf", &hex::encode(sha2_256(&good)), good.len()),
+    }});
+    let part1 = dir.path().join("mmr-export-part-1.tgz");
+    std::fs::write(
+        &part1,
+        tgz(&[
+            ("remote.example__good.pdf", &good),
+            ("remote.example__bad.pdf", &bad),
+        ]),
+    )
+    .unwrap();
+    let part2 = dir.path().join("mmr-export-manifest.tgz");
+    std::fs::write(
+        &part2,
+        tgz(&[
+            ("manifest.json", mmr_manifest.to_string().as_bytes()),
+            ("index.html", b"<html></html>"),
+        ]),
+    )
+    .unwrap();
+    let (code, out) = mmrctl_archive(
+        &other,
+        &["import", part1.to_str().unwrap(), part2.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("1 imported, 0 already here, 1 missing from the parts, 1 failed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("missing: mxc://remote.example/gone")
+            && out.contains("failed: mxc://remote.example/bad"),
+        "{out}"
+    );
+    // Imported as remote media, served from the cache to our users.
+    let r = other.get(
+        "/_matrix/client/v1/media/download/remote.example/good",
+        &[
+            ("Host", HS),
+            ("Authorization", &format!("Bearer {SHARED_SECRET}")),
+        ],
+    );
+    assert_eq!((r.status, &r.body), (200, &good));
+    assert_eq!(other.count("SELECT COUNT(*) FROM media WHERE origin = 'remote.example' AND kind = 'remote_media' AND user_id = '@carol:remote.example'"), 1);
+
+    // The command line exports too, and lists; deleting an export frees its parts.
+    let out_dir = dir.path().join("cli");
+    let (code, out) = mmrctl_archive(&repo, &["export", HS, "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("3 media, 300000 bytes, 3 parts"), "{out}");
+    assert!(out_dir.join("export-manifest.tgz").exists());
+    let (_, list) = mmrctl_archive(&repo, &["list"]);
+    assert_eq!(list.lines().count(), 2, "{list}");
+    let r = call(
+        &repo,
+        "DELETE",
+        &format!("{}/export/{export_id}", PREFIXES[0]),
+        "",
+        b"",
+    );
+    assert_eq!((r.status, r.json()), (200, json!({})));
+    assert_eq!(anonymous("/metadata").status, 404);
+    let (_, list) = mmrctl_archive(&repo, &["list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    check_clean(&repo.config_path(), FILE_ID);
+}

@@ -67,6 +67,12 @@ pub(crate) fn routes() -> axum::Router<SharedState> {
             "/media/{server}/{media_id}/attributes/set",
             post(set_attributes),
         )
+        .route("/user/{user_id}/export", post(export_user))
+        .route("/server/{server}/export", post(export_server))
+        .route("/export/{export_id}/view", get(export_view))
+        .route("/export/{export_id}/metadata", get(export_metadata))
+        .route("/export/{export_id}/part/{part}", get(export_part))
+        .route("/export/{export_id}", axum::routing::delete(export_delete))
 }
 
 /// The Synapse admin calls the route table sends here, relative to `/_matrix/client/{version}`.
@@ -924,4 +930,174 @@ async fn set_attributes(
         return Err(ApiError::not_found("No such media"));
     }
     Ok(Json(json!({ "purpose": purpose })))
+}
+
+/// Starts an `export_data` task for `entity`; answers `{export_id, task_id}`.
+async fn start_export(
+    state: &SharedState,
+    caller: &Caller,
+    entity: &str,
+    query: Option<&str>,
+) -> ApiResult<Json<Value>> {
+    let config = &caller.ctx.config;
+    if !config.archiving.enabled {
+        return Err(ApiError::forbidden(
+            "Exports are disabled on this media repository (archiving.enabled)",
+        ));
+    }
+    if state
+        .media
+        .store()
+        .datastores()
+        .for_kind(config::MediaKind::Archives)
+        .is_none()
+    {
+        return Err(ApiError::internal(
+            "No datastore takes archives: add `archives` to a datastore's forKinds",
+        ));
+    }
+    let store = state.media.store();
+    let export_id = store.create_export(entity).await?;
+    let task_id = state
+        .media
+        .start_task(&Task::ExportData {
+            export_id: export_id.clone(),
+            entity: entity.to_owned(),
+            include_s3_urls: query_param(query, "s3_urls").is_none_or(|v| v != "false"),
+            part_bytes: config.archiving.target_bytes_per_part.max(1),
+        })
+        .await?;
+    Ok(Json(json!({ "export_id": export_id, "task_id": task_id })))
+}
+
+/// `POST user/{userId}/export`: repo admins, the user's homeserver's admins, and the user
+/// themselves with `archiving.selfService`.
+async fn export_user(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Value>> {
+    valid_user(&user_id)?;
+    let own = caller.user.user_id == user_id && caller.ctx.config.archiving.self_service;
+    if !own {
+        let scope = caller.scope(&state, true).await?;
+        Caller::within(&scope, server_of(&user_id).unwrap_or_default())?;
+    }
+    start_export(&state, &caller, &user_id, q.as_deref()).await
+}
+
+/// `POST server/{serverName}/export`: repo admins, and that homeserver's admins.
+async fn export_server(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(server): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Value>> {
+    valid_server(&server)?;
+    let scope = caller.scope(&state, true).await?;
+    Caller::within(&scope, &server)?;
+    start_export(&state, &caller, &server, q.as_deref()).await
+}
+
+/// The export the (secret) id names.
+async fn export_named(state: &SharedState, export_id: &str) -> ApiResult<store::archives::Export> {
+    state
+        .media
+        .store()
+        .export(export_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("No such export"))
+}
+
+/// `GET export/{exportId}/metadata`: `{entity, parts: [{index, size, name}]}`.
+async fn export_metadata(
+    State(state): State<SharedState>,
+    Path(export_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let export = export_named(&state, &export_id).await?;
+    let parts: Vec<Value> = export
+        .parts
+        .iter()
+        .map(|p| json!({ "index": p.index, "size": p.object.size, "name": p.file_name }))
+        .collect();
+    Ok(Json(json!({ "entity": export.entity, "parts": parts })))
+}
+
+/// `GET export/{exportId}/view`: a page with the parts to download, and a way to delete them.
+async fn export_view(
+    State(state): State<SharedState>,
+    Path(export_id): Path<String>,
+) -> ApiResult<Response> {
+    let export = export_named(&state, &export_id).await?;
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let mut page = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Export of {0}</title></head>\
+         <body><h1>Media export of {0}</h1><ul>",
+        escape(&export.entity)
+    );
+    for p in &export.parts {
+        page.push_str(&format!(
+            "<li><a href=\"part/{0}\" download=\"{1}\">{1}</a> ({2} bytes)</li>",
+            p.index,
+            escape(&p.file_name),
+            p.object.size
+        ));
+    }
+    page.push_str(
+        "</ul><p>Once you have downloaded every part: \
+         <button onclick=\"fetch(location.pathname.replace(/\\/view$/, ''), {method: 'DELETE'}).then(() => location.reload())\">\
+         delete this export</button></p></body></html>",
+    );
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; connect-src 'self'",
+            ),
+        ],
+        page,
+    )
+        .into_response())
+}
+
+/// `GET export/{exportId}/part/{partId}`
+async fn export_part(
+    State(state): State<SharedState>,
+    Path((export_id, part)): Path<(String, String)>,
+    parts: Parts,
+) -> ApiResult<Response> {
+    let export = export_named(&state, &export_id).await?;
+    let part = export
+        .parts
+        .iter()
+        .find(|p| p.index.to_string() == part)
+        .ok_or_else(|| ApiError::not_found("No such part"))?;
+    crate::client_media::serve_object(
+        &state,
+        &parts,
+        "application/gzip",
+        &part.object,
+        Some(&part.file_name),
+        false,
+    )
+    .await
+}
+
+/// `DELETE export/{exportId}`
+async fn export_delete(
+    State(state): State<SharedState>,
+    Path(export_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if state.media.store().delete_export(&export_id).await? {
+        Ok(Json(json!({})))
+    } else {
+        Err(ApiError::not_found("No such export"))
+    }
 }

@@ -12,7 +12,11 @@ use crate::{Error, Store, now_ms};
 /// a directory shared with other programs: nothing else in it is touched).
 pub(crate) const UPLOAD_PREFIX: &str = "mmrctl-upload-";
 pub(crate) const TRANSFER_PREFIX: &str = "mmrctl-transfer-";
-const TEMP_PREFIXES: [&str; 2] = [UPLOAD_PREFIX, TRANSFER_PREFIX];
+const TEMP_PREFIXES: [&str; 3] = [
+    UPLOAD_PREFIX,
+    TRANSFER_PREFIX,
+    crate::archives::EXPORT_TEMP_PREFIX,
+];
 
 /// A job's lock, held by a database session of its own: released by [`JobLock::release`], and by
 /// the database when the instance holding it dies (its connection closes), so that another

@@ -9,6 +9,7 @@
 //! - no upload is held in memory: bodies stream to a temp file in the target datastore.
 
 pub mod admin;
+pub mod archives;
 mod blockfile;
 mod check;
 mod datastore;
@@ -407,11 +408,10 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT m.origin, m.media_id, m.kind, m.content_type, m.upload_name, m.user_id, m.created_ts,
-                        m.quarantined, m.requires_auth, m.expires_ts,
-                        o.sha256, o.size_bytes, o.datastore_id, o.location
-                 FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
-                 WHERE m.origin = $1 AND m.media_id = $2",
+                &format!(
+                    "SELECT {MEDIA_COLUMNS} FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
+                     WHERE m.origin = $1 AND m.media_id = $2"
+                ),
                 &[&origin, &media_id],
             )
             .await?;
@@ -548,7 +548,12 @@ fn kind_of_row(name: &str) -> Result<MediaKind, Error> {
         .ok_or_else(|| Error::Corrupt(format!("unknown media kind `{name}`")))
 }
 
-fn media_from_row(r: &tokio_postgres::Row) -> Result<Media, Error> {
+/// What [`media_from_row`] reads, from `media m` and `objects o`.
+pub(crate) const MEDIA_COLUMNS: &str =
+    "m.origin, m.media_id, m.kind, m.content_type, m.upload_name, m.user_id, m.created_ts,
+     m.quarantined, m.requires_auth, m.expires_ts, o.sha256, o.size_bytes, o.datastore_id, o.location";
+
+pub(crate) fn media_from_row(r: &tokio_postgres::Row) -> Result<Media, Error> {
     let sha256: Option<String> = r.get(10);
     let object = sha256.map(|sha256| ObjectRef {
         sha256,

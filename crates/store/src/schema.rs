@@ -122,6 +122,22 @@ const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX background_tasks_unfinished ON background_tasks (id) WHERE end_ts = 0;
     CREATE INDEX media_origin_created ON media (origin, created_ts);
 
+    -- GDPR exports (matrix-media-repo's shape): the parts are objects in an `archives`
+    -- datastore, `export_id` is the secret that fetches them.
+    CREATE TABLE exports (
+        export_id  TEXT PRIMARY KEY,
+        entity     TEXT NOT NULL,
+        created_ts BIGINT NOT NULL
+    );
+    CREATE TABLE export_parts (
+        export_id  TEXT NOT NULL REFERENCES exports (export_id) ON DELETE CASCADE,
+        part_index INTEGER NOT NULL,
+        file_name  TEXT NOT NULL,
+        sha256     TEXT NOT NULL REFERENCES objects (sha256),
+        PRIMARY KEY (export_id, part_index)
+    );
+    CREATE INDEX export_parts_sha256 ON export_parts (sha256);
+
     -- Files whose object row is gone (a purge, a transfer's source), recorded in the same
     -- transaction; the row goes once the file did. A crash in between leaves the row, and the
     -- deletion is finished later: never a file that nothing remembers.
