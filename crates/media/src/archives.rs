@@ -344,10 +344,13 @@ fn read_manifest(parts: &[PathBuf]) -> std::io::Result<Manifest> {
             }
         }
     }
-    Err(std::io::Error::other(
-        "no part has a manifest.json: give every part of the export (the manifest is in the last, export-manifest.tgz)",
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        NO_MANIFEST,
     ))
 }
+
+const NO_MANIFEST: &str = "no part has a manifest.json: give every part of the export (the manifest is in the last, export-manifest.tgz)";
 
 type Chunks = tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>;
 
@@ -360,7 +363,13 @@ pub async fn import(
     is_local: impl Fn(&str) -> bool,
 ) -> Result<ImportReport, Error> {
     let scan = parts.clone();
-    let manifest = blocking(move || read_manifest(&scan)).await?;
+    let manifest = tokio::task::spawn_blocking(move || read_manifest(&scan))
+        .await
+        .map_err(io_err)?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(NO_MANIFEST.to_owned()),
+            _ => Error::from(e),
+        })?;
     if manifest.version != 2 {
         return Err(Error::InvalidParam(format!(
             "the manifest is version {}; this mmrctl reads matrix-media-repo's version 2",

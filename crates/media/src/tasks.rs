@@ -41,6 +41,13 @@ pub enum Task {
         selection: Selection,
         only_origin: Option<String>,
     },
+    /// matrix-media-repo's `import_data`: an archive sent through the admin API, imported as
+    /// its parts arrive; finished once every media of its manifest is here, or once closed.
+    ImportData {
+        import_id: String,
+        /// The origins whose media is local (the homeservers served when it started).
+        local_origins: Vec<String>,
+    },
     /// matrix-media-repo's `export_data`: a GDPR export of a user's or a server's media.
     ExportData {
         export_id: String,
@@ -56,6 +63,7 @@ impl Task {
             Task::StorageMigration { .. } => "storage_migration",
             Task::Purge { .. } => "purge",
             Task::ExportData { .. } => "export_data",
+            Task::ImportData { .. } => "import_data",
         }
     }
 }
@@ -131,7 +139,13 @@ impl Service {
             None => {
                 tracing::warn!(task = row.id, "the task's lock was lost: it resumes later")
             }
-            Some(Ok(progress)) => {
+            Some(Ok(Step::Waiting(progress))) => {
+                tracing::debug!(task = row.id, "task waits for more input");
+                if let Err(e) = self.store().set_task_progress(row.id, &progress).await {
+                    tracing::debug!(task = row.id, error = %e, "progress not recorded");
+                }
+            }
+            Some(Ok(Step::Done(progress))) => {
                 tracing::info!(task = row.id, "task finished");
                 self.finish(row.id, &progress, "").await;
             }
@@ -153,8 +167,8 @@ impl Service {
         }
     }
 
-    /// Does the task's work; returns its final progress (JSON).
-    async fn execute(&self, row: &store::TaskRow) -> Result<String, Error> {
+    /// Does the task's work; returns its progress (JSON), final unless it waits for more input.
+    async fn execute(&self, row: &store::TaskRow) -> Result<Step, Error> {
         let task: Task = serde_json::from_str(&row.params).map_err(|e| {
             Error::Internal(format!(
                 "task {} has parameters this mmrctl cannot read: {e}",
@@ -183,7 +197,7 @@ impl Service {
                     })
                     .await?;
                 recorder.flush().await;
-                Ok(to_json(&transfer_progress(&report)))
+                Ok(Step::Done(to_json(&transfer_progress(&report))))
             }
             Task::Purge {
                 selection,
@@ -198,7 +212,7 @@ impl Service {
                     })
                     .await?;
                 recorder.flush().await;
-                Ok(to_json(&add(&before, &report)))
+                Ok(Step::Done(to_json(&add(&before, &report))))
             }
             // Resumed from the start: an interrupted run's parts are replaced.
             Task::ExportData {
@@ -215,10 +229,55 @@ impl Service {
                     include_s3_urls,
                 )
                 .await?;
-                Ok(to_json(&report))
+                Ok(Step::Done(to_json(&report)))
             }
+            Task::ImportData {
+                import_id,
+                local_origins,
+            } => self.import_data(&import_id, &local_origins).await,
         }
     }
+
+    /// One pass over an import's parts so far.
+    async fn import_data(&self, import_id: &str, local_origins: &[String]) -> Result<Step, Error> {
+        let store = self.store();
+        let Some((objects, closed)) = store.import_parts(import_id).await? else {
+            return Ok(Step::Done("{}".to_owned()));
+        };
+        let scratch = tempfile::Builder::new()
+            .prefix(store::archives::EXPORT_TEMP_PREFIX)
+            .tempdir_in(store.archives_temp_dir()?)?;
+        let mut parts = Vec::with_capacity(objects.len());
+        for (i, object) in objects.iter().enumerate() {
+            let path = scratch.path().join(format!("part-{i}"));
+            let mut reader = store.read(object, 0, None).await?;
+            let mut file = tokio::fs::File::create(&path).await?;
+            tokio::io::copy(&mut reader, &mut file).await?;
+            parts.push(path);
+        }
+        let result = crate::archives::import(store, parts, |origin| {
+            local_origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
+        })
+        .await;
+        let report = match result {
+            // The manifest comes with the last part.
+            Err(Error::NotFound(why)) if !closed => return Ok(Step::Waiting(to_json(&why))),
+            Err(e) => return Err(e),
+            Ok(report) => report,
+        };
+        if !report.missing.is_empty() && !closed {
+            return Ok(Step::Waiting(to_json(&report)));
+        }
+        store.delete_import(import_id).await?;
+        Ok(Step::Done(to_json(&report)))
+    }
+}
+
+/// Where a task's run left it.
+enum Step {
+    Done(String),
+    /// Unfinished until more input arrives (an import's parts): run again later.
+    Waiting(String),
 }
 
 fn transfer_progress(report: &store::TransferReport) -> TransferProgress {

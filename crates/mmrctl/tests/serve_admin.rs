@@ -808,8 +808,96 @@ fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
         ]),
     )
     .unwrap();
-    let (code, out) = mmrctl_archive(
+    // Through the admin API: parts as they come; what the manifest lists is imported once it
+    // is there, and the task ends once closed (a listed file never came).
+    let import_path = |rest: &str| format!("{}/import{rest}", PREFIXES[0]);
+    let r = ok(call(
         &other,
+        "POST",
+        &import_path(""),
+        SHARED_SECRET,
+        &std::fs::read(&part1).unwrap(),
+    ));
+    let (import_id, task) = (
+        r["import_id"].as_str().unwrap().to_owned(),
+        r["task_id"].as_i64().unwrap(),
+    );
+    let task_state = || {
+        ok(admin(
+            &other,
+            "GET",
+            &format!("/tasks/{task}"),
+            SHARED_SECRET,
+        ))
+    };
+    assert_eq!(task_state()["is_finished"], false);
+    ok(call(
+        &other,
+        "POST",
+        &import_path(&format!("/{import_id}/part")),
+        SHARED_SECRET,
+        &std::fs::read(&part2).unwrap(),
+    ));
+    let served = |repo: &MediaRepo| {
+        repo.get(
+            "/_matrix/client/v1/media/download/remote.example/good",
+            &[
+                ("Host", HS),
+                ("Authorization", &format!("Bearer {SHARED_SECRET}")),
+            ],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let t = task_state();
+        if t["progress"]["missing"].is_array() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(served(&other).body, good, "imported while the import waits");
+    assert_eq!(waiting["is_finished"], false, "{waiting}");
+    assert_eq!(
+        waiting["progress"]["missing"],
+        json!(["mxc://remote.example/gone"]),
+        "{waiting}"
+    );
+    ok(call(
+        &other,
+        "POST",
+        &import_path(&format!("/{import_id}/close")),
+        SHARED_SECRET,
+        b"",
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let t = task_state();
+        if t["is_finished"] == true {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        (done["task_name"].as_str(), done["error_message"].as_str()),
+        (Some("import_data"), Some("")),
+        "{done}"
+    );
+    assert_eq!(
+        done["progress"]["failed"][0][0], "mxc://remote.example/bad",
+        "{done}"
+    );
+    assert_eq!(
+        other.count("SELECT COUNT(*) FROM import_parts"),
+        0,
+        "a finished import's parts go"
+    );
+
+    // And on the command line, into a third repo.
+    let third = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], archiving);
+    let (code, out) = mmrctl_archive(
+        &third,
         &["import", part1.to_str().unwrap(), part2.to_str().unwrap()],
     );
     assert_eq!(code, Some(1), "{out}");
@@ -823,15 +911,9 @@ fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
         "{out}"
     );
     // Imported as remote media, served from the cache to our users.
-    let r = other.get(
-        "/_matrix/client/v1/media/download/remote.example/good",
-        &[
-            ("Host", HS),
-            ("Authorization", &format!("Bearer {SHARED_SECRET}")),
-        ],
-    );
+    let r = served(&third);
     assert_eq!((r.status, &r.body), (200, &good));
-    assert_eq!(other.count("SELECT COUNT(*) FROM media WHERE origin = 'remote.example' AND kind = 'remote_media' AND user_id = '@carol:remote.example'"), 1);
+    assert_eq!(third.count("SELECT COUNT(*) FROM media WHERE origin = 'remote.example' AND kind = 'remote_media' AND user_id = '@carol:remote.example'"), 1);
 
     // The command line exports too, and lists; deleting an export frees its parts.
     let out_dir = dir.path().join("cli");

@@ -73,6 +73,9 @@ pub(crate) fn routes() -> axum::Router<SharedState> {
         .route("/export/{export_id}/metadata", get(export_metadata))
         .route("/export/{export_id}/part/{part}", get(export_part))
         .route("/export/{export_id}", axum::routing::delete(export_delete))
+        .route("/import", post(import_start))
+        .route("/import/{import_id}/part", post(import_part))
+        .route("/import/{import_id}/close", post(import_close))
 }
 
 /// The Synapse admin calls the route table sends here, relative to `/_matrix/client/{version}`.
@@ -1100,4 +1103,103 @@ async fn export_delete(
     } else {
         Err(ApiError::not_found("No such export"))
     }
+}
+
+/// Streams a request body (an archive part) into a temp file of the archives datastore, at most
+/// `max` bytes.
+async fn receive_part(
+    state: &SharedState,
+    body: axum::body::Body,
+    max: u64,
+) -> ApiResult<tempfile::TempPath> {
+    use futures_util::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let dir = state.media.store().archives_temp_dir()?;
+    let failed = |e: std::io::Error| ApiError::internal(format!("cannot keep the part: {e}"));
+    tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
+    let temp = tempfile::Builder::new()
+        .prefix(store::archives::EXPORT_TEMP_PREFIX)
+        .tempfile_in(&dir)
+        .map_err(failed)?;
+    let (file, path) = temp.into_parts();
+    let mut file = tokio::fs::File::from_std(file);
+    let mut stream = body.into_data_stream();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("The body broke off: {e}")))?;
+        size += chunk.len() as u64;
+        if size > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                format!("An archive part may have at most {max} bytes"),
+            ));
+        }
+        file.write_all(&chunk).await.map_err(failed)?;
+    }
+    file.sync_all().await.map_err(failed)?;
+    Ok(path)
+}
+
+/// The largest archive part accepted: twice what exports aim at, and at least 256 MiB.
+fn max_part(config: &config::Config) -> u64 {
+    (config.archiving.target_bytes_per_part.saturating_mul(2)).max(256 * 1024 * 1024)
+}
+
+/// `POST import` with the first part as the body: an `import_data` task; answers
+/// `{import_id, task_id}`. Repo admins only (an archive may hold any server's media).
+async fn import_start(
+    State(state): State<SharedState>,
+    caller: Caller,
+    body: axum::body::Body,
+) -> ApiResult<Json<Value>> {
+    caller.require_repo_admin()?;
+    let config = &caller.ctx.config;
+    let part = receive_part(&state, body, max_part(config)).await?;
+    let store = state.media.store();
+    let import_id = store.create_import().await?;
+    store.add_import_part(&import_id, &part).await?;
+    let task_id = state
+        .media
+        .start_task(&Task::ImportData {
+            import_id: import_id.clone(),
+            local_origins: config.homeservers.iter().map(|h| h.name.clone()).collect(),
+        })
+        .await?;
+    Ok(Json(json!({ "import_id": import_id, "task_id": task_id })))
+}
+
+/// `POST import/{importId}/part` with a further part as the body.
+async fn import_part(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(import_id): Path<String>,
+    body: axum::body::Body,
+) -> ApiResult<Json<Value>> {
+    caller.require_repo_admin()?;
+    let part = receive_part(&state, body, max_part(&caller.ctx.config)).await?;
+    if !state
+        .media
+        .store()
+        .add_import_part(&import_id, &part)
+        .await?
+    {
+        return Err(ApiError::not_found("No such open import"));
+    }
+    state.media.wake_tasks();
+    Ok(Json(json!({})))
+}
+
+/// `POST import/{importId}/close`: no more parts; what is there is imported, and the task ends.
+async fn import_close(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(import_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_repo_admin()?;
+    if !state.media.store().close_import(&import_id).await? {
+        return Err(ApiError::not_found("No such import"));
+    }
+    state.media.wake_tasks();
+    Ok(Json(json!({})))
 }

@@ -84,6 +84,24 @@ impl Store {
         file_name: &str,
         path: &Path,
     ) -> Result<(), Error> {
+        self.put_archive_part(
+            path,
+            "INSERT INTO export_parts (export_id, part_index, file_name, sha256)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (export_id, part_index) DO UPDATE SET file_name = $3, sha256 = $4",
+            &[&export_id, &index, &file_name],
+        )
+        .await
+    }
+
+    /// Places the file at `path` in the archives datastore as an object, and runs `list` (whose
+    /// last parameter is the object's SHA-256, after `params`) in the same transaction.
+    async fn put_archive_part(
+        &self,
+        path: &Path,
+        list: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), Error> {
         let ds = self
             .datastores
             .for_kind(MediaKind::Archives)
@@ -103,14 +121,117 @@ impl Store {
         if inserted.is_some() && !ds.exists(&location).await? {
             ds.place(path, &sha256).await?;
         }
-        tx.execute(
-            "INSERT INTO export_parts (export_id, part_index, file_name, sha256)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (export_id, part_index) DO UPDATE SET file_name = $3, sha256 = $4",
-            &[&export_id, &index, &file_name, &sha256],
-        )
-        .await?;
+        let mut all = params.to_vec();
+        all.push(&sha256);
+        tx.execute(list, &all).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a new import through the admin API; returns its id (a secret, as an export's).
+    pub async fn create_import(&self) -> Result<String, Error> {
+        let random = || ids::new_media_id().map_err(|e| Error::Io(std::io::Error::other(e)));
+        let import_id = format!("{}{}", random()?, random()?);
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO imports (import_id, created_ts) VALUES ($1, $2)",
+                &[&import_id, &now_ms()],
+            )
+            .await?;
+        Ok(import_id)
+    }
+
+    /// Adds the archive part at `path` to an open import; returns false when there is no such
+    /// open import.
+    pub async fn add_import_part(&self, import_id: &str, path: &Path) -> Result<bool, Error> {
+        let open = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT 1 FROM imports WHERE import_id = $1 AND NOT closed",
+                &[&import_id],
+            )
+            .await?
+            .is_some();
+        if open {
+            self.put_archive_part(
+                path,
+                "INSERT INTO import_parts (import_id, part_index, sha256)
+                 SELECT $1, COALESCE(MAX(part_index), 0) + 1, $2 FROM import_parts WHERE import_id = $1",
+                &[&import_id],
+            )
+            .await?;
+        }
+        Ok(open)
+    }
+
+    /// Closes an import: no more parts; returns false when there is no such import.
+    pub async fn close_import(&self, import_id: &str) -> Result<bool, Error> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE imports SET closed = TRUE WHERE import_id = $1",
+                &[&import_id],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// An import's parts as objects, and whether it is closed; `None` when there is no such
+    /// import.
+    pub async fn import_parts(
+        &self,
+        import_id: &str,
+    ) -> Result<Option<(Vec<crate::ObjectRef>, bool)>, Error> {
+        let client = self.client().await?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT closed FROM imports WHERE import_id = $1",
+                &[&import_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let parts = client
+            .query(
+                "SELECT o.sha256, o.size_bytes, o.datastore_id, o.location
+                 FROM import_parts p JOIN objects o ON o.sha256 = p.sha256
+                 WHERE p.import_id = $1 ORDER BY p.part_index",
+                &[&import_id],
+            )
+            .await?;
+        Ok(Some((
+            parts.iter().map(object_from_row).collect(),
+            row.get(0),
+        )))
+    }
+
+    /// Deletes a finished import's parts (and their objects unless something else uses them).
+    pub async fn delete_import(&self, import_id: &str) -> Result<(), Error> {
+        let parts = self
+            .contents(
+                "SELECT sha256 FROM import_parts WHERE import_id = $1",
+                &[&import_id],
+            )
+            .await?;
+        for sha256 in &parts {
+            self.under_content_lock(sha256, async |tx| {
+                Ok(tx
+                    .execute(
+                        "DELETE FROM import_parts WHERE import_id = $1 AND sha256 = $2",
+                        &[&import_id, sha256],
+                    )
+                    .await?)
+            })
+            .await?;
+        }
+        self.client()
+            .await?
+            .execute("DELETE FROM imports WHERE import_id = $1", &[&import_id])
+            .await?;
         Ok(())
     }
 
@@ -228,6 +349,15 @@ impl Store {
             .for_kind(MediaKind::Archives)
             .map(|ds| ds.temp_dir().to_path_buf())
             .ok_or(Error::NoDatastore(MediaKind::Archives))
+    }
+}
+
+fn object_from_row(r: &tokio_postgres::Row) -> crate::ObjectRef {
+    crate::ObjectRef {
+        sha256: r.get(0),
+        size: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+        datastore_id: r.get(2),
+        location: r.get(3),
     }
 }
 

@@ -156,6 +156,7 @@ impl Store {
                    AND NOT EXISTS (SELECT 1 FROM media WHERE sha256 = $1)
                    AND NOT EXISTS (SELECT 1 FROM thumbnails WHERE sha256 = $1)
                    AND NOT EXISTS (SELECT 1 FROM export_parts WHERE sha256 = $1)
+                   AND NOT EXISTS (SELECT 1 FROM import_parts WHERE sha256 = $1)
                  RETURNING datastore_id, location",
                 &[&sha256],
             )

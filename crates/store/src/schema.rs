@@ -138,6 +138,21 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     CREATE INDEX export_parts_sha256 ON export_parts (sha256);
 
+    -- Archives being imported through the admin API: the parts received so far, kept as
+    -- objects until the import has finished.
+    CREATE TABLE imports (
+        import_id  TEXT PRIMARY KEY,
+        created_ts BIGINT NOT NULL,
+        closed     BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE TABLE import_parts (
+        import_id  TEXT NOT NULL REFERENCES imports (import_id) ON DELETE CASCADE,
+        part_index INTEGER NOT NULL,
+        sha256     TEXT NOT NULL REFERENCES objects (sha256),
+        PRIMARY KEY (import_id, part_index)
+    );
+    CREATE INDEX import_parts_sha256 ON import_parts (sha256);
+
     -- Files whose object row is gone (a purge, a transfer's source), recorded in the same
     -- transaction; the row goes once the file did. A crash in between leaves the row, and the
     -- deletion is finished later: never a file that nothing remembers.
