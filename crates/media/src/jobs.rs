@@ -17,6 +17,9 @@ use crate::{Error, Service};
 /// every `connections.bodyTimeoutSeconds`, and placing a file on S3 takes far less).
 const STALE_TEMP_FILE: Duration = Duration::from_secs(24 * 3600);
 
+/// How often access times are written (`purge/old` and `purge_media_cache` go by them).
+const ACCESS_FLUSH: Duration = Duration::from_secs(60);
+
 /// For tests of the runner: each job holds its lock this long (seconds) before it runs, so that who
 /// holds it can be seen and the holder killed.
 const HOLD_VAR: &str = "MMRCTL_TEST_JOB_HOLD_SECONDS";
@@ -171,6 +174,18 @@ impl Runner {
         {
             let (service, workers) = (service.clone(), workers.clone());
             tasks.spawn(async move { run_tasks(service, workers).await });
+        }
+        {
+            // Every instance writes the access times it noted.
+            let service = service.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::time::sleep(ACCESS_FLUSH).await;
+                    if let Err(e) = service.flush_accesses().await {
+                        tracing::warn!(error = %e, "access times not recorded");
+                    }
+                }
+            });
         }
         for job in Job::ALL {
             let (service, config, workers) = (service.clone(), config.clone(), workers.clone());

@@ -83,6 +83,37 @@ pub enum Error {
     Internal(String),
 }
 
+/// At most this many media wait for their access time to be written (more, and the next are
+/// recorded when next served).
+const ACCESSES_HELD: usize = 100_000;
+
+impl Service {
+    /// Notes that a media was served (its access time, for purges of what nobody uses).
+    pub fn accessed(&self, origin: &str, media_id: &str) {
+        let mut set = self.accessed.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() < ACCESSES_HELD {
+            set.insert((origin.to_owned(), media_id.to_owned()));
+        }
+    }
+
+    /// Writes the access times noted since the last flush.
+    pub async fn flush_accesses(&self) -> Result<u64, Error> {
+        let noted: Vec<(String, String)> = {
+            let mut set = self.accessed.lock().unwrap_or_else(|p| p.into_inner());
+            set.drain().collect()
+        };
+        if noted.is_empty() {
+            return Ok(0);
+        }
+        let now = store::now_ms();
+        let mut written = 0;
+        for batch in noted.chunks(5_000) {
+            written += self.store.record_access(batch, now).await?;
+        }
+        Ok(written)
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Error {
         Error::Store(store::Error::Io(e))
@@ -110,6 +141,8 @@ pub struct Service {
     remote: Option<Arc<remote::Remote>>,
     /// Woken when a task was recorded, so the runner starts it at once.
     tasks_wanted: Arc<tokio::sync::Notify>,
+    /// Media served since the last flush of access times.
+    accessed: Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>,
 }
 
 impl Service {
@@ -121,6 +154,7 @@ impl Service {
             previews: Arc::new(previews::Previewer::new(2)),
             remote: None,
             tasks_wanted: Arc::default(),
+            accessed: Arc::default(),
         }
     }
 
@@ -143,6 +177,7 @@ impl Service {
             previews: Arc::new(previews::Previewer::new(preview_workers)),
             remote: Some(Arc::new(remote::Remote::new(client, signers, workers))),
             tasks_wanted: Arc::default(),
+            accessed: Arc::default(),
         }
     }
 

@@ -372,6 +372,31 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
     );
     assert_eq!(status_of(&repo, &doomed), 404);
 
+    // The rest of what homeserver admins may do, and others may not.
+    let room = encode(&room);
+    for (path, allowed) in [
+        (format!("/purge/room/{room}"), "purged"),
+        (format!("/server/{HS}/export"), "export_id"),
+        (format!("/quarantine/server/{HS}"), "num_quarantined"),
+    ] {
+        forbidden(&admin(&repo, "POST", &path, &bob_token));
+        let r = ok(admin(&repo, "POST", &path, &hs_admin));
+        assert!(r.get(allowed).is_some(), "{path}: {r}");
+    }
+    forbidden(&admin(
+        &repo,
+        "POST",
+        &format!("/purge/server/{HS}"),
+        &bob_token,
+    ));
+    // Exporting oneself needs archiving.selfService.
+    forbidden(&admin(
+        &repo,
+        "POST",
+        &format!("/user/{}/export", encode(&alice)),
+        &alice_token,
+    ));
+
     // Nothing points at a missing object, and nothing is left unreferenced.
     check_clean(&repo.config_path(), FILE_ID);
 }
@@ -935,4 +960,93 @@ fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
     let (_, list) = mmrctl_archive(&repo, &["list"]);
     assert_eq!(list.lines().count(), 1, "{list}");
     check_clean(&repo.config_path(), FILE_ID);
+}
+
+#[test]
+fn purge_old_goes_by_last_access_and_repo_admin_endpoints_refuse_other_users() {
+    const BOT: &str = "appservice-token";
+    let mut repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
+        c["accessTokens"]["useLocalAppserviceConfig"] = json!(true);
+        c["accessTokens"]["appservices"] = json!([{ "id": "bridge", "asToken": BOT,
+            "senderUserId": "@bot:hs1.test", "userNamespaces": [] }]);
+    });
+    let used = repo.upload(HS, SHARED_SECRET, "image/png", None, &sample(1_000, 60));
+    let unused = repo.upload(HS, SHARED_SECRET, "image/png", None, &sample(1_000, 61));
+    repo.execute("UPDATE media SET created_ts = 1000");
+    assert_eq!(repo.download(HS, &used, &[]).status, 200);
+    // Access times are written a minute late at most, and when the server stops.
+    repo.stop();
+    assert_eq!(
+        repo.count("SELECT COUNT(*) FROM media WHERE last_access_ts IS NOT NULL"),
+        1
+    );
+    let repo =
+        MediaRepo::start_with_config_file(&repo.config_path(), repo.port, repo.db.take(), &[]);
+    let hour_ago = store_now_ms() - 3_600_000;
+    let r = ok(admin(
+        &repo,
+        "POST",
+        &format!("/purge/old?before_ts={hour_ago}&include_local=true"),
+        SHARED_SECRET,
+    ));
+    assert_eq!(
+        r["affected"],
+        json!([format!("mxc://{HS}/{unused}")]),
+        "{r}"
+    );
+    assert_eq!(repo.download(HS, &used, &[]).status, 200);
+
+    // Every endpoint for repo admins only: an appservice's user is refused, the shared secret
+    // is answered.
+    let ds = format!("/datastores/{FILE_ID}");
+    let refused_only = [
+        ("POST", format!("{ds}/transfer_to/elsewhere")),
+        ("POST", "/import".to_owned()),
+        ("POST", "/import/x/part".to_owned()),
+        ("POST", "/import/x/close".to_owned()),
+    ];
+    let both = [
+        ("POST", "/purge/remote".to_owned()),
+        ("POST", "/purge_remote".to_owned()),
+        ("POST", format!("/purge/old?before_ts={hour_ago}")),
+        ("GET", "/datastores".to_owned()),
+        ("GET", format!("{ds}/size_estimate")),
+        ("GET", "/federation/test/127.0.0.1:9".to_owned()),
+        ("GET", format!("/usage/{HS}")),
+        ("GET", format!("/usage/{HS}/users")),
+        ("GET", format!("/usage/{HS}/uploads")),
+        ("GET", "/tasks/all".to_owned()),
+        ("GET", "/tasks/unfinished".to_owned()),
+        ("GET", "/tasks/1".to_owned()),
+    ];
+    for (method, path) in refused_only.iter().chain(&both) {
+        for prefix in PREFIXES {
+            let r = call(&repo, method, &format!("{prefix}{path}"), BOT, b"");
+            forbidden(&r);
+        }
+    }
+    for (method, path) in &both {
+        ok(admin(&repo, method, path, SHARED_SECRET));
+    }
+    let cache = "/_matrix/client/r0/admin/purge_media_cache?before_ts=1";
+    forbidden(&call(&repo, "POST", cache, BOT, b""));
+    assert_eq!(
+        ok(call(&repo, "POST", cache, SHARED_SECRET, b""))["deleted"],
+        0
+    );
+    // Federation reaches only where the filter allows: loopback is refused by default.
+    let test = ok(admin(
+        &repo,
+        "GET",
+        "/federation/test/127.0.0.1:9",
+        SHARED_SECRET,
+    ));
+    assert_eq!(test["can_reach"], false, "{test}");
+}
+
+fn store_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }

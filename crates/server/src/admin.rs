@@ -323,24 +323,27 @@ async fn purge_remote(
 ) -> ApiResult<Response> {
     caller.require_repo_admin()?;
     let before_ts = before_ts(q.as_deref())?;
-    purge_cache(&state, before_ts, "num_removed").await
+    purge_cache(&state, Selection::Remote { before_ts }, "num_removed").await
 }
 
-/// Cached remote media stored before `before_ts`, answered with how many as `count_name`.
-async fn purge_cache(state: &SharedState, before_ts: i64, count_name: &str) -> ApiResult<Response> {
-    Ok(
-        match purge(state, Selection::Remote { before_ts }, None).await? {
-            Purged::Done(report) => {
-                let mut answer = serde_json::Map::new();
-                answer.insert(count_name.to_owned(), json!(report.media));
-                Json(answer).into_response()
-            }
-            Purged::Running(id) => still_running(id),
-        },
-    )
+/// Cached remote media (`selection`), answered with how many as `count_name`.
+async fn purge_cache(
+    state: &SharedState,
+    selection: Selection,
+    count_name: &str,
+) -> ApiResult<Response> {
+    Ok(match purge(state, selection, None).await? {
+        Purged::Done(report) => {
+            let mut answer = serde_json::Map::new();
+            answer.insert(count_name.to_owned(), json!(report.media));
+            Json(answer).into_response()
+        }
+        Purged::Running(id) => still_running(id),
+    })
 }
 
-/// Synapse's `POST /_matrix/client/{version}/admin/purge_media_cache?before_ts=`.
+/// Synapse's `POST /_matrix/client/{version}/admin/purge_media_cache?before_ts=`: remote media
+/// last served before then.
 async fn purge_media_cache(
     State(state): State<SharedState>,
     caller: Caller,
@@ -351,7 +354,12 @@ async fn purge_media_cache(
         .ok_or_else(|| ApiError::bad_request("Missing integer query parameter 'before_ts'"))?
         .parse()
         .map_err(|_| ApiError::bad_request("`before_ts` must be a time in milliseconds"))?;
-    purge_cache(&state, before_ts, "deleted").await
+    // Synapse's meaning: remote media not accessed since then.
+    let selection = Selection::Old {
+        before_ts,
+        include_local: false,
+    };
+    purge_cache(&state, selection, "deleted").await
 }
 
 /// `POST purge/old?before_ts=&include_local=`

@@ -214,6 +214,7 @@ async fn download(
         }
         found => found?,
     };
+    state.media.accessed(&path.server, &path.media_id);
     let media = match found {
         media::Found::Stored(media) => media,
         media::Found::Live(live) => {

@@ -39,6 +39,7 @@ pub(crate) async fn download(
         return Err(ApiError::not_found("Not found"));
     };
     tracing::debug!(%origin, mxc = %media.mxc(), "federation download");
+    state.media.accessed(&media.origin, &media.media_id);
     state.metrics.observe_media_age(media.created_ts);
     let disposition =
         headers::content_disposition(&media.content_type, media.upload_name.as_deref());

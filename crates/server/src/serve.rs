@@ -243,7 +243,7 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
     tokio::join!(
         crate::conn::serve(
             listener,
-            crate::router(state),
+            crate::router(state.clone()),
             limits,
             stopped(stopping.clone()),
             DRAIN,
@@ -254,6 +254,10 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
             tracing::info!("background tasks stopped");
         }
     );
+    // After the last request: the access times noted since the last flush.
+    if let Err(e) = state.media.flush_accesses().await {
+        tracing::warn!(error = %e, "access times not recorded");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -112,6 +112,7 @@ async fn thumbnail(
         }
         found => found?.1,
     };
+    state.media.accessed(&path.server, &path.media_id);
     let allow_redirect =
         authenticated || query_param(query, "allow_redirect").is_some_and(|v| v == "true");
     match thumb {

@@ -25,7 +25,8 @@ pub const AFFECTED_LISTED: usize = 10_000;
 pub enum Selection {
     /// Remote media cached before `before_ts` (fetched again when asked for).
     Remote { before_ts: i64 },
-    /// Media stored before `before_ts`: remote media only, unless `include_local`.
+    /// Media not served since `before_ts` (nor stored since): remote media only, unless
+    /// `include_local`.
     Old { before_ts: i64, include_local: bool },
     /// Quarantined media.
     Quarantined,
@@ -62,7 +63,7 @@ impl Selection {
                 let local = c.param(*include_local);
                 let kind = c.param(MediaKind::RemoteMedia.as_str().to_owned());
                 c.push(format!(
-                    "m.created_ts < {before} AND ({local} OR m.kind = {kind})"
+                    "COALESCE(m.last_access_ts, m.created_ts) < {before} AND ({local} OR m.kind = {kind})"
                 ));
             }
             Selection::Quarantined => c.push("m.quarantined".to_owned()),
@@ -571,6 +572,23 @@ impl Store {
             total_hashes_affected: count(&total, 0),
             total_bytes: count(&total, 1),
         })
+    }
+
+    /// Records that these media (`(origin, media_id)`) were served at `ts`.
+    pub async fn record_access(&self, media: &[(String, String)], ts: i64) -> Result<u64, Error> {
+        let (origins, ids): (Vec<&str>, Vec<&str>) =
+            media.iter().map(|(o, m)| (o.as_str(), m.as_str())).unzip();
+        Ok(self
+            .client()
+            .await?
+            .execute(
+                "UPDATE media m SET last_access_ts = $3
+                 FROM unnest($1::text[], $2::text[]) AS a(origin, media_id)
+                 WHERE m.origin = a.origin AND m.media_id = a.media_id
+                   AND (m.last_access_ts IS NULL OR m.last_access_ts < $3)",
+                &[&origins, &ids, &ts],
+            )
+            .await?)
     }
 
     /// The purpose of a media (`none` unless set); `None` when there is no such media.

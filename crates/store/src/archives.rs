@@ -211,23 +211,8 @@ impl Store {
 
     /// Deletes a finished import's parts (and their objects unless something else uses them).
     pub async fn delete_import(&self, import_id: &str) -> Result<(), Error> {
-        let parts = self
-            .contents(
-                "SELECT sha256 FROM import_parts WHERE import_id = $1",
-                &[&import_id],
-            )
+        self.drop_parts("import_parts", "import_id", import_id)
             .await?;
-        for sha256 in &parts {
-            self.under_content_lock(sha256, async |tx| {
-                Ok(tx
-                    .execute(
-                        "DELETE FROM import_parts WHERE import_id = $1 AND sha256 = $2",
-                        &[&import_id, sha256],
-                    )
-                    .await?)
-            })
-            .await?;
-        }
         self.client()
             .await?
             .execute("DELETE FROM imports WHERE import_id = $1", &[&import_id])
@@ -309,20 +294,23 @@ impl Store {
 
     /// Deletes the parts of an export (and their objects unless something else uses them).
     pub async fn clear_export_parts(&self, export_id: &str) -> Result<(), Error> {
+        self.drop_parts("export_parts", "export_id", export_id)
+            .await
+    }
+
+    /// Deletes the rows of `table` whose `column` is `id`, one part at a time under its hash lock,
+    /// and each part's object unless something else uses it.
+    async fn drop_parts(&self, table: &str, column: &str, id: &str) -> Result<(), Error> {
         let parts = self
             .contents(
-                "SELECT sha256 FROM export_parts WHERE export_id = $1",
-                &[&export_id],
+                &format!("SELECT sha256 FROM {table} WHERE {column} = $1"),
+                &[&id],
             )
             .await?;
+        let delete = format!("DELETE FROM {table} WHERE {column} = $1 AND sha256 = $2");
         for sha256 in &parts {
             self.under_content_lock(sha256, async |tx| {
-                Ok(tx
-                    .execute(
-                        "DELETE FROM export_parts WHERE export_id = $1 AND sha256 = $2",
-                        &[&export_id, sha256],
-                    )
-                    .await?)
+                Ok(tx.execute(&delete, &[&id, sha256]).await?)
             })
             .await?;
         }

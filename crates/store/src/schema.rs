@@ -121,6 +121,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     CREATE INDEX background_tasks_unfinished ON background_tasks (id) WHERE end_ts = 0;
     CREATE INDEX media_origin_created ON media (origin, created_ts);
+    -- When the media was last served (recorded a minute late at most); NULL: not since stored.
+    ALTER TABLE media ADD COLUMN last_access_ts BIGINT;
 
     -- GDPR exports (matrix-media-repo's shape): the parts are objects in an `archives`
     -- datastore, `export_id` is the secret that fetches them.
