@@ -185,6 +185,18 @@ impl Caller {
         }))
     }
 
+    /// [`Caller::scope`] for media of `origin`: a homeserver admin acts for their own only.
+    async fn scope_for(
+        &self,
+        state: &SharedState,
+        locals: bool,
+        origin: &str,
+    ) -> ApiResult<Option<String>> {
+        let scope = self.scope(state, locals).await?;
+        Caller::within(&scope, origin)?;
+        Ok(scope)
+    }
+
     /// A homeserver admin acting for `origin`: it must be their own homeserver.
     fn within(scope: &Option<String>, origin: &str) -> ApiResult<()> {
         match scope {
@@ -393,8 +405,9 @@ async fn purge_user(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     valid_user(&user_id)?;
-    let scope = caller.scope(&state, true).await?;
-    Caller::within(&scope, server_of(&user_id).unwrap_or_default())?;
+    let scope = caller
+        .scope_for(&state, true, server_of(&user_id).unwrap_or_default())
+        .await?;
     let selection = Selection::User {
         user_id,
         before_ts: before_ts(q.as_deref())?,
@@ -410,8 +423,7 @@ async fn purge_server(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
     valid_server(&server)?;
-    let scope = caller.scope(&state, true).await?;
-    Caller::within(&scope, &server)?;
+    let scope = caller.scope_for(&state, true, &server).await?;
     let selection = Selection::Server {
         origin: server,
         before_ts: before_ts(q.as_deref())?,
@@ -459,9 +471,7 @@ async fn purge_one(
     let scope = if uploader {
         None
     } else {
-        let scope = caller.scope(&state, true).await?;
-        Caller::within(&scope, &server)?;
-        scope
+        caller.scope_for(&state, true, &server).await?
     };
     let selection = Selection::Media {
         media: vec![(server, media_id)],
@@ -568,8 +578,13 @@ async fn quarantine_user(
     Path(user_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     valid_user(&user_id)?;
-    let scope = caller.scope(&state, caller.quarantine_locals()).await?;
-    Caller::within(&scope, server_of(&user_id).unwrap_or_default())?;
+    let scope = caller
+        .scope_for(
+            &state,
+            caller.quarantine_locals(),
+            server_of(&user_id).unwrap_or_default(),
+        )
+        .await?;
     let selection = Selection::User {
         user_id,
         before_ts: i64::MAX,
@@ -584,8 +599,9 @@ async fn quarantine_server(
     Path(server): Path<String>,
 ) -> ApiResult<Json<Value>> {
     valid_server(&server)?;
-    let scope = caller.scope(&state, caller.quarantine_locals()).await?;
-    Caller::within(&scope, &server)?;
+    let scope = caller
+        .scope_for(&state, caller.quarantine_locals(), &server)
+        .await?;
     let selection = Selection::Server {
         origin: server,
         before_ts: i64::MAX,
@@ -599,8 +615,9 @@ async fn quarantine_one(
     caller: Caller,
     Path((server, media_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let scope = caller.scope(&state, caller.quarantine_locals()).await?;
-    Caller::within(&scope, &server)?;
+    let scope = caller
+        .scope_for(&state, caller.quarantine_locals(), &server)
+        .await?;
     let store = state.media.store();
     match store.media_purpose(&server, &media_id).await? {
         None => return Err(ApiError::not_found("No such media")),
@@ -623,8 +640,9 @@ async fn unquarantine_one(
     caller: Caller,
     Path((server, media_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let scope = caller.scope(&state, caller.quarantine_locals()).await?;
-    Caller::within(&scope, &server)?;
+    caller
+        .scope_for(&state, caller.quarantine_locals(), &server)
+        .await?;
     match state.media.store().unquarantine(&server, &media_id).await? {
         Some(n) => Ok(Json(json!({ "num_unquarantined": n }))),
         None => Err(ApiError::not_found("No such media")),
@@ -783,8 +801,7 @@ async fn users_stats(
     Path(server): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let scope = caller.scope(&state, true).await?;
-    Caller::within(&scope, &server)?;
+    caller.scope_for(&state, true, &server).await?;
     let q = q.as_deref();
     let number = |name: &str, default: u64| -> ApiResult<u64> {
         query_param(q, name).map_or(Ok(default), |v| {
@@ -896,8 +913,7 @@ async fn attributes(
     caller: Caller,
     Path((server, media_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let scope = caller.scope(&state, true).await?;
-    Caller::within(&scope, &server)?;
+    caller.scope_for(&state, true, &server).await?;
     match state
         .media
         .store()
@@ -916,8 +932,7 @@ async fn set_attributes(
     Path((server, media_id)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
-    let scope = caller.scope(&state, true).await?;
-    Caller::within(&scope, &server)?;
+    caller.scope_for(&state, true, &server).await?;
     let body: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -992,8 +1007,9 @@ async fn export_user(
     valid_user(&user_id)?;
     let own = caller.user.user_id == user_id && caller.ctx.config.archiving.self_service;
     if !own {
-        let scope = caller.scope(&state, true).await?;
-        Caller::within(&scope, server_of(&user_id).unwrap_or_default())?;
+        caller
+            .scope_for(&state, true, server_of(&user_id).unwrap_or_default())
+            .await?;
     }
     start_export(&state, &caller, &user_id, q.as_deref()).await
 }
@@ -1006,8 +1022,7 @@ async fn export_server(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<Value>> {
     valid_server(&server)?;
-    let scope = caller.scope(&state, true).await?;
-    Caller::within(&scope, &server)?;
+    caller.scope_for(&state, true, &server).await?;
     start_export(&state, &caller, &server, q.as_deref()).await
 }
 

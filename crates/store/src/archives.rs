@@ -34,8 +34,7 @@ impl Store {
     /// Records a new export of `entity` (a user id, or a server name); returns its id, which is
     /// the secret that fetches it (48 random characters).
     pub async fn create_export(&self, entity: &str) -> Result<String, Error> {
-        let random = || ids::new_media_id().map_err(|e| Error::Io(std::io::Error::other(e)));
-        let export_id = format!("{}{}", random()?, random()?);
+        let export_id = secret_id()?;
         self.client()
             .await?
             .execute(
@@ -130,8 +129,7 @@ impl Store {
 
     /// Records a new import through the admin API; returns its id (a secret, as an export's).
     pub async fn create_import(&self) -> Result<String, Error> {
-        let random = || ids::new_media_id().map_err(|e| Error::Io(std::io::Error::other(e)));
-        let import_id = format!("{}{}", random()?, random()?);
+        let import_id = secret_id()?;
         self.client()
             .await?
             .execute(
@@ -338,6 +336,12 @@ impl Store {
             .map(|ds| ds.temp_dir().to_path_buf())
             .ok_or(Error::NoDatastore(MediaKind::Archives))
     }
+}
+
+/// 48 characters from the OS RNG: an id that is also the secret that grants access.
+fn secret_id() -> Result<String, Error> {
+    let random = || ids::new_media_id().map_err(|e| Error::Io(std::io::Error::other(e)));
+    Ok(format!("{}{}", random()?, random()?))
 }
 
 fn object_from_row(r: &tokio_postgres::Row) -> crate::ObjectRef {
