@@ -389,6 +389,11 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
         &format!("/purge/server/{HS}"),
         &bob_token,
     ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok(admin(&repo, "GET", "/tasks/unfinished", &root_token)) != json!([]) {
+        assert!(Instant::now() < deadline, "the export did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Exporting oneself needs archiving.selfService.
     forbidden(&admin(
         &repo,
