@@ -70,6 +70,10 @@ matrix_media_repo_federation_disallowed_networks: []
 matrix_media_repo_url_previews_disallowed_networks: []
 matrix_media_repo_url_previews_allowed_networks: ["127.0.0.1/32"]
 matrix_media_repo_url_previews_allowed_ports: [{pages_port}]
+# Every request of this test comes from one client address, faster than the default 1/s with a
+# burst of 10 allows (clients wait as 429's retry_after_ms says; this script does not).
+matrix_media_repo_rate_limit_requests_per_second: 1000
+matrix_media_repo_rate_limit_burst: 1000
 matrix_media_repo_webserver_homeserver_client_url: "http://127.0.0.1:{synapse_port}"
 matrix_media_repo_webserver_homeserver_federation_url: "http://127.0.0.1:{synapse_port}"
 matrix_media_repo_webserver_client_port: {client_port}

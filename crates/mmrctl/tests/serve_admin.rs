@@ -15,6 +15,7 @@ use testkit::Synapse;
 use testkit::http::Response;
 
 const HS: &str = "hs1.test";
+const OTHER_HS: &str = "hs2.test";
 const PREFIXES: [&str; 2] = [
     "/_matrix/media/unstable/admin",
     "/_matrix/media/unstable/io.t2bot.media/admin",
@@ -383,12 +384,17 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
         let r = ok(admin(&repo, "POST", &path, &hs_admin));
         assert!(r.get(allowed).is_some(), "{path}: {r}");
     }
-    forbidden(&admin(
-        &repo,
-        "POST",
-        &format!("/purge/server/{HS}"),
-        &bob_token,
-    ));
+    for (method, path) in [
+        ("POST", format!("/purge/server/{HS}")),
+        ("POST", format!("/unquarantine/{HS}/{pinned}")),
+        ("POST", format!("/quarantine/user/{}", encode(&alice))),
+        ("POST", "/purge/quarantined".to_owned()),
+        ("GET", format!("/media/{HS}/{pinned}/attributes")),
+        ("GET", format!("/usage/{HS}/users")),
+        ("GET", format!("/usage/{HS}/uploads")),
+    ] {
+        forbidden(&admin(&repo, method, &path, &bob_token));
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while ok(admin(&repo, "GET", "/tasks/unfinished", &root_token)) != json!([]) {
         assert!(Instant::now() < deadline, "the export did not finish");
@@ -1054,4 +1060,88 @@ fn store_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+#[test]
+fn a_purge_killed_midway_resumes_after_restart_and_ends_consistent() {
+    let db = testkit::TestDb::new();
+    let url = db.url().to_owned();
+    let mut first = MediaRepo::spawn_with_env(
+        Some(db),
+        &url,
+        &[(HS, "http://127.0.0.1:9"), (OTHER_HS, "http://127.0.0.1:9")],
+        &[("MMRCTL_TEST_TASK_STEP_MS", "300")],
+        |_| {},
+    );
+    first.wait_healthy();
+    // Ten contents, one shared with media that stays (another server's).
+    let shared = sample(4_000, 70);
+    for i in 0..9 {
+        first.upload(
+            HS,
+            SHARED_SECRET,
+            "image/png",
+            None,
+            &sample(4_000 + i, 71 + i as u64),
+        );
+    }
+    first.upload(HS, SHARED_SECRET, "image/png", None, &shared);
+    let kept = first.upload(OTHER_HS, SHARED_SECRET, "image/png", None, &shared);
+    let url = first.url(&format!("{}/purge/server/{HS}", PREFIXES[0]));
+    let purge = std::thread::spawn(move || {
+        testkit::http::send(
+            "POST",
+            &url,
+            &[
+                ("Host", HS),
+                ("Authorization", &format!("Bearer {SHARED_SECRET}")),
+            ],
+            None,
+            b"",
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first.count(&format!("SELECT COUNT(*) FROM media WHERE origin = '{HS}'")) > 7 {
+        assert!(Instant::now() < deadline, "the purge did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.signal("KILL");
+    let _ = first.wait_exit(Duration::from_secs(10));
+    let _ = purge.join();
+    assert!(
+        first.count(&format!("SELECT COUNT(*) FROM media WHERE origin = '{HS}'")) > 0,
+        "stopped midway"
+    );
+    assert_eq!(
+        first.count("SELECT COUNT(*) FROM background_tasks WHERE end_ts = 0"),
+        1
+    );
+
+    let second = MediaRepo::start_with_config_file(&first.config_path(), first.port, None, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first.count("SELECT COUNT(*) FROM background_tasks WHERE end_ts = 0") > 0 {
+        assert!(Instant::now() < deadline, "the purge was not resumed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let task = ok(admin(&second, "GET", "/tasks/all", SHARED_SECRET))[0].clone();
+    assert_eq!(
+        (task["task_name"].as_str(), task["error_message"].as_str()),
+        (Some("purge"), Some("")),
+        "{task}"
+    );
+    // The resumed run adds to what the first recorded (up to a second before it died).
+    let counted = task["progress"]["media"].as_u64().unwrap();
+    assert!((7..=10).contains(&counted), "{task}");
+    assert_eq!(
+        first.count(&format!("SELECT COUNT(*) FROM media WHERE origin = '{HS}'")),
+        0
+    );
+    let r = second.download(OTHER_HS, &kept, &[]);
+    assert_eq!(
+        (r.status, &r.body),
+        (200, &shared),
+        "the shared content stays for the other server"
+    );
+    assert_eq!(first.count("SELECT COUNT(*) FROM objects"), 1);
+    check_clean(&first.config_path(), FILE_ID);
 }
