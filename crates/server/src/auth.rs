@@ -369,23 +369,51 @@ impl Auth {
         }
     }
 
-    /// Drops one token from the cache (after `/logout`).
-    pub(crate) fn forget_token(&self, token: &str) {
+    /// Drops every cached token (logouts may have been missed).
+    pub(crate) fn forget_all(&self) {
         if let Some(cache) = self.cache() {
-            let token = token.to_owned();
-            let _ = cache.invalidate_entries_if(move |k, _| k.token == token);
+            cache.invalidate_all();
         }
     }
 
-    /// Drops every token of a user (after `/logout/all`).
-    pub(crate) fn forget_user(&self, homeserver: &str, user_id: &str) {
-        if let Some(cache) = self.cache() {
-            let (hs, user) = (homeserver.to_owned(), user_id.to_owned());
+    /// Drops a logout from the cache: one token (named by [`token_hash`]) or every token of a
+    /// user. What [`logout_message`] made, from any instance.
+    pub(crate) fn forget(&self, message: &str) {
+        let Some(cache) = self.cache() else {
+            return;
+        };
+        if message == store::LOGOUTS_MISSED {
+            cache.invalidate_all();
+        } else if let Some(hash) = message.strip_prefix("token ") {
+            let hash = hash.to_owned();
+            let _ = cache.invalidate_entries_if(move |k, _| token_hash(&k.token) == hash);
+        } else if let Some((hs, user)) = message
+            .strip_prefix("user ")
+            .and_then(|m| m.split_once(' '))
+        {
+            let (hs, user) = (hs.to_owned(), user.to_owned());
             let _ =
                 cache.invalidate_entries_if(move |k, v| k.homeserver == hs && v.user_id == user);
         }
     }
+}
 
+/// A token as logouts name it between instances: never the token itself.
+pub(crate) fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// What a logout announces: `token <hash>` (`/logout`), or `user <homeserver> <user id>`
+/// (`/logout/all`; neither has spaces).
+pub(crate) fn logout_message(token: &str, all: Option<(&str, &str)>) -> String {
+    match all {
+        Some((hs, user)) => format!("user {hs} {user}"),
+        None => format!("token {}", token_hash(token)),
+    }
+}
+
+impl Auth {
     /// A request to the homeserver's client-server API at `path`, with the configured timeout;
     /// `prepare` adds headers and a body.
     pub(crate) async fn homeserver(

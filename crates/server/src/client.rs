@@ -70,10 +70,19 @@ async fn proxy_logout(
         .await
         .map_err(|e| homeserver_unreachable(&ctx.hs.name, &e))?;
     if status.is_success() || status == StatusCode::UNAUTHORIZED {
-        // Gone at the homeserver (or never valid): gone here too.
-        state.auth.forget_token(&token);
-        if let Some(user) = user {
-            state.auth.forget_user(&ctx.hs.name, &user.user_id);
+        // Gone at the homeserver (or never valid): gone here, and on every other instance.
+        let mut messages = vec![crate::auth::logout_message(&token, None)];
+        if let Some(user) = &user {
+            messages.push(crate::auth::logout_message(
+                &token,
+                Some((&ctx.hs.name, &user.user_id)),
+            ));
+        }
+        for message in messages {
+            state.auth.forget(&message);
+            if let Err(e) = state.media.store().announce_logout(&message).await {
+                tracing::warn!(error = %e, "logout not announced to other instances");
+            }
         }
     }
     Ok((

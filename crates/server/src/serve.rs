@@ -231,6 +231,7 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
         ));
     }
     background.spawn(reload_on_hangup(config_path, state.clone(), log));
+    background.spawn(forget_logouts(state.clone()));
     // One signal stops both at once: requests drain while the jobs are cancelled.
     let (stop, stopping) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -260,6 +261,19 @@ pub async fn serve(config_path: PathBuf) -> Result<(), Error> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Drops from the token cache what any instance's logouts ended; everything, when some
+/// announcements were missed.
+async fn forget_logouts(state: SharedState) {
+    let mut logouts = state.media.store().subscribe_logouts();
+    loop {
+        match logouts.recv().await {
+            Ok(message) => state.auth.forget(&message),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.auth.forget_all(),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// On SIGTERM, how long requests in flight may take to finish (well within systemd's default

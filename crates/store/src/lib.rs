@@ -283,10 +283,17 @@ pub struct Store {
     pg: tokio_postgres::Config,
     datastores: Arc<Datastores>,
     uploads: broadcast::Sender<String>,
+    /// Logouts announced by any instance (see [`Store::announce_logout`]).
+    logouts: broadcast::Sender<String>,
     max_idle: usize,
 }
 
 pub(crate) const NOTIFY_CHANNEL: &str = "mmrctl_media_uploaded";
+/// Logouts, so that every instance drops the tokens from its cache.
+const LOGOUT_CHANNEL: &str = "mmrctl_logouts";
+/// What logout subscribers get when announcements may have been missed (the listening
+/// connection was lost): drop every cached token.
+pub const LOGOUTS_MISSED: &str = "missed";
 /// Serialises everything that creates or deletes the object with this hash.
 pub(crate) const LOCK_HASH: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
 /// Serialises one user's quota checks with what they count (uploads, `/create`).
@@ -361,11 +368,13 @@ impl Store {
             }
         }
         let (uploads, _) = broadcast::channel(1024);
+        let (logouts, _) = broadcast::channel(1024);
         Ok(Store {
             pool,
             pg,
             datastores,
             uploads,
+            logouts,
             max_idle: config.database.pool.max_idle_connections as usize,
         })
     }
@@ -376,7 +385,7 @@ impl Store {
     /// only read or write a batch do without.
     pub async fn maintain(&self) {
         tokio::join!(
-            listen(self.pg.clone(), self.uploads.clone()),
+            listen(self.pg.clone(), self.uploads.clone(), self.logouts.clone()),
             trim_idle(self.pool.clone(), self.max_idle)
         );
     }
@@ -397,6 +406,21 @@ impl Store {
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, Error> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Tells every instance on the database (this one too) about a logout: `what` names the
+    /// tokens that stopped working, in a form that is no secret (a hash, a user id).
+    pub async fn announce_logout(&self, what: &str) -> Result<(), Error> {
+        self.client()
+            .await?
+            .query_one("SELECT pg_notify($1, $2)", &[&LOGOUT_CHANNEL, &what])
+            .await?;
+        Ok(())
+    }
+
+    /// Subscribes to logouts announced by any instance.
+    pub fn subscribe_logouts(&self) -> broadcast::Receiver<String> {
+        self.logouts.subscribe()
     }
 
     /// Subscribes to completed uploads (`origin/media_id`), to wake requests waiting for them.
@@ -576,17 +600,23 @@ pub(crate) fn media_from_row(r: &tokio_postgres::Row) -> Result<Media, Error> {
     })
 }
 
-/// Relays `NOTIFY` of completed uploads to in-process waiters; reconnects with backoff.
-async fn listen(pg: tokio_postgres::Config, tx: broadcast::Sender<String>) {
+/// Relays `NOTIFY` of completed uploads and of logouts to in-process subscribers; reconnects with
+/// backoff.
+async fn listen(
+    pg: tokio_postgres::Config,
+    uploads: broadcast::Sender<String>,
+    logouts: broadcast::Sender<String>,
+) {
     use futures_util::StreamExt as _;
     let mut backoff = Duration::from_millis(500);
+    let mut connected_before = false;
     loop {
         match pg.connect(NoTls).await {
             Ok((client, mut connection)) => {
                 backoff = Duration::from_millis(500);
                 let mut messages =
                     futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let statement = format!("LISTEN {NOTIFY_CHANNEL}");
+                let statement = format!("LISTEN {NOTIFY_CHANNEL}; LISTEN {LOGOUT_CHANNEL}");
                 let listen = client.batch_execute(&statement);
                 // The connection must be polled for the LISTEN to complete.
                 tokio::pin!(listen);
@@ -599,10 +629,16 @@ async fn listen(pg: tokio_postgres::Config, tx: broadcast::Sender<String>) {
                                 break;
                             }
                             listening = true;
+                            // Logouts announced while no connection listened were missed.
+                            if connected_before {
+                                let _ = logouts.send(LOGOUTS_MISSED.to_owned());
+                            }
+                            connected_before = true;
                         }
                         msg = messages.next() => match msg {
                             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                let _ = tx.send(n.payload().to_owned());
+                                let to = if n.channel() == LOGOUT_CHANNEL { &logouts } else { &uploads };
+                                let _ = to.send(n.payload().to_owned());
                             }
                             Some(Ok(_)) => {}
                             Some(Err(e)) => {
