@@ -237,6 +237,30 @@ impl Remote {
                 // At most `downloads.numWorkers` fetches at once; the others wait their turn.
                 let _worker = this.workers.acquire().await;
                 let (origin, media_id) = (&key.0, &key.1);
+                // One fetch among all instances: the others wait for its lock, then find the
+                // media stored. Without the database's lock, each instance fetches for itself.
+                let lock = tokio::time::timeout(
+                    limits.timeout,
+                    store.lock_job(&format!("remote {origin}/{media_id}")),
+                )
+                .await;
+                let lock = match lock {
+                    Ok(Ok(lock)) => Some(lock),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "remote fetch not coordinated with other instances");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                if lock.is_some()
+                    && let Ok(Some(media)) = store.media(origin, media_id).await
+                    && media.object.is_some()
+                {
+                    if let Some(lock) = lock {
+                        lock.release().await;
+                    }
+                    return Ok(media);
+                }
                 let result = fetch(
                     &this.client,
                     &store,
@@ -247,6 +271,9 @@ impl Remote {
                     live_tx,
                 )
                 .await;
+                if let Some(lock) = lock {
+                    lock.release().await;
+                }
                 // Once per fetch, whoever waits for it (or nobody, if they all left).
                 this.record(origin, media_id, &result, backoff_at, remember);
                 if result.is_ok() {

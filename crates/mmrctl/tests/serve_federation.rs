@@ -533,6 +533,68 @@ fn concurrent_first_requests_make_one_fetch() {
     assert_eq!(s.repo.objects(), 1);
 }
 
+#[test]
+fn concurrent_first_requests_over_three_instances_make_one_fetch() {
+    let s = setup(|_, _| {});
+    // Two more instances on the same config, database and datastore, on ports of their own.
+    let ca = s.remote.certs.ca_path();
+    let others: Vec<MediaRepo> = (0..2)
+        .map(|i| {
+            let mut config = s.repo.config.clone();
+            let port = support::free_port();
+            config["repo"]["port"] = json!(port);
+            config["metrics"]["port"] = json!(support::free_port());
+            let path = s.repo.dir.path().join(format!("instance-{i}.yaml"));
+            std::fs::write(&path, serde_norway::to_string(&config).unwrap()).unwrap();
+            MediaRepo::start_with_config_file(
+                &path,
+                port,
+                None,
+                &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+            )
+        })
+        .collect();
+    let file = sample(512 * 1024, 5);
+    s.remote.route(
+        &FakeRemote::federation_path("m"),
+        Action::After(
+            Duration::from_millis(500),
+            Box::new(Action::multipart("application/octet-stream", None, &file)),
+        ),
+    );
+    let name = s.remote.name.clone();
+    let repos: Vec<&MediaRepo> = std::iter::once(&s.repo).chain(&others).collect();
+    let answers: Vec<(u16, Vec<u8>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let (repo, name) = (repos[i % 3], &name);
+                scope.spawn(move || {
+                    let r = repo.get(
+                        &format!("/_matrix/client/v1/media/download/{name}/m"),
+                        &[
+                            ("Host", HS),
+                            ("Authorization", &format!("Bearer {SHARED_SECRET}")),
+                        ],
+                    );
+                    (r.status, r.body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (status, body) in &answers {
+        assert_eq!(*status, 200);
+        assert!(body == &file);
+    }
+    assert_eq!(
+        s.remote.count(&FakeRemote::federation_path("m")),
+        1,
+        "one fetch for all three instances"
+    );
+    assert_eq!(s.repo.media_rows(), 1);
+    assert_eq!(s.repo.objects(), 1);
+}
+
 /// `(boundary, part-2 headers, file)` of our multipart answer, checked byte for byte against
 /// the layout Synapse's parser needs.
 fn parse_ours(r: &testkit::http::Response) -> (String, String, Vec<u8>) {

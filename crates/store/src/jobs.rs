@@ -59,6 +59,27 @@ impl Drop for JobLock {
 }
 
 impl Store {
+    /// The lock of `name`, once whichever instance holds it has let it go (or died).
+    pub async fn lock_job(&self, name: &str) -> Result<JobLock, Error> {
+        let (client, connection) = self.pg.connect(NoTls).await?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut lock = JobLock {
+            client: Some(client),
+            connection,
+            key: name.to_owned(),
+            held: false,
+        };
+        if let Some(client) = &lock.client {
+            client
+                .execute(&format!("SELECT pg_advisory_lock({LOCK_KEY})"), &[&name])
+                .await?;
+        }
+        lock.held = true;
+        Ok(lock)
+    }
+
     /// The lock of job `name` if no instance holds it, else `None`.
     pub async fn try_lock_job(&self, name: &str) -> Result<Option<JobLock>, Error> {
         let (client, connection) = self.pg.connect(NoTls).await?;
