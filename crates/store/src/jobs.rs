@@ -61,16 +61,7 @@ impl Drop for JobLock {
 impl Store {
     /// The lock of `name`, once whichever instance holds it has let it go (or died).
     pub async fn lock_job(&self, name: &str) -> Result<JobLock, Error> {
-        let (client, connection) = self.pg.connect(NoTls).await?;
-        let connection = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut lock = JobLock {
-            client: Some(client),
-            connection,
-            key: name.to_owned(),
-            held: false,
-        };
+        let mut lock = self.lock_session(name).await?;
         if let Some(client) = &lock.client {
             client
                 .execute(&format!("SELECT pg_advisory_lock({LOCK_KEY})"), &[&name])
@@ -82,29 +73,36 @@ impl Store {
 
     /// The lock of job `name` if no instance holds it, else `None`.
     pub async fn try_lock_job(&self, name: &str) -> Result<Option<JobLock>, Error> {
-        let (client, connection) = self.pg.connect(NoTls).await?;
-        let connection = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let row = client
-            .query_one(
-                &format!("SELECT pg_try_advisory_lock({LOCK_KEY})"),
-                &[&name],
-            )
-            .await;
-        let held = row?.get::<_, bool>(0);
-        let lock = JobLock {
-            client: Some(client),
-            connection,
-            key: name.to_owned(),
-            held,
-        };
-        if held {
+        let mut lock = self.lock_session(name).await?;
+        if let Some(client) = &lock.client {
+            let row = client
+                .query_one(
+                    &format!("SELECT pg_try_advisory_lock({LOCK_KEY})"),
+                    &[&name],
+                )
+                .await?;
+            lock.held = row.get::<_, bool>(0);
+        }
+        if lock.held {
             Ok(Some(lock))
         } else {
             lock.release().await;
             Ok(None)
         }
+    }
+
+    /// A database session of its own for the lock of `name`, not yet taken.
+    async fn lock_session(&self, name: &str) -> Result<JobLock, Error> {
+        let (client, connection) = self.pg.connect(NoTls).await?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(JobLock {
+            client: Some(client),
+            connection,
+            key: name.to_owned(),
+            held: false,
+        })
     }
 
     /// Deletes the reservations of asynchronous uploads that expired without content; returns how
