@@ -192,7 +192,8 @@ fn sigterm_cancels_a_running_job_at_once_while_requests_drain() {
         &url,
         &[(HS, "http://127.0.0.1:9")],
         &[(HOLD_VAR, "600")],
-        |_| {},
+        // Every job holds its worker for 10 minutes here: enough workers for all of them.
+        |c| c["tasks"] = serde_json::json!({ "numWorkers": 10 }),
     );
     repo.wait_healthy();
     wait_until("a run in progress", Duration::from_secs(20), || {
