@@ -145,7 +145,8 @@ fn extension(content_type: &str) -> &'static str {
     }
 }
 
-fn escape_html(s: &str) -> String {
+/// Text for HTML (the export's index, and its page on the admin API).
+pub fn escape_html(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

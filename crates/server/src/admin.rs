@@ -192,18 +192,11 @@ impl Caller {
         locals: bool,
         origin: &str,
     ) -> ApiResult<Option<String>> {
-        let scope = self.scope(state, locals).await?;
-        Caller::within(&scope, origin)?;
-        Ok(scope)
-    }
-
-    /// A homeserver admin acting for `origin`: it must be their own homeserver.
-    fn within(scope: &Option<String>, origin: &str) -> ApiResult<()> {
-        match scope {
+        match self.scope(state, locals).await? {
             Some(own) if !own.eq_ignore_ascii_case(origin) => Err(ApiError::forbidden(format!(
                 "A homeserver's administrators act only for its media ({own}), not {origin}'s"
             ))),
-            _ => Ok(()),
+            scope => Ok(scope),
         }
     }
 
@@ -232,10 +225,6 @@ fn before_ts(query: Option<&str>) -> ApiResult<i64> {
             .parse()
             .map_err(|_| ApiError::bad_request("`before_ts` must be a time in milliseconds")),
     }
-}
-
-fn flag(query: Option<&str>, name: &str) -> bool {
-    query_param(query, name).is_some_and(|v| v == "true")
 }
 
 /// Every value of a repeated query parameter.
@@ -383,7 +372,7 @@ async fn purge_old(
     caller.require_repo_admin()?;
     let selection = Selection::Old {
         before_ts: before_ts(q.as_deref())?,
-        include_local: flag(q.as_deref(), "include_local"),
+        include_local: query_param(q.as_deref(), "include_local").is_some_and(|v| v == "true"),
     };
     Ok(purged(purge(&state, selection, None).await?))
 }
@@ -1056,12 +1045,7 @@ async fn export_view(
     Path(export_id): Path<String>,
 ) -> ApiResult<Response> {
     let export = export_named(&state, &export_id).await?;
-    let escape = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-    };
+    let escape = media::archives::escape_html;
     let mut page = format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Export of {0}</title></head>\
          <body><h1>Media export of {0}</h1><ul>",
