@@ -19,7 +19,8 @@ const REMOTE_WAIT_MS: u64 = 20_000;
 /// The JSON of a non-200 answer is read up to this, for its errcode.
 const ERROR_BODY_BYTES: usize = 4096;
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Serialisable, so that the instances share what failed.
+#[derive(Debug, Clone, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum FetchError {
     /// The remote says it has no such media (404 `M_NOT_FOUND`, or its legacy endpoint's 404).
     #[error("{0}")]

@@ -2,6 +2,8 @@
 //! by one instance at a time across every instance on the database, at most `tasks.numWorkers`
 //! jobs at once (read at start), and everything cancelled and awaited when the server stops.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,8 +100,9 @@ impl Job {
             Job::ExpireReservations => {
                 let n = store.delete_expired_reservations().await?;
                 let files = store.finish_pending_deletions().await?;
+                let shared = store.expire_shared().await?;
                 format!(
-                    "{n} expired reservations deleted, {files} interrupted file deletions finished"
+                    "{n} expired reservations deleted, {files} interrupted file deletions finished, {shared} idle shared buckets and notes deleted"
                 )
             }
             Job::StaleTempFiles => {
@@ -218,18 +221,26 @@ impl Runner {
 /// recorded here), and every [`crate::tasks::RESUME_EVERY`] (one whose instance died). Each runs
 /// with a worker's permit; cancelled with the runner, they stay unfinished and resume later.
 async fn run_tasks(service: Service, workers: Arc<Semaphore>) {
-    let running = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    // The tasks running here, each with whether it was asked for again meanwhile: a wake that
+    // came while a run was reading its input (an import's next part) must not be lost.
+    let running = Arc::new(std::sync::Mutex::new(HashMap::<i64, bool>::new()));
     let mut set = JoinSet::new();
     loop {
         match service.store().tasks(true).await {
             Ok(rows) => {
                 for row in rows {
-                    if !running
+                    match running
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(row.id)
+                        .entry(row.id)
                     {
-                        continue;
+                        Entry::Occupied(mut asked_again) => {
+                            asked_again.insert(true);
+                            continue;
+                        }
+                        Entry::Vacant(v) => {
+                            v.insert(false);
+                        }
                     }
                     let (service, workers, running) =
                         (service.clone(), workers.clone(), running.clone());
@@ -238,10 +249,13 @@ async fn run_tasks(service: Service, workers: Arc<Semaphore>) {
                         if let Ok(_permit) = workers.acquire().await {
                             service.run_task(row).await;
                         }
-                        running
+                        let asked_again = running
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&id);
+                        if asked_again == Some(true) {
+                            service.wake_tasks();
+                        }
                     });
                 }
             }

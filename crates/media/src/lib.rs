@@ -199,7 +199,7 @@ impl Service {
     /// `server` sent a request we verified: it is up, whatever its backoff said.
     pub fn server_is_up(&self, server: &str) {
         if let Some(r) = &self.remote {
-            r.server_is_up(server);
+            r.server_is_up(&self.store, server);
         }
     }
 

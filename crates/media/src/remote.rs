@@ -4,7 +4,8 @@
 //!
 //! What failed is remembered: the media for `downloads.failureCacheMinutes`, the server after
 //! `federation.backoffAt` consecutive failures (not asked again for a while; one success, an
-//! authenticated request from it, or a reload clears that). Both are per instance.
+//! authenticated request from it, or a reload clears that). Both are shared by the instances
+//! (`store::shared`: Redis or Postgres), and kept here too for when that store cannot be reached.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -175,9 +176,13 @@ impl Remote {
         self.health.invalidate_all();
     }
 
-    /// `server` just proved it is up (it sent us a request we verified).
-    pub(crate) fn server_is_up(&self, server: &str) {
-        self.health.invalidate(server);
+    /// `server` just proved it is up (it sent us a request we verified). The shared pause is
+    /// lifted too when this instance knew of one (checking for every request would cost a query).
+    pub(crate) fn server_is_up(&self, store: &store::Store, server: &str) {
+        if self.health.remove(server).is_some() {
+            let (store, key) = (store.clone(), backoff_key(server));
+            tokio::spawn(async move { store.forget_shared(&key).await });
+        }
     }
 
     pub(crate) async fn media(
@@ -208,11 +213,31 @@ impl Remote {
         }) = self.health.get(origin)
             && until > Instant::now()
         {
-            return Err(Error::Remote(format!(
-                "{origin} failed {} times in a row; it is not asked again for {} s",
-                config.federation.backoff_at,
-                until.saturating_duration_since(Instant::now()).as_secs() + 1
-            )));
+            return Err(paused(
+                origin,
+                config,
+                until.saturating_duration_since(Instant::now()),
+            ));
+        }
+        // What another instance learnt (unreachable shared state: what this one knows decides).
+        if !remember.is_zero()
+            && let Ok(Some(failure)) = store.recall_shared(&failure_key(origin, media_id)).await
+            && let Ok(failure) = serde_json::from_str::<FetchError>(&failure)
+        {
+            return Err(Failure::Fetch(failure).into());
+        }
+        if let Ok(Some(pause)) = store.recall_shared(&backoff_key(origin)).await {
+            // Known here now, so that a request from it lifts the pause (`server_is_up`).
+            self.health.insert(
+                origin.to_owned(),
+                Health {
+                    failures: 0,
+                    paused_until: None,
+                },
+            );
+            let until_ms = pause.parse::<i64>().unwrap_or(0);
+            let left = u64::try_from(until_ms - store::now_ms()).unwrap_or(0);
+            return Err(paused(origin, config, Duration::from_millis(left)));
         }
         let signer = self.signers.load().get(signer_hs).cloned();
         let limits = Limits {
@@ -275,7 +300,8 @@ impl Remote {
                     lock.release().await;
                 }
                 // Once per fetch, whoever waits for it (or nobody, if they all left).
-                this.record(origin, media_id, &result, backoff_at, remember);
+                this.record(&store, origin, media_id, &result, backoff_at, remember)
+                    .await;
                 if result.is_ok() {
                     this.downloaded.add(&[origin]);
                 }
@@ -329,8 +355,9 @@ impl Remote {
         }
     }
 
-    fn record(
+    async fn record(
         &self,
+        store: &store::Store,
         origin: &str,
         media_id: &str,
         result: &Result<Media, Failure>,
@@ -342,10 +369,14 @@ impl Remote {
             Err(Failure::Fetch(e)) => Some(e),
             Err(Failure::Local(_)) => return,
         };
+        // What the other instances are told (failures unless they cannot be reached).
+        let mut pause_for_all = None;
+        let mut answered = false;
         match failure {
             Some(e) if e.is_server_failure() => {
                 // One read-modify-write: concurrent failures all count.
-                self.health
+                let health = self
+                    .health
                     .entry(origin.to_owned())
                     .and_upsert_with(|previous| {
                         let failures = previous.map_or(0, |h| h.into_value().failures) + 1;
@@ -366,10 +397,22 @@ impl Remote {
                             paused_until,
                         }
                     });
+                pause_for_all = health.into_value().paused_until;
             }
             // It answered: whatever it said, it is up.
-            _ => self.health.invalidate(origin),
+            _ => answered = self.health.remove(origin).is_some(),
         }
+        let shared = match pause_for_all {
+            Some(until) => {
+                let pause = until.saturating_duration_since(Instant::now());
+                let until_ms = store::now_ms() + pause.as_millis() as i64;
+                store
+                    .note_shared(&backoff_key(origin), &until_ms.to_string(), pause)
+                    .await
+            }
+            None if answered => store.forget_shared(&backoff_key(origin)).await,
+            None => Ok(()),
+        };
         if let Some(e) = failure
             && !matches!(e, FetchError::NotYetUploaded | FetchError::Denied(_))
             && !remember.is_zero()
@@ -378,8 +421,33 @@ impl Remote {
                 (origin.to_owned(), media_id.to_owned()),
                 (e.clone(), Instant::now()),
             );
+            let text = serde_json::to_string(e).unwrap_or_default();
+            let noted = store
+                .note_shared(&failure_key(origin, media_id), &text, remember)
+                .await;
+            if let Err(e) = shared.and(noted) {
+                tracing::debug!(error = %e, "failure not shared with the other instances");
+            }
         }
     }
+}
+
+/// The shared note of a remote media that failed.
+fn failure_key(origin: &str, media_id: &str) -> String {
+    format!("remote-failure:{origin}/{media_id}")
+}
+
+/// The shared note of a paused server: until when (ms).
+fn backoff_key(server: &str) -> String {
+    format!("remote-backoff:{server}")
+}
+
+fn paused(origin: &str, config: &Config, left: Duration) -> Error {
+    Error::Remote(format!(
+        "{origin} failed {} times in a row; it is not asked again for {} s",
+        config.federation.backoff_at,
+        left.as_secs() + 1
+    ))
 }
 
 /// One fetch: download, stream into the store as `mxc://origin/media_id`.

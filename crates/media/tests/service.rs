@@ -343,7 +343,7 @@ fn the_reservation_job_deletes_only_expired_reservations() {
                 .unwrap();
             assert_eq!(
                 did,
-                "1 expired reservations deleted, 0 interrupted file deletions finished"
+                "1 expired reservations deleted, 0 interrupted file deletions finished, 0 idle shared buckets and notes deleted"
             );
             media
                 .check_pending(config, "example.test", &kept.media_id, "@a:example.test")

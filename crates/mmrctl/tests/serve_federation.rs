@@ -533,12 +533,10 @@ fn concurrent_first_requests_make_one_fetch() {
     assert_eq!(s.repo.objects(), 1);
 }
 
-#[test]
-fn concurrent_first_requests_over_three_instances_make_one_fetch() {
-    let s = setup(|_, _| {});
-    // Two more instances on the same config, database and datastore, on ports of their own.
+/// `n` more instances on the config, database and datastore of `s`, on ports of their own.
+fn more_instances(s: &Setup, n: usize) -> Vec<MediaRepo> {
     let ca = s.remote.certs.ca_path();
-    let others: Vec<MediaRepo> = (0..2)
+    (0..n)
         .map(|i| {
             let mut config = s.repo.config.clone();
             let port = support::free_port();
@@ -553,7 +551,57 @@ fn concurrent_first_requests_over_three_instances_make_one_fetch() {
                 &[("SSL_CERT_FILE", ca.to_str().unwrap())],
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn failures_and_pauses_are_shared_by_the_instances() {
+    let s = setup(|c, _| {
+        c["downloads"]["failureCacheMinutes"] = json!(10);
+        c["federation"]["backoffAt"] = json!(1);
+    });
+    let others = more_instances(&s, 2);
+    let (a, b, c) = (&s.repo, &others[0], &others[1]);
+    let not_found = json!({ "errcode": "M_NOT_FOUND", "error": "no such media" });
+    s.remote.route(
+        &FakeRemote::federation_path("gone"),
+        Action::json(404, not_found),
+    );
+    s.remote.route(
+        &FakeRemote::federation_path("broken"),
+        Action::json(500, json!({ "errcode": "M_UNKNOWN", "error": "boom" })),
+    );
+    s.remote.route(
+        &FakeRemote::federation_path("fine"),
+        Action::multipart("text/plain", None, b"fine"),
+    );
+    let name = s.remote.name.clone();
+    let get = |repo: &MediaRepo, id: &str| {
+        repo.get(
+            &format!("/_matrix/client/v1/media/download/{name}/{id}"),
+            &[
+                ("Host", HS),
+                ("Authorization", &format!("Bearer {SHARED_SECRET}")),
+            ],
+        )
+        .status
+    };
+    // A media the remote does not have: asked once, whichever instance is asked after.
+    assert_eq!(get(a, "gone"), 404);
+    assert_eq!((get(b, "gone"), get(c, "gone")), (404, 404));
+    assert_eq!(s.remote.count(&FakeRemote::federation_path("gone")), 1);
+    // A failing server (backoffAt 1) is paused for every instance.
+    assert_ne!(get(a, "broken"), 200);
+    assert_ne!(get(b, "fine"), 200);
+    assert_ne!(get(c, "fine"), 200);
+    assert_eq!(s.remote.count(&FakeRemote::federation_path("fine")), 0);
+    assert_eq!(s.remote.count(&FakeRemote::federation_path("broken")), 1);
+}
+
+#[test]
+fn concurrent_first_requests_over_three_instances_make_one_fetch() {
+    let s = setup(|_, _| {});
+    let others = more_instances(&s, 2);
     let file = sample(512 * 1024, 5);
     s.remote.route(
         &FakeRemote::federation_path("m"),

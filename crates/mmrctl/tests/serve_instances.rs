@@ -1,5 +1,6 @@
 //! Several `mmrctl serve` instances on one database and one datastore: what one instance learns
-//! (a logout) holds on the others, and what they do at once (identical uploads) stays one object.
+//! (a logout) holds on the others, what they do at once (identical uploads) stays one object, and
+//! a client's rate limit is one for all of them (in Postgres, or in Redis when configured).
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::{MediaRepo, SHARED_SECRET, sample};
-use testkit::Synapse;
+use testkit::{RedisServer, Synapse};
 
 const HS: &str = "hs1.test";
 
@@ -106,5 +107,93 @@ fn identical_uploads_spread_over_three_instances_make_one_object() {
         let r = repos[(i + 1) % 3].download(HS, id, &[]);
         assert_eq!((r.status, r.body.len()), (200, body.len()));
         assert!(r.body == body);
+    }
+}
+
+/// Three instances limiting every client to a burst of 6 requests (and next to no refill),
+/// sharing through `redis` when given.
+fn rate_limited_instances(redis: Option<&RedisServer>) -> Vec<MediaRepo> {
+    let redis = redis.map(|r| r.addr());
+    MediaRepo::start_many_with(3, &[(HS, "http://127.0.0.1:9")], |c| {
+        c["rateLimit"] = json!({ "enabled": true, "requestsPerSecond": 0.001, "burst": 6 });
+        if let Some(addr) = &redis {
+            c["redis"] = json!({ "enabled": true, "databaseNumber": 0,
+                                 "shards": [{ "name": "only", "addr": addr }] });
+        }
+    })
+}
+
+/// One request without a token: 401 while under the limit, 429 over it.
+fn status(repo: &MediaRepo) -> u16 {
+    let r = repo.get("/_matrix/client/v1/media/config", &[("Host", HS)]);
+    if r.status == 429 {
+        assert!(
+            r.json()["retry_after_ms"].as_u64().unwrap() > 0,
+            "{}",
+            r.text()
+        );
+    }
+    r.status
+}
+
+/// Six requests spread over the instances pass; then every instance refuses the client.
+fn one_limit_for_all(repos: &[MediaRepo]) {
+    let first: Vec<u16> = (0..6).map(|i| status(&repos[i % 3])).collect();
+    assert_eq!(first, [401; 6]);
+    let then: Vec<u16> = repos.iter().map(status).collect();
+    assert_eq!(then, [429; 3], "the burst is spent on every instance");
+}
+
+#[test]
+fn a_rate_limit_is_shared_by_the_instances_through_postgres() {
+    let repos = rate_limited_instances(None);
+    one_limit_for_all(&repos);
+    assert!(repos[0].count("SELECT COUNT(*) FROM shared_buckets") >= 1);
+}
+
+#[test]
+fn a_rate_limit_is_shared_through_redis_and_per_instance_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let repos = rate_limited_instances(Some(&redis));
+    one_limit_for_all(&repos);
+    assert!(redis.keys() >= 1, "the bucket is in Redis");
+    assert_eq!(repos[0].count("SELECT COUNT(*) FROM shared_buckets"), 0);
+
+    // Redis gone: nothing fails, each instance limits by itself (a burst of 6 each).
+    redis.stop();
+    for repo in &repos {
+        let statuses: Vec<u16> = (0..7).map(|_| status(repo)).collect();
+        assert_eq!(
+            statuses,
+            [401, 401, 401, 401, 401, 401, 429],
+            "{}",
+            repo.log()
+        );
+    }
+
+    // Back (empty): once an instance reaches it again, the shared bucket decides once more,
+    // although every instance's own bucket is spent.
+    redis.start_again();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.keys() == 0 {
+        assert!(Instant::now() < deadline, "no instance went back to Redis");
+        for repo in &repos {
+            status(repo);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A fresh shared bucket: each instance's requests pass again as soon as it asks Redis (its
+    // own bucket answers 429 meanwhile, charging nothing shared).
+    redis.command(&["FLUSHALL"]);
+    for repo in &repos {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while status(repo) != 401 {
+            assert!(
+                Instant::now() < deadline,
+                "not back on Redis: {}",
+                repo.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

@@ -2,10 +2,14 @@
 //! client address (the trusted-proxy rules decide the address; IPv6 clients count per /64, which
 //! one host owns). Over either, 429 `M_LIMIT_EXCEEDED` with `retry_after_ms`.
 //!
-//! Memory is bounded: each table holds at most [`CLIENTS`] addresses and forgets one once idle
-//! long enough that its bucket would be back to its resting state anyway, so forgetting is exact.
-//! Only when more addresses than that are active at once does the least recently seen one go,
-//! which makes the limit more lenient for it, never stricter for anyone.
+//! The buckets are shared by every instance (`store::shared`: Redis when configured, else
+//! Postgres). When that store does not answer, this instance's own buckets decide until it
+//! does, so a limit then holds per instance instead of failing requests.
+//!
+//! Memory of the local buckets is bounded: each table holds at most [`CLIENTS`] addresses and
+//! forgets one once idle long enough that its bucket would be empty anyway, so forgetting is
+//! exact. Only when more addresses than that are active at once does the least recently seen one
+//! go, which makes the limit more lenient for it, never stricter for anyone.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -18,38 +22,43 @@ use axum::response::{IntoResponse, Response};
 use config::Config;
 use moka::sync::Cache;
 use serde_json::json;
+use store::shared::Rule;
 
 use crate::SharedState;
 
 /// Addresses tracked per table, whatever the traffic.
 pub(crate) const CLIENTS: u64 = 65_536;
 
+/// When a local bucket is empty again.
+type Bucket = Arc<Mutex<Instant>>;
+
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
-    level: f64,
-    at: Instant,
+enum Kind {
+    Requests,
+    Downloads,
+}
+
+impl Kind {
+    fn key(self, ip: IpAddr) -> String {
+        match self {
+            Kind::Requests => format!("rl:requests:{ip}"),
+            Kind::Downloads => format!("rl:downloads:{ip}"),
+        }
+    }
 }
 
 pub(crate) struct Limiter {
-    requests: Cache<IpAddr, Arc<Mutex<Bucket>>>,
-    downloads: Cache<IpAddr, Arc<Mutex<Bucket>>>,
+    requests: Cache<IpAddr, Bucket>,
+    downloads: Cache<IpAddr, Bucket>,
 }
 
 impl Limiter {
     pub(crate) fn new(config: &Config) -> Limiter {
         let rl = &config.rate_limit;
-        // A request bucket refills within burst / rate; a download bucket drains within
-        // capacity / drain rate.
-        let refill = Duration::from_secs_f64(
-            (f64::from(rl.burst.max(1)) / rl.requests_per_second.max(0.001)).min(86_400.0) + 1.0,
-        );
         let d = &rl.buckets.downloads;
-        let drain = Duration::from_secs_f64(
-            ((d.capacity_bytes + d.overflow_limit_bytes) as f64 * 60.0
-                / (d.drain_bytes_per_minute.max(1) as f64))
-                .min(7.0 * 86_400.0)
-                + 1.0,
-        );
+        // An idle bucket is empty within its fullest backlog.
+        let idle =
+            |rule: Rule| Duration::from_secs_f64((rule.most_ms / 1000.0).min(7.0 * 86_400.0) + 1.0);
         let table = |idle| {
             Cache::builder()
                 .max_capacity(CLIENTS)
@@ -57,64 +66,62 @@ impl Limiter {
                 .build()
         };
         Limiter {
-            requests: table(refill),
-            downloads: table(drain),
+            requests: table(idle(Rule::request(rl.requests_per_second, rl.burst))),
+            downloads: table(idle(Rule::bytes(
+                0,
+                d.drain_bytes_per_minute,
+                d.capacity_bytes,
+                d.overflow_limit_bytes,
+            ))),
         }
     }
 
-    /// One request from `ip`: `Err(wait)` when it is over `requestsPerSecond` with `burst`.
-    fn request(&self, config: &Config, ip: IpAddr) -> Result<(), Duration> {
-        let rl = &config.rate_limit;
-        let rate = rl.requests_per_second.max(0.001);
-        let burst = f64::from(rl.burst.max(1));
-        let bucket = self.requests.get_with(ip, || {
-            Arc::new(Mutex::new(Bucket {
-                level: burst,
-                at: Instant::now(),
-            }))
-        });
-        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+    /// Charges this instance's bucket of `ip`: `Err(wait)` when over.
+    fn charge_local(&self, kind: Kind, ip: IpAddr, rule: &Rule) -> Result<(), Duration> {
+        let table = match kind {
+            Kind::Requests => &self.requests,
+            Kind::Downloads => &self.downloads,
+        };
+        let bucket = table.get_with(ip, || Arc::new(Mutex::new(Instant::now())));
+        let mut empty_at = bucket.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        // Here the level is the tokens left.
-        b.level = (b.level + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
-        b.at = now;
-        if b.level >= 1.0 {
-            b.level -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.level) / rate))
-        }
-    }
-
-    /// `bytes` about to be sent to `ip`: `Err(wait)` when its bucket is full, or the download would
-    /// overflow it by more than `overflowLimitBytes`; else charged.
-    fn download(&self, config: &Config, ip: IpAddr, bytes: u64) -> Result<(), Duration> {
-        let d = &config.rate_limit.buckets.downloads;
-        let per_sec = d.drain_bytes_per_minute.max(1) as f64 / 60.0;
-        let capacity = d.capacity_bytes as f64;
-        let most = capacity + d.overflow_limit_bytes as f64;
-        let bucket = self.downloads.get_with(ip, || {
-            Arc::new(Mutex::new(Bucket {
-                level: 0.0,
-                at: Instant::now(),
-            }))
-        });
-        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        // Here the level is the bytes in the bucket.
-        b.level = (b.level - now.duration_since(b.at).as_secs_f64() * per_sec).max(0.0);
-        b.at = now;
-        let bytes = bytes as f64;
-        // An empty bucket takes any one download (else one larger than the bucket never passes).
-        if b.level > 0.0 && (b.level >= capacity || b.level + bytes > most) {
-            let target = capacity.min(most - bytes).max(0.0);
-            return Err(Duration::from_secs_f64(
-                ((b.level - target) / per_sec).max(0.001),
-            ));
-        }
-        b.level += bytes;
+        let backlog = empty_at.saturating_duration_since(now).as_secs_f64() * 1000.0;
+        let backlog = rule.charge(backlog)?;
+        *empty_at = now + Duration::from_secs_f64(backlog / 1000.0);
         Ok(())
     }
+}
+
+/// Charges the bucket of `ip` shared by the instances, or this instance's when the shared one
+/// cannot be reached.
+async fn charge(state: &SharedState, kind: Kind, ip: IpAddr, rule: Rule) -> Result<(), Duration> {
+    match state
+        .media
+        .store()
+        .charge_shared(&kind.key(ip), &rule)
+        .await
+    {
+        Ok(charged) => charged,
+        Err(e) => {
+            tracing::debug!(error = %e, "shared rate-limit bucket unavailable; this instance's decides");
+            state.limiter.load().charge_local(kind, ip, &rule)
+        }
+    }
+}
+
+fn request_rule(config: &Config) -> Rule {
+    let rl = &config.rate_limit;
+    Rule::request(rl.requests_per_second, rl.burst)
+}
+
+fn download_rule(config: &Config, bytes: u64) -> Rule {
+    let d = &config.rate_limit.buckets.downloads;
+    Rule::bytes(
+        bytes,
+        d.drain_bytes_per_minute,
+        d.capacity_bytes,
+        d.overflow_limit_bytes,
+    )
 }
 
 /// Whether the request carries a token the config itself grants (the shared secret, an
@@ -192,7 +199,7 @@ pub(crate) async fn rate_limit(
         Some(k) if !exempt(&config, &parts) => k,
         _ => return next.run(Request::from_parts(parts, body)).await,
     };
-    if let Err(wait) = state.limiter.load().request(&config, key) {
+    if let Err(wait) = charge(&state, Kind::Requests, key, request_rule(&config)).await {
         return limited(wait);
     }
     let response = next.run(Request::from_parts(parts, body)).await;
@@ -204,7 +211,7 @@ pub(crate) async fn rate_limit(
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-        && let Err(wait) = state.limiter.load().download(&config, key, len)
+        && let Err(wait) = charge(&state, Kind::Downloads, key, download_rule(&config, len)).await
     {
         // Nothing of the body was sent: dropping it costs nothing.
         return limited(wait);
@@ -228,37 +235,37 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_passes_then_the_rate_decides() {
-        let c = config(2.0, 3, 1000, 60, 0);
+    fn local_buckets_are_per_address_and_kind() {
+        let c = config(2.0, 3, 1000, 60, 100);
         let l = Limiter::new(&c);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..3 {
-            assert!(l.request(&c, ip).is_ok());
+            assert!(
+                l.charge_local(Kind::Requests, ip, &request_rule(&c))
+                    .is_ok()
+            );
         }
-        let wait = l.request(&c, ip).unwrap_err();
+        let wait = l
+            .charge_local(Kind::Requests, ip, &request_rule(&c))
+            .unwrap_err();
         assert!(
             wait <= Duration::from_millis(500) && wait > Duration::ZERO,
             "{wait:?}"
         );
-        // Someone else is not affected.
-        assert!(l.request(&c, "192.0.2.2".parse().unwrap()).is_ok());
-    }
-
-    #[test]
-    fn the_download_bucket_fills_overflows_by_at_most_the_limit_and_takes_one_large_file() {
-        // 1000 bytes, draining 60 per minute (1 per second), overflow 100.
-        let c = config(10.0, 10, 1000, 60, 100);
-        let l = Limiter::new(&c);
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        assert!(l.download(&c, ip, 900).is_ok());
-        // 900 + 250 > 1100: refused, until 50 bytes drained (~50 s).
-        let wait = l.download(&c, ip, 250).unwrap_err();
-        assert!((49..=50).contains(&wait.as_secs()), "{wait:?}");
-        // Within the overflow: accepted; now full.
-        assert!(l.download(&c, ip, 150).is_ok());
-        assert!(l.download(&c, ip, 1).is_err());
-        // An empty bucket takes a file larger than itself.
-        assert!(l.download(&c, "192.0.2.9".parse().unwrap(), 5000).is_ok());
+        // Someone else, and the same client's downloads, are not affected.
+        let other = "192.0.2.2".parse().unwrap();
+        assert!(
+            l.charge_local(Kind::Requests, other, &request_rule(&c))
+                .is_ok()
+        );
+        assert!(
+            l.charge_local(Kind::Downloads, ip, &download_rule(&c, 900))
+                .is_ok()
+        );
+        assert!(
+            l.charge_local(Kind::Downloads, ip, &download_rule(&c, 250))
+                .is_err()
+        );
     }
 
     #[test]

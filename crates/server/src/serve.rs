@@ -65,21 +65,12 @@ fn unsupported_settings(c: &Config) -> Vec<&'static str> {
             out.push(what);
         }
     };
-    note(
-        c.redis.enabled,
-        "redis (instances coordinate through Postgres)",
-    );
     note(!c.plugins.is_empty(), "plugins");
     note(c.sentry.enabled, "sentry");
     note(c.pgo.enabled, "pgo");
-    note(c.rate_limit.enabled, "rateLimit");
     note(
         c.repo.log_directory != "-" && !c.repo.log_directory.is_empty(),
         "repo.logDirectory (logs go to stderr/journald)",
-    );
-    note(
-        c.archiving.enabled && c.archiving.self_service,
-        "archiving.selfService",
     );
     out
 }

@@ -20,6 +20,7 @@ mod pipeline;
 mod previews;
 mod s3;
 mod schema;
+pub mod shared;
 mod streamcopy;
 mod tasks;
 mod thumbnails;
@@ -104,6 +105,9 @@ pub enum Error {
     QuotaBytes(u64),
     #[error("the content hashes to {actual}, not the expected {expected}")]
     HashMismatch { expected: String, actual: String },
+    /// Redis (the `redis` section) did not answer in time.
+    #[error("redis: {0}")]
+    Redis(String),
 }
 
 impl Error {
@@ -119,6 +123,7 @@ impl Error {
             Error::Pool(_) => true,
             Error::Setup { retryable, .. } => *retryable,
             Error::Backend(e) => e.transient,
+            Error::Redis(_) => true,
             _ => false,
         }
     }
@@ -286,6 +291,8 @@ pub struct Store {
     /// Logouts announced by any instance (see [`Store::announce_logout`]).
     logouts: broadcast::Sender<String>,
     max_idle: usize,
+    /// Where instances share buckets and failures when not in Postgres.
+    redis: Option<Arc<shared::Redis>>,
 }
 
 pub(crate) const NOTIFY_CHANNEL: &str = "mmrctl_media_uploaded";
@@ -341,6 +348,7 @@ impl Store {
             .build()
             .map_err(|e| Error::Config(format!("database pool: {e}")))?;
         let datastores = Arc::new(Datastores::from_config(config)?);
+        let redis = shared::Redis::from_config(config)?.map(Arc::new);
         {
             let setup = |doing: &str, e: Error| Error::Setup {
                 target: connect_target(&pg),
@@ -376,6 +384,7 @@ impl Store {
             uploads,
             logouts,
             max_idle: config.database.pool.max_idle_connections as usize,
+            redis,
         })
     }
 

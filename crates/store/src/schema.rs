@@ -166,6 +166,23 @@ const MIGRATIONS: &[(i32, &str)] = &[
     );
     "#,
     ),
+    (
+        4,
+        r#"
+    -- What instances share without Redis (see shared.rs). UNLOGGED: a database crash empties
+    -- them, which only forgets a bucket or a failure.
+    CREATE UNLOGGED TABLE shared_buckets (
+        key      TEXT PRIMARY KEY,
+        -- When the bucket is empty again (ms since the epoch).
+        empty_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNLOGGED TABLE shared_notes (
+        key      TEXT PRIMARY KEY,
+        value    TEXT NOT NULL,
+        until_ts BIGINT NOT NULL
+    );
+    "#,
+    ),
 ];
 
 /// Brings the schema up to date.

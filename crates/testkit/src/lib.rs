@@ -16,6 +16,7 @@ mod hmac;
 pub mod http;
 mod nginx;
 mod prometheus;
+mod redis;
 mod s3;
 mod synapse;
 mod tls;
@@ -31,6 +32,7 @@ pub use nginx::{Nginx, nginx_bin};
 /// The PostgreSQL client [`TestDb::client`] returns.
 pub use postgres;
 pub use prometheus::Prometheus;
+pub use redis::RedisServer;
 pub use s3::{ACCESS_KEY_ID, ACCESS_SECRET, S3Object, S3Server};
 pub use synapse::{Database, Synapse, SynapseBuilder, free_port};
 pub use tls::TestCerts;

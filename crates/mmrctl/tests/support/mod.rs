@@ -53,14 +53,23 @@ impl MediaRepo {
 
     /// Starts `n` instances at the same moment on one database and one datastore (the first owns both).
     pub fn start_many(n: usize, homeservers: &[(&str, &str)]) -> Vec<MediaRepo> {
+        MediaRepo::start_many_with(n, homeservers, |_| {})
+    }
+
+    /// [`MediaRepo::start_many`], every config edited by `tweak`.
+    pub fn start_many_with(
+        n: usize,
+        homeservers: &[(&str, &str)],
+        tweak: impl Fn(&mut Value),
+    ) -> Vec<MediaRepo> {
         let db = TestDb::new();
         let url = db.url().to_owned();
-        let first = MediaRepo::spawn(Some(db), &url, homeservers, |_| {});
+        let first = MediaRepo::spawn(Some(db), &url, homeservers, &tweak);
         let media = first.dir.path().join("media");
         let mut repos = vec![first];
         for _ in 1..n {
-            let media = media.clone();
-            repos.push(MediaRepo::spawn(None, &url, homeservers, move |c| {
+            repos.push(MediaRepo::spawn(None, &url, homeservers, |c| {
+                tweak(c);
                 c["datastores"][0]["opts"]["path"] = json!(media)
             }));
         }
