@@ -1,7 +1,8 @@
 //! `mmrctl serve` with S3 datastores, end to end against a real S3-compatible server (moto, from the
 //! tools venv): upload, download, ranges and dedup with only S3; file and S3 split by kind; a
 //! read-only store; a 300 MiB multipart upload in bounded memory; `publicBaseUrl` redirects; S3
-//! going away and coming back; and a config rendered by `mmrctl render` running unchanged.
+//! going away and coming back, or answering 500, 503 and slowly through a fault proxy; and a
+//! config rendered by `mmrctl render` running unchanged.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr)] // Test helpers panic and print: that is how a test fails.
 
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 use support::{
     FILE_ID, MediaRepo, S3_ID, SHARED_SECRET, file_datastore, free_port, s3_datastore, sample,
 };
-use testkit::S3Server;
+use testkit::{Fault, FaultProxy, S3Server};
 
 const HS: &str = "example.test";
 const AUTH: &str = "Bearer test-shared-secret";
@@ -470,6 +471,50 @@ fn s3_going_away_gives_503_writes_nothing_and_recovers() {
     let r = repo.download(HS, &id, &[("Range", "bytes=5-9")]);
     assert_eq!((r.status, r.body.as_slice()), (206, &body[5..10]));
     assert_eq!(s3.keys().len(), 1);
+}
+
+#[test]
+fn s3_answering_500_503_or_slowly_gives_503_or_slow_success_and_nothing_half_written() {
+    let s3 = S3Server::start("media");
+    let proxy = FaultProxy::start(&s3.endpoint());
+    let repo = s3_only(&s3, json!({ "endpoint": proxy.addr() }));
+    let stored = sample(20_000, 8);
+    let stored_id = repo.upload(HS, SHARED_SECRET, "image/png", None, &stored);
+    let (objects, media) = (count(&repo, "objects"), count(&repo, "media"));
+
+    for status in [500, 503] {
+        proxy.set(Fault::Status(status));
+        let before = proxy.faulted();
+        let r = repo.upload_response(HS, SHARED_SECRET, "image/png", None, &sample(30_000, 9));
+        assert_eq!(r.status, 503, "S3 answering {status}: {}", r.text());
+        assert!(r.header("retry-after").is_some());
+        let r = repo.download(HS, &stored_id, &[]);
+        assert_eq!(r.status, 503, "S3 answering {status}: {}", r.text());
+        assert!(
+            proxy.faulted() > before,
+            "the requests went to S3 and were refused"
+        );
+        assert_eq!(
+            (count(&repo, "objects"), count(&repo, "media")),
+            (objects, media)
+        );
+        assert_eq!(files_in(&repo.dir.path().join("s3-tmp")), 0);
+    }
+
+    // Slow (every piece the server sends waits 50 ms): slower, and whole.
+    proxy.set(Fault::Delay(Duration::from_millis(50)));
+    let body = sample(3 * MIB as usize, 10);
+    let slow_id = repo.upload(HS, SHARED_SECRET, "image/png", None, &body);
+    let r = repo.download(HS, &slow_id, &[]);
+    assert!(r.status == 200 && r.body == body, "{}", r.status);
+
+    // Good again: what failed goes through, without a restart.
+    proxy.set(Fault::None);
+    let body = sample(30_000, 9);
+    let id = repo.upload(HS, SHARED_SECRET, "image/png", None, &body);
+    assert_eq!(repo.download(HS, &id, &[]).body, body);
+    assert_eq!(repo.download(HS, &stored_id, &[]).body, stored);
+    assert_eq!(s3.keys().len(), 3);
 }
 
 #[test]

@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{FILE_ID, MediaRepo, SHARED_SECRET, encode, sample};
+use support::{FILE_ID, MediaRepo, SHARED_SECRET, check_clean, encode, sample};
 use testkit::Synapse;
 use testkit::http::Response;
 
@@ -410,21 +410,6 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
 
     // Nothing points at a missing object, and nothing is left unreferenced.
     check_clean(&repo.config_path(), FILE_ID);
-}
-
-/// `mmrctl datastores check` finds the store and the database in agreement.
-fn check_clean(config: &std::path::Path, id: &str) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
-        .args(["datastores", "check", id, "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("0 orphan(s), 0 missing"),
-        "{id}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn sha2_256(bytes: &[u8]) -> Vec<u8> {

@@ -126,6 +126,17 @@ impl From<store::Error> for ApiError {
                     ),
                 )
             }
+            e if e.is_storage_full() => {
+                tracing::error!(error = %e, "datastore full");
+                ApiError {
+                    retry_after_secs: Some(60),
+                    ..ApiError::new(
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        "M_UNKNOWN",
+                        "The media repository's storage is full; try again later",
+                    )
+                }
+            }
             E::HashMismatch { .. } => ApiError::bad_request(e.to_string()),
             E::QuotaFiles(n) => {
                 ApiError::forbidden(format!("You have reached your quota of {n} files"))

@@ -116,6 +116,14 @@ impl Error {
         matches!(self, Error::Database(e) if is_bad_text(e))
     }
 
+    /// A datastore's disk (or quota) is full: the operator must make room (a 507).
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::Io(e) => is_full(e),
+            _ => false,
+        }
+    }
+
     /// Failures of the database or a datastore that may pass (worth a 503 and a retry).
     pub fn is_unavailable(&self) -> bool {
         match self {
@@ -130,6 +138,11 @@ impl Error {
 }
 
 // Not `#[from]`: the message already carries the cause, and a source would repeat it in chains.
+/// ENOSPC, or EDQUOT (Linux's 122; std has no kind of its own for it).
+pub(crate) fn is_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(122)
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Error {
         Error::Io(e)

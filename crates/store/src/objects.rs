@@ -15,6 +15,15 @@ pub(crate) const RECORD_DELETION: &str =
     "INSERT INTO pending_deletions (datastore_id, location, sha256) VALUES ($1, $2, $3)
      ON CONFLICT DO NOTHING";
 
+/// Records a file about to be placed, owned by this database session (see schema 4).
+const RECORD_PLACEMENT: &str =
+    "INSERT INTO pending_deletions (datastore_id, location, sha256, owner_pid, owner_started)
+     SELECT $1, $2, $3, pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+     ON CONFLICT DO NOTHING";
+/// Forgets a placement (its object row was committed, or the file was removed).
+pub(crate) const FORGET_PLACEMENT: &str = "DELETE FROM pending_deletions
+     WHERE datastore_id = $1 AND location = $2 AND owner_pid IS NOT NULL";
+
 /// How thoroughly [`Store::check_object`] looks at an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckDepth {
@@ -200,13 +209,60 @@ impl Store {
         Ok(())
     }
 
-    /// Finishes the deletions a crash interrupted; returns how many.
+    /// Places `temp` as the object `sha256` of `ds`, recorded first so that a crash before its
+    /// object row is committed leaves no file that nothing remembers; returns its location.
+    /// The record goes with the object row's transaction ([`FORGET_PLACEMENT`]), or here when
+    /// placing fails.
+    pub(crate) async fn place_recorded(
+        &self,
+        ds: &Datastore,
+        temp: &std::path::Path,
+        sha256: &str,
+    ) -> Result<String, Error> {
+        let location = ds.location_for(sha256);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&ds.id(), &location, &sha256];
+        self.client()
+            .await?
+            .execute(RECORD_PLACEMENT, &params)
+            .await?;
+        match ds.place(temp, sha256).await {
+            Ok(placed) => Ok(placed),
+            Err(e) => {
+                self.forget_placement(ds.id(), &location).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Forgets the record of a placement that was undone.
+    pub(crate) async fn forget_placement(&self, ds_id: &str, location: &str) {
+        let forgotten = match self.client().await {
+            Ok(c) => c
+                .execute(FORGET_PLACEMENT, &[&ds_id, &location])
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = forgotten {
+            tracing::debug!(error = %e, location, "placement record kept; the deletion job checks it");
+        }
+    }
+
+    /// Finishes the deletions a crash interrupted, and the placements of processes that died;
+    /// returns how many. A placement still in progress is skipped (its session is alive); were
+    /// it not, deleting its file would still be safe, since an upload places its file again
+    /// under the hash lock when it finds it gone.
     pub async fn finish_pending_deletions(&self) -> Result<u64, Error> {
         let rows = self
             .client()
             .await?
             .query(
-                "SELECT datastore_id, location, sha256 FROM pending_deletions LIMIT 10000",
+                "SELECT datastore_id, location, sha256 FROM pending_deletions p
+                 WHERE owner_pid IS NULL OR NOT EXISTS (
+                     SELECT 1 FROM pg_stat_activity a
+                     WHERE a.pid = p.owner_pid AND a.backend_start = p.owner_started)
+                 LIMIT 10000",
                 &[],
             )
             .await?;

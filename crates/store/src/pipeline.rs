@@ -204,7 +204,10 @@ impl Store {
         let existing = self.object(&written.sha256).await?;
         let placed = match existing {
             Some(_) => None,
-            None => Some(ds.place(&written.temp, &written.sha256).await?),
+            None => Some(
+                self.place_recorded(ds, &written.temp, &written.sha256)
+                    .await?,
+            ),
         };
 
         let result = self
@@ -222,6 +225,7 @@ impl Store {
         {
             self.remove_if_unreferenced(ds.id(), &written.sha256, location)
                 .await;
+            self.forget_placement(ds.id(), location).await;
         }
         result.map(|media| Uploaded {
             media,
@@ -359,6 +363,10 @@ impl Store {
                 if placed.is_none() || !ds.exists(&location).await? {
                     ds.place(&written.temp, sha256).await?;
                 }
+            }
+            if placed.is_some() {
+                tx.execute(crate::objects::FORGET_PLACEMENT, &[&ds_id, &location])
+                    .await?;
             }
             if let Target::PreviewImage = target {
                 return self

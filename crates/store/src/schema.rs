@@ -176,6 +176,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         -- When the bucket is empty again (ms since the epoch).
         empty_at DOUBLE PRECISION NOT NULL
     );
+    -- A file being placed for an upload is recorded first, with the database session of the
+    -- process placing it: once that session is gone (the process died) and no object row
+    -- references the file, it is deleted like any other pending deletion.
+    ALTER TABLE pending_deletions ADD COLUMN owner_pid INT, ADD COLUMN owner_started TIMESTAMPTZ;
     CREATE UNLOGGED TABLE shared_notes (
         key      TEXT PRIMARY KEY,
         value    TEXT NOT NULL,

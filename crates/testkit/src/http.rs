@@ -54,7 +54,13 @@ fn agent() -> ureq::Agent {
 }
 
 fn finish(url: &str, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Response {
-    let mut response = result.unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+    result
+        .map_err(|e| e.to_string())
+        .and_then(read)
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e}"))
+}
+
+fn read(mut response: ureq::http::Response<ureq::Body>) -> Result<Response, String> {
     let status = response.status().as_u16();
     let headers = response
         .headers()
@@ -71,12 +77,12 @@ fn finish(url: &str, result: Result<ureq::http::Response<ureq::Body>, ureq::Erro
         .with_config()
         .limit(1 << 30)
         .read_to_vec()
-        .unwrap_or_else(|e| panic!("reading the response of {url} failed: {e}"));
-    Response {
+        .map_err(|e| e.to_string())?;
+    Ok(Response {
         status,
         headers,
         body,
-    }
+    })
 }
 
 /// `GET url` with `headers`; panics only when no response came (any status is returned).
@@ -114,6 +120,34 @@ pub(crate) fn send_with(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Response {
+    finish(
+        url,
+        agent.run(request(method, url, headers, content_type, body)),
+    )
+}
+
+/// [`send`], or the transport's error when no response came (a server killed mid-request).
+pub fn try_send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Response, String> {
+    let request = request(method, url, headers, content_type, body);
+    agent()
+        .run(request)
+        .map_err(|e| e.to_string())
+        .and_then(read)
+}
+
+fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    content_type: Option<&str>,
+    body: &[u8],
+) -> ureq::http::Request<Vec<u8>> {
     let request = ureq::http::Request::builder().method(method).uri(url);
     let mut request = headers
         .iter()
@@ -121,10 +155,9 @@ pub(crate) fn send_with(
     if let Some(content_type) = content_type {
         request = request.header("Content-Type", content_type);
     }
-    let request = request
+    request
         .body(body.to_vec())
-        .unwrap_or_else(|e| panic!("bad request {method} {url}: {e}"));
-    finish(url, agent.run(request))
+        .unwrap_or_else(|e| panic!("bad request {method} {url}: {e}"))
 }
 
 /// `POST url` with a JSON body.

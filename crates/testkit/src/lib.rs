@@ -11,10 +11,12 @@
 mod caddy;
 mod db;
 pub mod dns;
+mod faultproxy;
 mod fedharness;
 mod hmac;
 pub mod http;
 mod nginx;
+mod pgserver;
 mod prometheus;
 mod redis;
 mod s3;
@@ -25,10 +27,12 @@ mod tools;
 pub use caddy::{Caddy, caddy_bin};
 pub use db::{PgUrl, TestDb, database_url, parse_url};
 pub use dns::DnsServer;
+pub use faultproxy::{Fault, FaultProxy};
 pub use fedharness::{
     Federation, FederationBuilder, Front, Homeserver, HomeserverSetup, Webserver,
 };
 pub use nginx::{Nginx, nginx_bin};
+pub use pgserver::PgServer;
 /// The PostgreSQL client [`TestDb::client`] returns.
 pub use postgres;
 pub use prometheus::Prometheus;

@@ -292,36 +292,25 @@ impl MediaRepo {
         )
     }
 
-    /// Media rows in the repo's own database (pending ones included).
+    /// A connection to the repo's database (its config's `database.postgres`).
+    pub fn client(&self) -> testkit::postgres::Client {
+        let url = self.config["database"]["postgres"].as_str().unwrap();
+        testkit::postgres::Client::connect(url, testkit::postgres::NoTls).unwrap()
+    }
+
+    /// Media rows in the repo's database (pending ones included).
     pub fn media_rows(&self) -> i64 {
-        self.db
-            .as_ref()
-            .expect("this repo does not own its database")
-            .client()
-            .query_one("SELECT COUNT(*) FROM media", &[])
-            .unwrap()
-            .get(0)
+        self.count("SELECT COUNT(*) FROM media")
     }
 
-    /// One number from the repo's own database (`SELECT COUNT(*) ...`).
+    /// One number from the repo's database (`SELECT COUNT(*) ...`).
     pub fn count(&self, sql: &str) -> i64 {
-        self.db
-            .as_ref()
-            .expect("this repo does not own its database")
-            .client()
-            .query_one(sql, &[])
-            .unwrap()
-            .get(0)
+        self.client().query_one(sql, &[]).unwrap().get(0)
     }
 
-    /// Runs a statement on the repo's own database.
+    /// Runs a statement on the repo's database.
     pub fn execute(&self, sql: &str) {
-        self.db
-            .as_ref()
-            .expect("this repo does not own its database")
-            .client()
-            .execute(sql, &[])
-            .unwrap();
+        self.client().execute(sql, &[]).unwrap();
     }
 
     /// `GET path` as the shared secret's user on `host`.
@@ -552,5 +541,20 @@ pub fn render(vars: &str, out: &Path) {
         render.status.success(),
         "mmrctl render failed:\n{}",
         String::from_utf8_lossy(&render.stderr)
+    );
+}
+
+/// `mmrctl datastores check` finds the store and the database in agreement.
+pub fn check_clean(config: &std::path::Path, id: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args(["datastores", "check", id, "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("0 orphan(s), 0 missing"),
+        "{id}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
