@@ -182,15 +182,13 @@ impl Service {
                 "This media is only served on the authenticated endpoint /_matrix/client/v1/media/thumbnail".into(),
             ));
         }
-        let key = ThumbnailKey {
-            origin: media.origin.clone(),
-            media_id: media.media_id.clone(),
+        let request = thumbnail::Request {
             width,
             height,
-            method: params.method.as_str(),
+            method: params.method,
             animated,
         };
-        if let Some(stored) = self.store.thumbnail(&key).await? {
+        if let Some(stored) = self.store.thumbnail(&key_of(&media, &request)).await? {
             return Ok((media, Thumb::Stored(stored)));
         }
         let object = media
@@ -203,12 +201,6 @@ impl Service {
         if let Some(failure) = self.thumbnails.failures.get(&object.sha256) {
             return Err(Error::Thumbnail(failure));
         }
-        let request = thumbnail::Request {
-            width,
-            height,
-            method: params.method,
-            animated,
-        };
         let mut result = self.join_batch(config, media.clone(), object, request)?;
         let shared = result
             .wait_for(Option::is_some)
@@ -303,6 +295,67 @@ impl Service {
                 return;
             }
         }
+        // One generation per media among all instances: the others wait, then find stored
+        // what it made. Without the database's lock, each instance makes its own.
+        let lock = tokio::time::timeout(
+            INSTANCE_PATIENCE,
+            self.store
+                .lock_job(&format!("thumbnail {}/{}", media.origin, media.media_id)),
+        )
+        .await;
+        let lock = match lock {
+            Ok(Ok(lock)) => {
+                if self.answer_stored(media, batch).await {
+                    lock.release().await;
+                    return;
+                }
+                Some(lock)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "thumbnail generation not coordinated with other instances");
+                None
+            }
+            Err(_) => None,
+        };
+        self.make_and_keep(media, object, batch, settings).await;
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+    }
+
+    /// Answers the requests of `batch` that are stored already (another instance made them);
+    /// whether that was all of them.
+    async fn answer_stored(&self, media: &Media, batch: &Arc<Mutex<Batch>>) -> bool {
+        let requests: Vec<thumbnail::Request> =
+            lock(batch).wanted.iter().map(|(r, _)| *r).collect();
+        let mut stored = Vec::new();
+        for request in requests {
+            if let Ok(Some(found)) = self.store.thumbnail(&key_of(media, &request)).await {
+                stored.push((request, found));
+            }
+        }
+        let mut b = lock(batch);
+        for (request, found) in stored {
+            if let Some(i) = b.wanted.iter().position(|(r, _)| *r == request) {
+                let (_, tx) = b.wanted.swap_remove(i);
+                tx.send_replace(Some(Ok(Thumb::Stored(found))));
+            }
+        }
+        let all = b.wanted.is_empty();
+        if all {
+            b.started = true;
+            b.cover = None;
+        }
+        all
+    }
+
+    async fn make_and_keep(
+        &self,
+        media: &Media,
+        object: &ObjectRef,
+        batch: &Arc<Mutex<Batch>>,
+        settings: Settings,
+    ) {
         let data = match self.read_source(object, &settings).await {
             Ok(data) => data,
             Err(e) => {
@@ -391,14 +444,7 @@ impl Service {
         request: &thumbnail::Request,
         kept: Kept,
     ) -> Result<(), Error> {
-        let key = ThumbnailKey {
-            origin: media.origin.clone(),
-            media_id: media.media_id.clone(),
-            width: request.width,
-            height: request.height,
-            method: request.method.as_str(),
-            animated: request.animated,
-        };
+        let key = key_of(media, request);
         match kept {
             Kept::Original { content_type } => {
                 self.store
@@ -413,6 +459,21 @@ impl Service {
             }
         }
         Ok(())
+    }
+}
+
+/// How long a generation waits for another instance's generation of the same media before
+/// it makes its own.
+const INSTANCE_PATIENCE: Duration = Duration::from_secs(30);
+
+fn key_of(media: &Media, request: &thumbnail::Request) -> ThumbnailKey {
+    ThumbnailKey {
+        origin: media.origin.clone(),
+        media_id: media.media_id.clone(),
+        width: request.width,
+        height: request.height,
+        method: request.method.as_str(),
+        animated: request.animated,
     }
 }
 

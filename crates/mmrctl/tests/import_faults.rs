@@ -360,3 +360,67 @@ fn unreachable_or_wrong_databases_are_fatal() {
     assert_eq!(repo.objects(), 0);
     assert!(Path::new(config).exists());
 }
+
+#[test]
+fn an_import_killed_midway_finishes_when_run_again() {
+    let fx = Fixture::new();
+    let bodies: Vec<(String, Vec<u8>)> = (0..150u64)
+        .map(|i| {
+            (
+                format!("kill{i:04}Media00000000000"),
+                sample(200_000, 100 + i),
+            )
+        })
+        .collect();
+    for (id, body) in &bodies {
+        fx.add(id, body, Some(body));
+    }
+    // The job that deletes what a dead process placed without its row runs every 2 s.
+    let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
+        c["uploads"] = serde_json::json!({ "maxAgeSeconds": 2 });
+    });
+    let pg = pg();
+    let config = repo.dir.path().join("media-repo.yaml");
+    let config = config.to_str().unwrap();
+
+    let mut import = Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args(fx.args(&pg, config))
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while media_rows(&repo).len() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the import made no progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    import.kill().unwrap();
+    import.wait().unwrap();
+    let done = media_rows(&repo).len();
+    assert!(
+        done < bodies.len(),
+        "killed before the end ({done} imported)"
+    );
+
+    let run = mmrctl(&fx.args(&pg, config));
+    assert_eq!(run.code, 0, "{}", run.log);
+    assert_eq!(media_rows(&repo).len(), bodies.len());
+    for (id, body) in &bodies {
+        let r = repo.download(HS, id, &[]);
+        assert!(r.status == 200 && r.body == *body, "{id}: {}", r.status);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while repo.count("SELECT COUNT(*) FROM pending_deletions") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "placements of the killed import left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    support::check_clean(&repo.dir.path().join("media-repo.yaml"), support::FILE_ID);
+}

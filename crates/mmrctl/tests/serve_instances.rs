@@ -197,3 +197,46 @@ fn a_rate_limit_is_shared_through_redis_and_per_instance_while_redis_is_down() {
         }
     }
 }
+
+/// `mmrctl_thumbnails_generated_total` of one instance.
+fn thumbnails_generated(repo: &MediaRepo) -> u64 {
+    let metrics = repo.metrics();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mmrctl_thumbnails_generated_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no thumbnail counter in:\n{metrics}"))
+}
+
+#[test]
+fn identical_thumbnail_requests_over_three_instances_make_one_generation() {
+    let repos = MediaRepo::start_many(3, &[(HS, "http://127.0.0.1:9")]);
+    let picture = image::RgbImage::from_fn(2400, 1800, |x, y| {
+        image::Rgb([(x * 255 / 2400) as u8, (y * 255 / 1800) as u8, 128])
+    });
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    picture
+        .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+        .unwrap();
+    let id = repos[0].upload(HS, SHARED_SECRET, "image/jpeg", None, jpeg.get_ref());
+    let path =
+        format!("/_matrix/client/v1/media/thumbnail/{HS}/{id}?width=320&height=240&method=scale");
+    let bodies: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..21)
+            .map(|i| {
+                let (repo, path) = (&repos[i % 3], &path);
+                s.spawn(move || {
+                    let auth = format!("Bearer {SHARED_SECRET}");
+                    let r = repo.get(path, &[("Host", HS), ("Authorization", &auth)]);
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    r.body
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    let generated: Vec<u64> = repos.iter().map(thumbnails_generated).collect();
+    assert_eq!(generated.iter().sum::<u64>(), 1, "{generated:?}");
+    assert_eq!(repos[0].count("SELECT COUNT(*) FROM thumbnails"), 1);
+}
