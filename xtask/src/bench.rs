@@ -14,8 +14,12 @@ use anyhow::{Context, Result, bail};
 use crate::util::{self, note};
 use crate::{postgres, tools};
 
+#[path = "bench_capacity.rs"]
+mod capacity;
 #[path = "bench_import.rs"]
 mod import;
+#[path = "bench_soak.rs"]
+mod soak;
 
 /// Every benchmark with its section's name, in the order they run and first appear in the
 /// document.
@@ -27,6 +31,8 @@ const BENCHES: &[(&str, Bench)] = &[
     ("federation", federation),
     ("thumbnails", thumbnails),
     ("previews", previews),
+    ("capacity", capacity::capacity),
+    ("soak", soak::soak),
 ];
 
 type Bench = fn(&Run) -> Result<Section>;
@@ -46,7 +52,12 @@ struct Run {
     date: String,
     /// Cores and processor model.
     machine: String,
+    /// How long the soak runs.
+    soak_seconds: u64,
 }
+
+/// The soak's length unless `cargo xtask soak --seconds N` says otherwise.
+pub(crate) const SOAK_SECONDS: u64 = 180;
 
 /// One benchmark's section of the document.
 struct Section {
@@ -59,6 +70,11 @@ struct Section {
 
 /// Runs the benchmarks named in `only` (all of them when it is empty), in [`BENCHES`]' order.
 pub(crate) fn bench(only: &[String]) -> Result<ExitCode> {
+    bench_with(only, SOAK_SECONDS)
+}
+
+/// [`bench`] with the soak's length.
+pub(crate) fn bench_with(only: &[String], soak_seconds: u64) -> Result<ExitCode> {
     if let Some(unknown) = only
         .iter()
         .find(|name| !BENCHES.iter().any(|(known, _)| known == name))
@@ -69,6 +85,7 @@ pub(crate) fn bench(only: &[String]) -> Result<ExitCode> {
     let run = Run {
         date: today_utc(),
         machine: machine(),
+        soak_seconds,
     };
     let path = util::workspace_root().join(DOC);
     let mut missed = Vec::new();
@@ -154,7 +171,7 @@ fn s3(run: &Run) -> Result<Section> {
 /// the PostgreSQL server and tools venv (Synapse) that `cargo xtask test` provides. The bench
 /// decides what passes; this renders its figures.
 fn serve(run: &Run) -> Result<Section> {
-    let line = bench_line(None, &[])?;
+    let line = bench_line(&[], &[])?;
 
     let figures = Figures::new("serve", &line);
     let n = |key: &str| figures.number(key);
@@ -336,7 +353,7 @@ fn build_release() -> Result<std::path::PathBuf> {
 /// bench has plus nginx. The bench decides what passes; this renders its figures.
 fn federation(run: &Run) -> Result<Section> {
     let nginx = tools::ensure_nginx(&util::target_dir())?;
-    let line = bench_line(Some("--federation"), &[(tools::NGINX_VAR, nginx)])?;
+    let line = bench_line(&["--federation"], &[(tools::NGINX_VAR, nginx)])?;
     federation_section(run, &line)
 }
 
@@ -504,7 +521,7 @@ fn federation_section(run: &Run, line: &str) -> Result<Section> {
 /// photos, with libjpeg-turbo's `djpeg` as the limit). The bench decides what passes.
 fn thumbnails(run: &Run) -> Result<Section> {
     let djpeg = tools::ensure_djpeg(&util::target_dir())?;
-    let line = bench_line(Some("--thumbnails"), &[("MMRCTL_DJPEG", djpeg)])?;
+    let line = bench_line(&["--thumbnails"], &[("MMRCTL_DJPEG", djpeg)])?;
     thumbnails_section(run, &line)
 }
 
@@ -603,7 +620,7 @@ fn thumbnails_section(run: &Run, line: &str) -> Result<Section> {
 /// URL previews: `mmrctl-bench --previews` (mmrctl and Synapse previewing the same local page).
 /// The bench decides what passes.
 fn previews(run: &Run) -> Result<Section> {
-    let line = bench_line(Some("--previews"), &[])?;
+    let line = bench_line(&["--previews"], &[])?;
     previews_section(run, &line)
 }
 
@@ -751,14 +768,14 @@ fn cargo_bench_json(args: &[&str]) -> Result<String> {
 /// Runs `cmd` (shown as `shown`) and returns the last JSON object line of its stdout.
 /// Runs `mmrctl-bench` (with `flag`: which bench) against the release `mmrctl`, with the
 /// PostgreSQL and tools venv the tests use and `env` besides; returns its JSON line.
-fn bench_line(flag: Option<&str>, env: &[(&str, std::path::PathBuf)]) -> Result<String> {
+fn bench_line(flags: &[&str], env: &[(&str, std::path::PathBuf)]) -> Result<String> {
     let target = util::target_dir();
     // Stopped when this goes out of scope, whatever the bench did.
     let pg = postgres::provide(&target)?;
     let tools_bin = tools::ensure_venv(&target)?;
     let release = build_release()?;
     let mut cmd = Command::new(release.join("mmrctl-bench"));
-    cmd.args(flag)
+    cmd.args(flags)
         .arg("--mmrctl")
         .arg(release.join("mmrctl"))
         .env(postgres::URL_VAR, &pg.url)
@@ -976,6 +993,7 @@ mod tests {
         let run = Run {
             date: "2026-12-01".to_owned(),
             machine: "2 cores, X".to_owned(),
+            soak_seconds: SOAK_SECONDS,
         };
         let section = federation_section(&run, line).unwrap();
         assert_eq!(section.name, "federation");

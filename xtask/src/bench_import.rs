@@ -107,6 +107,7 @@ mod tests {
         let run = Run {
             date: "2025-01-01".to_owned(),
             machine: "2 cores, x".to_owned(),
+            soak_seconds: crate::bench::SOAK_SECONDS,
         };
         let line = r#"{"name":"import_synapse_10000","items":10000,"bytes":25574680,"seconds":5.0,"items_per_s":2000.0,"mib_per_s":4.9,"peak_rss_kib":20480,"small_items":1000,"small_peak_rss_kib":16384,"rerun_items_per_s":5000.0}"#;
         let section = import_section(&run, line).unwrap_or_else(|e| panic!("{e}"));

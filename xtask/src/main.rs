@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_s3;
+mod fuzz;
 mod postgres;
 mod test;
 mod tools;
@@ -23,9 +24,17 @@ Commands:
                   ARGS go to the test runner.
   ci              cargo fmt --check, cargo clippy -D warnings, then `test` (what .ci/run runs).
   bench [NAME...] Run the benchmarks (or only those named: render, serve, s3, import,
-                  federation, thumbnails, previews) and rewrite their sections of
+                  federation, thumbnails, previews, capacity) and rewrite their sections of
                   docs/benchmarks.md (the server benches use PostgreSQL and the tools venv as
                   `test` does, nginx too for federation, and a release build).
+  soak [--seconds N]
+                  Three instances on one database under a mixed load for N seconds (default
+                  180): latencies, wrong answers and each instance's RSS into
+                  docs/benchmarks.md (as `bench soak`).
+  fuzz [--seconds N] [TARGET...]
+                  Run every fuzz target of fuzz/ (or those named) for N seconds each (default
+                  60), AddressSanitizer on, the corpus kept in fuzz/corpus/ (cargo-fuzz from
+                  PATH, else installed under <target>/cargo-fuzz; needs a nightly toolchain).
   help            Show this message.
 ";
 
@@ -47,6 +56,21 @@ fn main() -> ExitCode {
         }
         "ci" => test::ci(),
         "bench" => bench::bench(rest),
+        "fuzz" => fuzz::fuzz(rest),
+        "soak" => match rest {
+            [] => bench::bench_with(&["soak".to_owned()], bench::SOAK_SECONDS),
+            [flag, n] if flag == "--seconds" => match n.parse() {
+                Ok(n) => bench::bench_with(&["soak".to_owned()], n),
+                Err(_) => {
+                    eprintln!("xtask: --seconds takes a number\n\n{HELP}");
+                    return ExitCode::from(2);
+                }
+            },
+            _ => {
+                eprintln!("xtask: soak takes only --seconds N\n\n{HELP}");
+                return ExitCode::from(2);
+            }
+        },
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             return ExitCode::SUCCESS;

@@ -6,7 +6,7 @@
 //! Progress goes to stderr; the result is one flat JSON object on the last line of stdout.
 //!
 //! ```text
-//! mmrctl-bench [--mmrctl PATH] [--quick] [--federation]
+//! mmrctl-bench [--mmrctl PATH] [--quick] [--federation] [--soak SECONDS]
 //! ```
 //!
 //! `--mmrctl` defaults to the `mmrctl` beside this binary; `--quick` shrinks every size for a smoke
@@ -28,6 +28,7 @@ mod load;
 mod previews;
 mod procfs;
 mod servers;
+mod soak;
 mod thumbnails;
 
 use std::path::PathBuf;
@@ -132,6 +133,8 @@ struct Options {
     thumbnails: bool,
     /// The URL preview bench instead of the serve one.
     previews: bool,
+    /// The soak (three instances, mixed load) for this many seconds instead of the serve bench.
+    soak: Option<u64>,
     quick: bool,
 }
 
@@ -145,7 +148,7 @@ struct Phases {
 }
 
 const USAGE: &str = "usage: mmrctl-bench [--mmrctl PATH] [--quick] [--mmrctl-only] \
-                     [--phases upload,download,small,clients] | [--federation] | [--thumbnails] | [--previews]";
+                     [--phases upload,download,small,clients] | [--federation] | [--thumbnails] | [--previews] | [--soak SECONDS]";
 
 fn options() -> Result<Options> {
     let mut mmrctl = None;
@@ -154,6 +157,7 @@ fn options() -> Result<Options> {
     let mut federation = false;
     let mut thumbnails = false;
     let mut previews = false;
+    let mut soak = None;
     let mut quick = false;
     let mut phases = Phases {
         upload: true,
@@ -174,6 +178,10 @@ fn options() -> Result<Options> {
             Some("--federation") => federation = true,
             Some("--thumbnails") => thumbnails = true,
             Some("--previews") => previews = true,
+            Some("--soak") => {
+                let secs = args.next().context(USAGE)?;
+                soak = Some(secs.to_str().and_then(|s| s.parse().ok()).context(USAGE)?);
+            }
             Some("--mmrctl-only") => mmrctl_only = true,
             Some("--phases") => {
                 let list = args.next().context(USAGE)?;
@@ -215,6 +223,7 @@ fn options() -> Result<Options> {
         federation,
         thumbnails,
         previews,
+        soak,
         quick,
     })
 }
@@ -279,8 +288,12 @@ fn run() -> Result<()> {
         federation,
         thumbnails,
         previews,
+        soak,
         quick,
     } = options()?;
+    if let Some(seconds) = soak {
+        return soak::run(&mmrctl, seconds);
+    }
     if previews {
         let sizes = if quick {
             previews::QUICK

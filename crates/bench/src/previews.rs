@@ -94,7 +94,7 @@ fn image() -> Result<Vec<u8>> {
 
 /// Serves the page at `/page?n=...` (its `og:image` under the same `n`) and the image at
 /// `/image.png?...`, one thread per connection, `Connection: close`.
-fn serve_pages(sizes: Sizes) -> Result<u16> {
+pub(crate) fn serve_pages(sizes: Sizes) -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let page = Arc::new(page(sizes.page_bytes, port));

@@ -39,7 +39,7 @@ pub(crate) struct MediaRepo {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
-    _db: TestDb,
+    _db: Option<TestDb>,
 }
 
 impl MediaRepo {
@@ -69,12 +69,40 @@ impl MediaRepo {
         env: &[(&str, &Path)],
     ) -> Result<MediaRepo> {
         let db = TestDb::new();
+        let url = db.url().to_owned();
+        Self::launch(binary, dir, server_name, cs_api, Some(db), &url, tweak, env)
+    }
+
+    /// [`MediaRepo::start_with`] on the database at `db_url`, which another owns (instances that
+    /// share it).
+    pub(crate) fn start_on(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        server_name: &str,
+        cs_api: &str,
+        db_url: &str,
+        tweak: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<MediaRepo> {
+        Self::launch(binary, dir, server_name, cs_api, None, db_url, tweak, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        server_name: &str,
+        cs_api: &str,
+        db: Option<TestDb>,
+        db_url: &str,
+        tweak: impl FnOnce(&mut serde_json::Value),
+        env: &[(&str, &Path)],
+    ) -> Result<MediaRepo> {
         let port = free_port()?;
         let mut config = json!({
             "repo": {
                 "bindAddress": "127.0.0.1", "port": port, "logDirectory": "-", "logLevel": "warn",
             },
-            "database": { "postgres": db.url() },
+            "database": { "postgres": db_url },
             "homeservers": [{ "name": server_name, "csApi": cs_api, "adminApiKind": "synapse" }],
             "sharedSecretAuth": { "enabled": true, "token": SHARED_SECRET },
             "datastores": [{

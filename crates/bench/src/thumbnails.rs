@@ -91,7 +91,7 @@ for i in range(frames):
 gif[0].save(f"{out}/anim.gif", save_all=True, append_images=gif[1:], duration=40, loop=0)
 "#;
 
-fn make_pictures(dir: &Path, sizes: Sizes) -> Result<()> {
+pub(crate) fn make_pictures(dir: &Path, sizes: Sizes) -> Result<()> {
     let python = testkit::python();
     let status = Command::new(&python)
         .arg("-c")
@@ -111,7 +111,7 @@ fn make_pictures(dir: &Path, sizes: Sizes) -> Result<()> {
     Ok(())
 }
 
-fn photo(dir: &Path, i: usize) -> Result<Vec<u8>> {
+pub(crate) fn photo(dir: &Path, i: usize) -> Result<Vec<u8>> {
     let path = dir.join(format!("photo-{i}.jpg"));
     std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -145,7 +145,11 @@ fn headers<'a>(target: &'a Target, auth: &'a str) -> Vec<(&'static str, &'a str)
     headers
 }
 
-fn upload(target: &Target, body: &[u8], content_type: &str) -> Result<(String, Duration)> {
+pub(crate) fn upload(
+    target: &Target,
+    body: &[u8],
+    content_type: &str,
+) -> Result<(String, Duration)> {
     let url = format!("{}/_matrix/media/v3/upload", target.base_url);
     let auth = format!("Bearer {}", target.token);
     let headers = headers(target, &auth);

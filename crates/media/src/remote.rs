@@ -413,6 +413,9 @@ impl Remote {
             None if answered => store.forget_shared(&backoff_key(origin)).await,
             None => Ok(()),
         };
+        if let Err(e) = shared {
+            tracing::debug!(server = origin, error = %e, "the server's state not shared with the other instances");
+        }
         if let Some(e) = failure
             && !matches!(e, FetchError::NotYetUploaded | FetchError::Denied(_))
             && !remember.is_zero()
@@ -425,7 +428,7 @@ impl Remote {
             let noted = store
                 .note_shared(&failure_key(origin, media_id), &text, remember)
                 .await;
-            if let Err(e) = shared.and(noted) {
+            if let Err(e) = noted {
                 tracing::debug!(error = %e, "failure not shared with the other instances");
             }
         }

@@ -415,7 +415,7 @@ fn an_import_killed_midway_finishes_when_run_again() {
         assert!(r.status == 200 && r.body == *body, "{id}: {}", r.status);
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while repo.count("SELECT COUNT(*) FROM pending_deletions") > 0 {
+    while repo.count("SELECT COUNT(*) FROM placements") > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "placements of the killed import left"

@@ -515,6 +515,7 @@ fn s3_answering_500_503_or_slowly_gives_503_or_slow_success_and_nothing_half_wri
     assert_eq!(repo.download(HS, &id, &[]).body, body);
     assert_eq!(repo.download(HS, &stored_id, &[]).body, stored);
     assert_eq!(s3.keys().len(), 3);
+    support::check_clean(&repo.config_path(), S3_ID);
 }
 
 #[test]

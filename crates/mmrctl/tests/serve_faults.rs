@@ -96,7 +96,9 @@ fn nothing_lost(
     wait_until(
         "the interrupted placements deleted",
         Duration::from_secs(20),
-        || repo.count("SELECT COUNT(*) FROM pending_deletions") == 0,
+        || {
+            repo.count("SELECT (SELECT COUNT(*) FROM pending_deletions) + (SELECT COUNT(*) FROM placements)") == 0
+        },
     );
     let rows = repo.media_rows() as usize;
     assert!(

@@ -240,3 +240,80 @@ fn identical_thumbnail_requests_over_three_instances_make_one_generation() {
     assert_eq!(generated.iter().sum::<u64>(), 1, "{generated:?}");
     assert_eq!(repos[0].count("SELECT COUNT(*) FROM thumbnails"), 1);
 }
+
+#[test]
+fn three_instances_on_s3_and_redis_store_once_and_wake_each_other() {
+    let s3 = testkit::S3Server::start("media");
+    let redis = RedisServer::start();
+    let db = testkit::TestDb::new();
+    let url = db.url().to_owned();
+    let mut db = Some(db);
+    let repos: Vec<MediaRepo> = (0..3)
+        .map(|_| {
+            let repo = MediaRepo::spawn(db.take(), &url, &[(HS, "http://127.0.0.1:9")], |c| {
+                c["datastores"] = json!([support::s3_datastore(&s3, c, json!(["all"]), json!({}))]);
+                c["redis"] =
+                    json!({ "enabled": true, "shards": [{ "name": "a", "addr": redis.addr() }] });
+            });
+            repo.wait_healthy();
+            repo
+        })
+        .collect();
+
+    // 20 identical uploads spread over the instances: one object in S3.
+    let body = sample(300_000, 12);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let (repo, body) = (&repos[i % 3], &body);
+                s.spawn(move || repo.upload(HS, SHARED_SECRET, "image/png", None, body))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(s3.keys().len(), 1);
+    for (i, id) in ids.iter().enumerate() {
+        assert!(repos[(i + 2) % 3].download(HS, id, &[]).body == body);
+    }
+
+    // An asynchronous upload: created on A, waited for on B, completed on C; B's download wakes
+    // on the completion (NOTIFY), well before its timeout.
+    let created = repos[0].create(HS);
+    assert_eq!(created.status, 200, "{}", created.text());
+    let uri = created.json()["content_uri"].as_str().unwrap().to_owned();
+    let id = uri.rsplit('/').next().unwrap().to_owned();
+    let late = sample(50_000, 13);
+    let (waited, took) = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let started = Instant::now();
+            let r = repos[1].get(
+                &format!("/_matrix/client/v1/media/download/{HS}/{id}?timeout_ms=20000"),
+                &[
+                    ("Host", HS),
+                    ("Authorization", &format!("Bearer {SHARED_SECRET}")),
+                ],
+            );
+            (r, started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let put = repos[2].send(
+            "PUT",
+            &format!("/_matrix/media/v3/upload/{HS}/{id}"),
+            &[
+                ("Host", HS),
+                ("Authorization", &format!("Bearer {SHARED_SECRET}")),
+            ],
+            Some("image/png"),
+            &late,
+        );
+        assert_eq!(put.status, 200, "{}", put.text());
+        waiter.join().unwrap()
+    });
+    assert_eq!(waited.status, 200, "{}", waited.text());
+    assert!(waited.body == late);
+    assert!(
+        took < Duration::from_secs(15),
+        "woke only at its timeout: {took:?}"
+    );
+    support::check_clean(&repos[0].config_path(), support::S3_ID);
+}

@@ -29,6 +29,10 @@ use crate::SharedState;
 /// Addresses tracked per table, whatever the traffic.
 pub(crate) const CLIENTS: u64 = 65_536;
 
+/// How long a request waits for the shared bucket (a busy database pool, a slow Redis) before
+/// this instance's bucket decides.
+const SHARED_PATIENCE: Duration = Duration::from_millis(200);
+
 /// When a local bucket is empty again.
 type Bucket = Arc<Mutex<Instant>>;
 
@@ -95,15 +99,14 @@ impl Limiter {
 /// Charges the bucket of `ip` shared by the instances, or this instance's when the shared one
 /// cannot be reached.
 async fn charge(state: &SharedState, kind: Kind, ip: IpAddr, rule: Rule) -> Result<(), Duration> {
-    match state
-        .media
-        .store()
-        .charge_shared(&kind.key(ip), &rule)
-        .await
-    {
-        Ok(charged) => charged,
-        Err(e) => {
-            tracing::debug!(error = %e, "shared rate-limit bucket unavailable; this instance's decides");
+    let key = kind.key(ip);
+    let shared = state.media.store().charge_shared(&key, &rule);
+    match tokio::time::timeout(SHARED_PATIENCE, shared).await {
+        Ok(Ok(charged)) => charged,
+        unavailable => {
+            if let Ok(Err(e)) = unavailable {
+                tracing::debug!(error = %e, "shared rate-limit bucket unavailable; this instance's decides");
+            }
             state.limiter.load().charge_local(kind, ip, &rule)
         }
     }

@@ -17,12 +17,12 @@ pub(crate) const RECORD_DELETION: &str =
 
 /// Records a file about to be placed, owned by this database session (see schema 4).
 const RECORD_PLACEMENT: &str =
-    "INSERT INTO pending_deletions (datastore_id, location, sha256, owner_pid, owner_started)
+    "INSERT INTO placements (datastore_id, location, sha256, owner_pid, owner_started)
      SELECT $1, $2, $3, pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
      ON CONFLICT DO NOTHING";
 /// Forgets a placement (its object row was committed, or the file was removed).
-pub(crate) const FORGET_PLACEMENT: &str = "DELETE FROM pending_deletions
-     WHERE datastore_id = $1 AND location = $2 AND owner_pid IS NOT NULL";
+pub(crate) const FORGET_PLACEMENT: &str =
+    "DELETE FROM placements WHERE datastore_id = $1 AND location = $2";
 
 /// How thoroughly [`Store::check_object`] looks at an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,15 +254,10 @@ impl Store {
     /// it not, deleting its file would still be safe, since an upload places its file again
     /// under the hash lock when it finds it gone.
     pub async fn finish_pending_deletions(&self) -> Result<u64, Error> {
-        let rows = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        let rows = client
             .query(
-                "SELECT datastore_id, location, sha256 FROM pending_deletions p
-                 WHERE owner_pid IS NULL OR NOT EXISTS (
-                     SELECT 1 FROM pg_stat_activity a
-                     WHERE a.pid = p.owner_pid AND a.backend_start = p.owner_started)
-                 LIMIT 10000",
+                "SELECT datastore_id, location, sha256 FROM pending_deletions LIMIT 10000",
                 &[],
             )
             .await?;
@@ -270,7 +265,26 @@ impl Store {
             self.finish_deletion(row.get(0), row.get(2), row.get(1))
                 .await?;
         }
-        Ok(rows.len() as u64)
+        let placed = client
+            .query(
+                "SELECT datastore_id, location, sha256 FROM placements p
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                   WHERE a.pid = p.owner_pid AND a.backend_start = p.owner_started)
+                 LIMIT 10000",
+                &[],
+            )
+            .await?;
+        for row in &placed {
+            let (ds_id, location, sha256): (&str, &str, &str) =
+                (row.get(0), row.get(1), row.get(2));
+            if let Some(ds) = self.datastores.get(ds_id) {
+                self.delete_unreferenced(ds, sha256, location).await?;
+            }
+            client
+                .execute(FORGET_PLACEMENT, &[&ds_id, &location])
+                .await?;
+        }
+        Ok((rows.len() + placed.len()) as u64)
     }
 
     /// Deletes the object at `location` of `ds` unless an object row references it, deciding under

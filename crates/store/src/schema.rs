@@ -176,10 +176,18 @@ const MIGRATIONS: &[(i32, &str)] = &[
         -- When the bucket is empty again (ms since the epoch).
         empty_at DOUBLE PRECISION NOT NULL
     );
-    -- A file being placed for an upload is recorded first, with the database session of the
+    -- A file being placed for an upload, recorded first with the database session of the
     -- process placing it: once that session is gone (the process died) and no object row
-    -- references the file, it is deleted like any other pending deletion.
-    ALTER TABLE pending_deletions ADD COLUMN owner_pid INT, ADD COLUMN owner_started TIMESTAMPTZ;
+    -- references the file, it is deleted. UNLOGGED: no WAL flush per upload; a database crash
+    -- (which also ends every placing session) forgets them.
+    CREATE UNLOGGED TABLE placements (
+        datastore_id  TEXT NOT NULL,
+        location      TEXT NOT NULL,
+        sha256        TEXT NOT NULL,
+        owner_pid     INT NOT NULL,
+        owner_started TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (datastore_id, location)
+    );
     CREATE UNLOGGED TABLE shared_notes (
         key      TEXT PRIMARY KEY,
         value    TEXT NOT NULL,
