@@ -91,20 +91,25 @@ fn a_logout_on_one_instance_ends_the_token_on_the_others_within_a_second() {
 #[test]
 fn identical_uploads_spread_over_three_instances_make_one_object() {
     let repos = MediaRepo::start_many(3, &[(HS, "http://127.0.0.1:9")]);
-    let body = sample(1024 * 1024, 9);
+    twenty_identical_uploads(&repos, &sample(1024 * 1024, 9));
+    assert_eq!(repos[0].objects(), 1);
+    assert_eq!(repos[0].media_rows(), 20);
+}
+
+/// 20 uploads of `body` at once, spread over `repos`; each downloaded again through another
+/// instance.
+fn twenty_identical_uploads(repos: &[MediaRepo], body: &[u8]) {
     let ids: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..20)
             .map(|i| {
-                let (repo, body) = (&repos[i % 3], &body);
+                let repo = &repos[i % repos.len()];
                 s.spawn(move || repo.upload(HS, SHARED_SECRET, "image/png", None, body))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(repos[0].objects(), 1);
-    assert_eq!(repos[0].media_rows(), 20);
     for (i, id) in ids.iter().enumerate() {
-        let r = repos[(i + 1) % 3].download(HS, id, &[]);
+        let r = repos[(i + 1) % repos.len()].download(HS, id, &[]);
         assert_eq!((r.status, r.body.len()), (200, body.len()));
         assert!(r.body == body);
     }
@@ -261,20 +266,8 @@ fn three_instances_on_s3_and_redis_store_once_and_wake_each_other() {
         .collect();
 
     // 20 identical uploads spread over the instances: one object in S3.
-    let body = sample(300_000, 12);
-    let ids: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..20)
-            .map(|i| {
-                let (repo, body) = (&repos[i % 3], &body);
-                s.spawn(move || repo.upload(HS, SHARED_SECRET, "image/png", None, body))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    twenty_identical_uploads(&repos, &sample(300_000, 12));
     assert_eq!(s3.keys().len(), 1);
-    for (i, id) in ids.iter().enumerate() {
-        assert!(repos[(i + 2) % 3].download(HS, id, &[]).body == body);
-    }
 
     // An asynchronous upload: created on A, waited for on B, completed on C; B's download wakes
     // on the completion (NOTIFY), well before its timeout.

@@ -106,25 +106,36 @@ impl Store {
             .for_kind(MediaKind::Archives)
             .ok_or(Error::NoDatastore(MediaKind::Archives))?;
         let (sha256, size) = hash_file(path).await?;
-        let location = ds.place(path, &sha256).await?;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.query_one(LOCK_HASH, &[&sha256]).await?;
-        let inserted = tx
-            .query_opt(
-                crate::pipeline::INSERT_OBJECT,
-                &[&sha256, &(size as i64), &ds.id(), &location, &now_ms()],
-            )
-            .await?;
-        // As in the pipeline: under the lock, what is there now stays there.
-        if inserted.is_some() && !ds.exists(&location).await? {
-            ds.place(path, &sha256).await?;
+        let location = self.place_recorded(ds, path, &sha256).await?;
+        let recorded = async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            tx.query_one(LOCK_HASH, &[&sha256]).await?;
+            let inserted = tx
+                .query_opt(
+                    crate::pipeline::INSERT_OBJECT,
+                    &[&sha256, &(size as i64), &ds.id(), &location, &now_ms()],
+                )
+                .await?;
+            // As in the pipeline: under the lock, what is there now stays there.
+            if inserted.is_some() && !ds.exists(&location).await? {
+                ds.place(path, &sha256).await?;
+            }
+            let mut all = params.to_vec();
+            all.push(&sha256);
+            tx.execute(list, &all).await?;
+            tx.execute(crate::objects::FORGET_PLACEMENT, &[&ds.id(), &location])
+                .await?;
+            tx.commit().await?;
+            Ok::<_, Error>(())
         }
-        let mut all = params.to_vec();
-        all.push(&sha256);
-        tx.execute(list, &all).await?;
-        tx.commit().await?;
-        Ok(())
+        .await;
+        if recorded.is_err() {
+            self.remove_if_unreferenced(ds.id(), &sha256, &location)
+                .await;
+            self.forget_placement(ds.id(), &location).await;
+        }
+        recorded
     }
 
     /// Records a new import through the admin API; returns its id (a secret, as an export's).

@@ -116,7 +116,10 @@ impl Store {
         let written = write_temp(ds.temp_dir().to_path_buf(), body, limits).await?;
         let placed = match self.object(&written.sha256).await? {
             Some(_) => None,
-            None => Some(ds.place(&written.temp, &written.sha256).await?),
+            None => Some(
+                self.place_recorded(ds, &written.temp, &written.sha256)
+                    .await?,
+            ),
         };
         let result = self
             .record_thumbnail(key, content_type, &written, ds.id(), placed.as_deref())
@@ -130,6 +133,7 @@ impl Store {
             if !ours {
                 self.remove_if_unreferenced(ds.id(), &written.sha256, location)
                     .await;
+                self.forget_placement(ds.id(), location).await;
             }
         }
         result
@@ -162,6 +166,10 @@ impl Store {
             ds.place(&written.temp, sha256).await?;
         }
         insert_row(&tx, key, content_type, sha256, now).await?;
+        if placed.is_some() {
+            tx.execute(crate::objects::FORGET_PLACEMENT, &[&ds_id, &location])
+                .await?;
+        }
         let object_row = tx.query_one(SELECT_OBJECT, &[&sha256]).await?;
         tx.commit().await?;
         Ok(object_from_row(sha256, &object_row))

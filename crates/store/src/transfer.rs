@@ -96,8 +96,26 @@ impl Store {
         target: &Datastore,
     ) -> Result<bool, Error> {
         let temp = copy_to_temp(object, source, target).await?;
-        let placed = target.place(&temp, &object.sha256).await?;
+        let placed = self.place_recorded(target, &temp, &object.sha256).await?;
+        let moved = self
+            .switch_object(object, source, target, &temp, &placed)
+            .await;
+        if moved.is_err() {
+            self.forget_placement(target.id(), &placed).await;
+        }
+        moved
+    }
 
+    /// Points the object's row at its copy in `target` (placed at `placed`), and records the
+    /// source's file for deletion; `false` when its row no longer points at the source.
+    async fn switch_object(
+        &self,
+        object: &ObjectRef,
+        source: &Datastore,
+        target: &Datastore,
+        temp: &std::path::Path,
+        placed: &str,
+    ) -> Result<bool, Error> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         tx.execute(crate::LOCK_HASH, &[&object.sha256]).await?;
@@ -116,21 +134,23 @@ impl Store {
             .await?;
         if updated == 0 {
             drop(tx);
-            self.delete_unreferenced(target, &object.sha256, &placed)
+            self.delete_unreferenced(target, &object.sha256, placed)
                 .await?;
+            self.forget_placement(target.id(), placed).await;
             return Ok(false);
         }
         // As in the pipeline: under the lock, what is there now stays there.
-        if !target.exists(&placed).await? {
-            target.place(&temp, &object.sha256).await?;
+        if !target.exists(placed).await? {
+            target.place(temp, &object.sha256).await?;
         }
         tx.execute(
             crate::objects::RECORD_DELETION,
             &[&source.id(), &object.location, &object.sha256],
         )
         .await?;
+        tx.execute(crate::objects::FORGET_PLACEMENT, &[&target.id(), &placed])
+            .await?;
         tx.commit().await?;
-        drop(temp);
         self.finish_deletion(source.id(), &object.sha256, &object.location)
             .await?;
         Ok(true)
