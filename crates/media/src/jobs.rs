@@ -218,13 +218,14 @@ impl Runner {
 }
 
 /// Runs the unfinished background tasks no instance runs: at start, when woken (a task was
-/// recorded here), and every [`crate::tasks::RESUME_EVERY`] (one whose instance died). Each runs
+/// recorded or given input here, or announced by another instance), and every [`crate::tasks::RESUME_EVERY`] (one whose instance died). Each runs
 /// with a worker's permit; cancelled with the runner, they stay unfinished and resume later.
 async fn run_tasks(service: Service, workers: Arc<Semaphore>) {
     // The tasks running here, each with whether it was asked for again meanwhile: a wake that
     // came while a run was reading its input (an import's next part) must not be lost.
     let running = Arc::new(std::sync::Mutex::new(HashMap::<i64, bool>::new()));
     let mut set = JoinSet::new();
+    let mut announced = service.store().subscribe_tasks();
     loop {
         match service.store().tasks(true).await {
             Ok(rows) => {
@@ -254,7 +255,7 @@ async fn run_tasks(service: Service, workers: Arc<Semaphore>) {
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&id);
                         if asked_again == Some(true) {
-                            service.wake_tasks();
+                            service.wake_local_tasks();
                         }
                     });
                 }
@@ -267,6 +268,8 @@ async fn run_tasks(service: Service, workers: Arc<Semaphore>) {
         tokio::select! {
             () = tokio::time::sleep(crate::tasks::RESUME_EVERY) => {}
             () = service.tasks_wanted() => {}
+            // Lagging only means several announcements: one look serves them all.
+            _ = announced.recv() => {}
         }
     }
 }

@@ -82,12 +82,21 @@ impl Service {
     pub async fn start_task(&self, task: &Task) -> Result<i64, Error> {
         let params = serde_json::to_string(task).map_err(|e| Error::Internal(e.to_string()))?;
         let id = self.store().create_task(task.name(), &params).await?;
-        self.wake_tasks();
+        self.wake_tasks().await;
         Ok(id)
     }
 
-    /// Has the runner look for unfinished tasks now.
-    pub fn wake_tasks(&self) {
+    /// Has the runners of every instance look for unfinished tasks now: this one's at once, the
+    /// others' through the database (an import's part may arrive where its task does not run).
+    pub async fn wake_tasks(&self) {
+        self.wake_local_tasks();
+        if let Err(e) = self.store().announce_tasks().await {
+            tracing::debug!(error = %e, "tasks not announced to the other instances; they look within 30 s");
+        }
+    }
+
+    /// Has this instance's runner look for unfinished tasks now.
+    pub(crate) fn wake_local_tasks(&self) {
         self.tasks_wanted.notify_one();
     }
 

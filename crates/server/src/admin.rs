@@ -1193,7 +1193,7 @@ async fn import_part(
     {
         return Err(ApiError::not_found("No such open import"));
     }
-    state.media.wake_tasks();
+    state.media.wake_tasks().await;
     Ok(Json(json!({})))
 }
 
@@ -1207,6 +1207,6 @@ async fn import_close(
     if !state.media.store().close_import(&import_id).await? {
         return Err(ApiError::not_found("No such import"));
     }
-    state.media.wake_tasks();
+    state.media.wake_tasks().await;
     Ok(Json(json!({})))
 }

@@ -303,6 +303,8 @@ pub struct Store {
     uploads: broadcast::Sender<String>,
     /// Logouts announced by any instance (see [`Store::announce_logout`]).
     logouts: broadcast::Sender<String>,
+    /// Background tasks asked for by any instance (see [`Store::announce_tasks`]).
+    tasks: broadcast::Sender<String>,
     max_idle: usize,
     /// Where instances share buckets and failures when not in Postgres.
     redis: Option<Arc<shared::Redis>>,
@@ -311,6 +313,9 @@ pub struct Store {
 pub(crate) const NOTIFY_CHANNEL: &str = "mmrctl_media_uploaded";
 /// Logouts, so that every instance drops the tokens from its cache.
 const LOGOUT_CHANNEL: &str = "mmrctl_logouts";
+/// Background tasks to look at (one created, an import's part added), so that whichever
+/// instance runs or waits on it looks now.
+const TASKS_CHANNEL: &str = "mmrctl_tasks";
 /// What logout subscribers get when announcements may have been missed (the listening
 /// connection was lost): drop every cached token.
 pub const LOGOUTS_MISSED: &str = "missed";
@@ -390,12 +395,14 @@ impl Store {
         }
         let (uploads, _) = broadcast::channel(1024);
         let (logouts, _) = broadcast::channel(1024);
+        let (tasks, _) = broadcast::channel(16);
         Ok(Store {
             pool,
             pg,
             datastores,
             uploads,
             logouts,
+            tasks,
             max_idle: config.database.pool.max_idle_connections as usize,
             redis,
         })
@@ -407,7 +414,12 @@ impl Store {
     /// only read or write a batch do without.
     pub async fn maintain(&self) {
         tokio::join!(
-            listen(self.pg.clone(), self.uploads.clone(), self.logouts.clone()),
+            listen(
+                self.pg.clone(),
+                self.uploads.clone(),
+                self.logouts.clone(),
+                self.tasks.clone()
+            ),
             trim_idle(self.pool.clone(), self.max_idle)
         );
     }
@@ -438,6 +450,20 @@ impl Store {
             .query_one("SELECT pg_notify($1, $2)", &[&LOGOUT_CHANNEL, &what])
             .await?;
         Ok(())
+    }
+
+    /// Tells every instance (this one too) to look at the background tasks.
+    pub async fn announce_tasks(&self) -> Result<(), Error> {
+        self.client()
+            .await?
+            .query_one("SELECT pg_notify($1, '')", &[&TASKS_CHANNEL])
+            .await?;
+        Ok(())
+    }
+
+    /// Subscribes to [`Store::announce_tasks`] from any instance.
+    pub fn subscribe_tasks(&self) -> broadcast::Receiver<String> {
+        self.tasks.subscribe()
     }
 
     /// Subscribes to logouts announced by any instance.
@@ -628,6 +654,7 @@ async fn listen(
     pg: tokio_postgres::Config,
     uploads: broadcast::Sender<String>,
     logouts: broadcast::Sender<String>,
+    tasks: broadcast::Sender<String>,
 ) {
     use futures_util::StreamExt as _;
     let mut backoff = Duration::from_millis(500);
@@ -638,7 +665,9 @@ async fn listen(
                 backoff = Duration::from_millis(500);
                 let mut messages =
                     futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let statement = format!("LISTEN {NOTIFY_CHANNEL}; LISTEN {LOGOUT_CHANNEL}");
+                let statement = format!(
+                    "LISTEN {NOTIFY_CHANNEL}; LISTEN {LOGOUT_CHANNEL}; LISTEN {TASKS_CHANNEL}"
+                );
                 let listen = client.batch_execute(&statement);
                 // The connection must be polled for the LISTEN to complete.
                 tokio::pin!(listen);
@@ -659,7 +688,11 @@ async fn listen(
                         }
                         msg = messages.next() => match msg {
                             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                let to = if n.channel() == LOGOUT_CHANNEL { &logouts } else { &uploads };
+                                let to = match n.channel() {
+                                    LOGOUT_CHANNEL => &logouts,
+                                    TASKS_CHANNEL => &tasks,
+                                    _ => &uploads,
+                                };
                                 let _ = to.send(n.payload().to_owned());
                             }
                             Some(Ok(_)) => {}

@@ -448,3 +448,35 @@ fn quarantined_content_is_not_stored_again() {
             .unwrap();
     });
 }
+
+#[test]
+fn tasks_announced_by_one_instance_reach_the_others() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (a, b) = (
+            Store::open(&config).await.unwrap(),
+            Store::open(&config).await.unwrap(),
+        );
+        let mut heard = b.subscribe_tasks();
+        let listener = {
+            let b = b.clone();
+            tokio::spawn(async move { b.maintain().await })
+        };
+        // The listener connects and LISTENs in the background: announce until it hears.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            a.announce_tasks().await.unwrap();
+            match tokio::time::timeout(std::time::Duration::from_millis(200), heard.recv()).await {
+                Ok(Ok(_)) => break,
+                _ => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "instance b never heard instance a's announcement"
+                ),
+            }
+        }
+        listener.abort();
+    });
+}
