@@ -18,7 +18,7 @@ pub(crate) const RECORD_DELETION: &str =
 /// Records a file about to be placed, owned by this database session (see schema 4).
 const RECORD_PLACEMENT: &str =
     "INSERT INTO placements (datastore_id, location, sha256, owner_pid, owner_started)
-     SELECT $1, $2, $3, pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+     SELECT $1, $2, $3, pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())
      ON CONFLICT DO NOTHING";
 /// Forgets a placement (its object row was committed, or the file was removed).
 pub(crate) const FORGET_PLACEMENT: &str =
@@ -222,10 +222,10 @@ impl Store {
         let location = ds.location_for(sha256);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&ds.id(), &location, &sha256];
-        self.client()
-            .await?
-            .execute(RECORD_PLACEMENT, &params)
-            .await?;
+        let client = self.client().await?;
+        let record = client.prepare_cached(RECORD_PLACEMENT).await?;
+        client.execute(&record, &params).await?;
+        drop(client);
         match ds.place(temp, sha256).await {
             Ok(placed) => Ok(placed),
             Err(e) => {

@@ -282,6 +282,7 @@ impl Store {
             insert_media,
             complete_pending,
             notify,
+            forget_placement,
         ) = tokio::try_join!(
             client.prepare_cached(LOCK_HASH),
             client.prepare_cached(CONTENT_QUARANTINED),
@@ -290,6 +291,7 @@ impl Store {
             client.prepare_cached(insert_sql),
             client.prepare_cached(COMPLETE_PENDING),
             client.prepare_cached("SELECT pg_notify($1, $2)"),
+            client.prepare_cached(crate::objects::FORGET_PLACEMENT),
         )?;
         for _attempt in 0..3 {
             let media_id = match target {
@@ -344,12 +346,20 @@ impl Store {
             let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sha256];
             let object_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
                 [&sha256, &size, &ds_id, &location, &now];
-            let (_, quarantined, inserted, object_row, media_rows) = tokio::try_join!(
+            // The placement's record goes with the object row that now references the file.
+            let forget = async {
+                match placed {
+                    Some(_) => tx.execute(&forget_placement, &[&ds_id, &location]).await,
+                    None => Ok(0),
+                }
+            };
+            let (_, quarantined, inserted, object_row, media_rows, _) = tokio::try_join!(
                 tx.query_one(&lock, &lock_params),
                 tx.query_one(&quarantine, &lock_params),
                 tx.query_opt(&insert_object, &object_params),
                 tx.query_one(&select_object, &lock_params),
                 media_rows,
+                forget,
             )?;
             // An import may bring quarantined media over as quarantined; nothing else stores
             // quarantined content (the transaction is rolled back).
@@ -363,10 +373,6 @@ impl Store {
                 if placed.is_none() || !ds.exists(&location).await? {
                     ds.place(&written.temp, sha256).await?;
                 }
-            }
-            if placed.is_some() {
-                tx.execute(crate::objects::FORGET_PLACEMENT, &[&ds_id, &location])
-                    .await?;
             }
             if let Target::PreviewImage = target {
                 return self
