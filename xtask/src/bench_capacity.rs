@@ -192,21 +192,11 @@ fn figure(out: &str, label: &str) -> Result<f64> {
         .with_context(|| format!("no `{label}` in pgbench's report:\n{out}"))
 }
 
-/// pgbench from PATH, else the newest `/usr/lib/postgresql/<version>/bin/pgbench`.
+/// pgbench beside the server programs xtask finds (PATH, else the newest Debian version).
 fn find_pgbench() -> Result<PathBuf> {
-    if let Some(found) = util::find_on_path("pgbench") {
-        return Ok(found);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin/pgbench"))
+    postgres::find_bin_dir()
+        .map(|dir| dir.join("pgbench"))
         .filter(|p| util::is_executable(p))
-        .collect();
-    found.sort();
-    found
-        .pop()
         .context("pgbench not found: install Debian's postgresql-contrib (or postgresql) package")
 }
 

@@ -75,7 +75,7 @@ pub(crate) fn provide(target: &Path) -> Result<Postgres> {
 
 /// A directory holding both `initdb` and `pg_ctl`: from PATH first, then the newest
 /// `/usr/lib/postgresql/<version>/bin` (where Debian keeps them off PATH).
-fn find_bin_dir() -> Option<PathBuf> {
+pub(crate) fn find_bin_dir() -> Option<PathBuf> {
     let has_both = |dir: &Path| {
         util::is_executable(&dir.join("initdb")) && util::is_executable(&dir.join("pg_ctl"))
     };

@@ -139,7 +139,7 @@ pub(crate) fn serve_pages(sizes: Sizes) -> Result<u16> {
     Ok(port)
 }
 
-fn preview(target: &Target, url: &str) -> Result<Duration> {
+pub(crate) fn preview(target: &Target, url: &str) -> Result<Duration> {
     let request = format!(
         "{}/_matrix/client/v1/media/preview_url?url={}",
         target.base_url,

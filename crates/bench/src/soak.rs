@@ -103,22 +103,7 @@ fn request(
             let body: Vec<u8> = (0..len)
                 .map(|i| (seed.wrapping_add(i as u64 / 64) % 251) as u8)
                 .collect();
-            let auth = format!("Bearer {}", target.token);
-            let r = testkit::http::send(
-                "POST",
-                &format!("{}/_matrix/media/v3/upload", target.base_url),
-                &[("Authorization", &auth), ("Host", SERVER_NAME)],
-                Some("application/octet-stream"),
-                &body,
-            );
-            if r.status != 200 {
-                bail!("upload: {} {}", r.status, r.text());
-            }
-            let uri = r.json()["content_uri"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            let id = uri.rsplit('/').next().unwrap_or_default().to_owned();
+            let (id, _) = thumbnails::upload(target, &body, "application/octet-stream")?;
             shared
                 .uploaded
                 .lock()
@@ -150,29 +135,14 @@ fn request(
         Op::Thumbnail => {
             let id = &photos[(next(rng) % photos.len() as u64) as usize];
             let query = THUMBNAIL_QUERIES[(next(rng) % THUMBNAIL_QUERIES.len() as u64) as usize];
-            let r = get(
-                target,
-                &format!("/_matrix/client/v1/media/thumbnail/{SERVER_NAME}/{id}?{query}"),
-            );
-            if r.status != 200 || r.body.is_empty() {
-                bail!("thumbnail {query}: {} {}", r.status, r.text());
-            }
+            thumbnails::thumbnail(target, id, query)?;
         }
         Op::Preview => {
             let url = format!(
                 "http://127.0.0.1:{pages_port}/page?n=soak-{}",
                 next(rng) % PAGES
             );
-            let r = get(
-                target,
-                &format!(
-                    "/_matrix/client/v1/media/preview_url?url={}",
-                    testkit::http::encode(&url)
-                ),
-            );
-            if r.status != 200 || r.json()["og:title"].is_null() {
-                bail!("preview of {url}: {} {}", r.status, r.text());
-            }
+            previews::preview(target, &url)?;
         }
     }
     Ok(())

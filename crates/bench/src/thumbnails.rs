@@ -167,7 +167,7 @@ pub(crate) fn upload(
     Ok((id, took))
 }
 
-fn thumbnail(target: &Target, id: &str, query: &str) -> Result<(Vec<u8>, Duration)> {
+pub(crate) fn thumbnail(target: &Target, id: &str, query: &str) -> Result<(Vec<u8>, Duration)> {
     let url = format!(
         "{}/_matrix/client/v1/media/thumbnail/{}/{id}?{query}",
         target.base_url, target.server_name
