@@ -439,7 +439,9 @@ async fn cached_and_local(
 }
 
 /// The whole federation bench; prints its JSON line.
-pub(crate) fn run(mmrctl: &Path, sizes: Sizes) -> Result<()> {
+/// With `mmrctl_only` (profiling), Synapse is left out and nothing is judged: the figures are in
+/// the progress lines.
+pub(crate) fn run(mmrctl: &Path, sizes: Sizes, mmrctl_only: bool) -> Result<()> {
     progress!(
         "writing the remote's answers ({} + {} × ({} + {}) MiB) ...",
         sizes.small / MIB,
@@ -506,6 +508,9 @@ pub(crate) fn run(mmrctl: &Path, sizes: Sizes) -> Result<()> {
     drop(repo);
     drop(remote);
     let (ours, cached, local) = ours?;
+    if mmrctl_only {
+        return Ok(());
+    }
 
     // Synapse: homeserver B of two stock ones fetches; the remote now has the harness's
     // certificate, which Synapse trusts.

@@ -316,7 +316,7 @@ fn run() -> Result<()> {
         } else {
             federation::FULL
         };
-        return federation::run(&mmrctl, sizes);
+        return federation::run(&mmrctl, sizes, mmrctl_only);
     }
     let busy_start = wait_until_quiet();
     let loadavg_start = loadavg();
