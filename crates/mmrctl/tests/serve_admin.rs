@@ -412,6 +412,238 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
     check_clean(&repo.config_path(), FILE_ID);
 }
 
+/// A task's row once it has finished (failing the test after 30 s).
+fn finished_task(repo: &MediaRepo, task: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = ok(admin(repo, "GET", &format!("/tasks/{task}"), SHARED_SECRET));
+        if t["is_finished"] == true {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The second prefix, the native room endpoints, pinned media under room and user quarantines,
+/// `allowLocalAdmins: false`, user exports by an admin and by the user (`selfService`), and the
+/// `mmrctl admin` calls the first test does not make.
+#[test]
+fn room_user_and_export_operations_for_each_kind_of_caller() {
+    let synapse = Synapse::start(HS);
+    let (root, root_token) = synapse.register_user("root", false);
+    let (root2, synapse_admin_root) = synapse.register_user("root2", true);
+    let (_hsadmin, hs_admin) = synapse.register_user("hsadmin", true);
+    let (alice, alice_token) = synapse.register_user("alice", false);
+    let (_bob, bob_token) = synapse.register_user("bob", false);
+    let repo = MediaRepo::start(&[(HS, &synapse.base_url())], |c| {
+        c["admins"] = json!([root, root2]);
+        c["quarantine"] = json!({ "allowLocalAdmins": false });
+        c["archiving"] = json!({ "enabled": true, "selfService": true });
+    });
+    let at = |method: &str, path: &str, token: &str| {
+        call(&repo, method, &format!("{}{path}", PREFIXES[1]), token, b"")
+    };
+
+    // A room with two of alice's media, one of them pinned (by the attributes endpoint MMR
+    // registers, without `/set`; repo admins only).
+    let room = synapse
+        .post_json(
+            "/_matrix/client/v3/createRoom",
+            &json!({}),
+            Some(&alice_token),
+        )
+        .json()["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let plain = repo.upload(HS, &alice_token, "image/png", None, &sample(4_000, 61));
+    let pinned = repo.upload(HS, &alice_token, "image/png", None, &sample(4_000, 62));
+    for (i, id) in [&plain, &pinned].into_iter().enumerate() {
+        let event =
+            json!({ "msgtype": "m.image", "body": "x.png", "url": format!("mxc://{HS}/{id}") });
+        let sent = testkit::http::send(
+            "PUT",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/send/m.room.message/t{i}",
+                synapse.base_url(),
+                encode(&room)
+            ),
+            &[("Authorization", &format!("Bearer {alice_token}"))],
+            Some("application/json"),
+            event.to_string().as_bytes(),
+        );
+        assert_eq!(sent.status, 200, "{}", sent.text());
+    }
+    let attributes = format!("{}/media/{HS}/{pinned}/attributes", PREFIXES[1]);
+    let pin = br#"{"purpose":"pinned"}"#;
+    forbidden(&call(
+        &repo,
+        "POST",
+        &format!("{attributes}/set"),
+        &alice_token,
+        pin,
+    ));
+    assert_eq!(
+        ok(call(&repo, "POST", &attributes, &root_token, pin))["purpose"],
+        "pinned"
+    );
+
+    // allowLocalAdmins off: a homeserver admin may not quarantine, a repo admin may; the room's
+    // media come from Synapse's listing with the caller's token, so a repo admin who is not
+    // Synapse's is refused by Synapse. Pinned media stays served.
+    let room_path = format!("/quarantine/room/{}", encode(&room));
+    forbidden(&at("POST", &room_path, &hs_admin));
+    forbidden(&at("POST", &room_path, &bob_token));
+    forbidden(&at("POST", &room_path, &root_token));
+    let root_token = synapse_admin_root.clone();
+    forbidden(&call(
+        &repo,
+        "POST",
+        &format!(
+            "/_matrix/client/unstable/io.t2bot.media/admin/quarantine_media/{}",
+            encode(&room)
+        ),
+        &hs_admin,
+        b"",
+    ));
+    assert_eq!(status_of(&repo, &plain), 200);
+    let r = ok(at("POST", &room_path, &root_token));
+    assert_eq!(r["num_quarantined"], 1, "{r}");
+    assert_eq!(
+        (status_of(&repo, &plain), status_of(&repo, &pinned)),
+        (404, 200)
+    );
+    ok(at(
+        "POST",
+        &format!("/unquarantine/{HS}/{plain}"),
+        &root_token,
+    ));
+    let user_path = format!("/quarantine/user/{}", encode(&alice));
+    forbidden(&at("POST", &user_path, &hs_admin));
+    ok(at("POST", &user_path, &root_token));
+    assert_eq!(
+        (status_of(&repo, &plain), status_of(&repo, &pinned)),
+        (404, 200)
+    );
+    ok(at(
+        "POST",
+        &format!("/unquarantine/{HS}/{plain}"),
+        &root_token,
+    ));
+
+    // Purges stay open to homeserver admins: the room's media go, the pinned one stays.
+    let purge_room = format!("/purge/room/{}", encode(&room));
+    forbidden(&at("POST", &purge_room, &bob_token));
+    let r = ok(at("POST", &purge_room, &hs_admin));
+    assert_eq!(r["affected"], json!([format!("mxc://{HS}/{plain}")]), "{r}");
+    assert_eq!(
+        (status_of(&repo, &plain), status_of(&repo, &pinned)),
+        (404, 200)
+    );
+
+    // A user's export: by a repo admin, and by the user (selfService); not by another user.
+    let export = format!("/user/{}/export", encode(&alice));
+    forbidden(&at("POST", &export, &bob_token));
+    for token in [&root_token, &alice_token] {
+        let r = ok(at("POST", &export, token));
+        let t = finished_task(&repo, r["task_id"].as_i64().unwrap());
+        assert_eq!(t["error_message"], "", "{t}");
+        let meta = repo.get(
+            &format!(
+                "{}/export/{}/metadata",
+                PREFIXES[0],
+                r["export_id"].as_str().unwrap()
+            ),
+            &[("Host", HS)],
+        );
+        assert_eq!(meta.status, 200, "{}", meta.text());
+        assert_eq!(meta.json()["entity"], alice.as_str(), "{}", meta.text());
+    }
+
+    // Every endpoint under the second prefix refuses an ordinary user (the first test and the
+    // others answer them under the first).
+    let room = encode(&room);
+    let user = encode(&alice);
+    for (method, path) in [
+        ("POST", "/purge/remote".to_owned()),
+        ("POST", "/purge_remote".to_owned()),
+        ("POST", "/purge/old".to_owned()),
+        ("POST", "/purge/quarantined".to_owned()),
+        ("POST", format!("/purge/user/{user}")),
+        ("POST", format!("/purge/room/{room}")),
+        ("POST", format!("/purge/server/{HS}")),
+        ("POST", format!("/purge/{HS}/{pinned}")),
+        ("POST", format!("/quarantine/room/{room}")),
+        ("POST", format!("/quarantine/user/{user}")),
+        ("POST", format!("/quarantine/server/{HS}")),
+        ("POST", format!("/quarantine/{HS}/{pinned}")),
+        ("POST", format!("/unquarantine/{HS}/{plain}")),
+        ("GET", "/datastores".to_owned()),
+        ("GET", format!("/datastores/{FILE_ID}/size_estimate")),
+        (
+            "POST",
+            format!("/datastores/{FILE_ID}/transfer_to/{FILE_ID}"),
+        ),
+        ("GET", format!("/federation/test/{HS}")),
+        ("GET", format!("/usage/{HS}")),
+        ("GET", format!("/usage/{HS}/users")),
+        ("GET", format!("/usage/{HS}/users-stats")),
+        ("GET", format!("/usage/{HS}/uploads")),
+        ("GET", "/tasks/all".to_owned()),
+        ("GET", "/tasks/unfinished".to_owned()),
+        ("GET", "/tasks/1".to_owned()),
+        ("GET", format!("/media/{HS}/{pinned}/attributes")),
+        ("POST", format!("/media/{HS}/{pinned}/attributes")),
+        ("POST", format!("/media/{HS}/{pinned}/attributes/set")),
+        ("POST", format!("/user/{user}/export")),
+        ("POST", format!("/server/{HS}/export")),
+        ("POST", "/import".to_owned()),
+        ("POST", "/import/x/part".to_owned()),
+        ("POST", "/import/x/close".to_owned()),
+    ] {
+        let r = at(method, &path, &bob_token);
+        assert_eq!(
+            (r.status, r.json()["errcode"].as_str()),
+            (403, Some("M_FORBIDDEN")),
+            "{method} {path}: {}",
+            r.text()
+        );
+    }
+
+    // `mmrctl admin quarantine` and an allowed `tasks`, as a script would call them.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+            .args(["admin", "--config"])
+            .arg(repo.config_path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let other = repo.upload(HS, &bob_token, "image/png", None, &sample(3_000, 63));
+    let out = cli(&[
+        "--json",
+        "quarantine",
+        "media",
+        &format!("mxc://{HS}/{other}"),
+    ]);
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["num_quarantined"], 1, "{out}");
+    assert_eq!(status_of(&repo, &other), 404);
+    let tasks: Value = serde_json::from_str(&cli(&["--json", "tasks"])).unwrap();
+    assert!(
+        tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["task_name"] == "export_data" && t["is_finished"] == true),
+        "{tasks}"
+    );
+    check_clean(&repo.config_path(), FILE_ID);
+}
+
 fn sha2_256(bytes: &[u8]) -> Vec<u8> {
     use sha2::Digest as _;
     sha2::Sha256::digest(bytes).to_vec()
@@ -492,7 +724,13 @@ fn a_transfer_task_shows_progress_and_survives_a_restart() {
 
 #[test]
 fn rate_limits_answer_429_per_client_and_stay_bounded_for_10000_addresses() {
-    let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], |c| {
+    let synapse = Synapse::start(HS);
+    let (root, root_token) = synapse.register_user("root", false);
+    let (_bob, bob_token) = synapse.register_user("bob", false);
+    let repo = MediaRepo::start(&[(HS, &synapse.base_url())], |c| {
+        c["admins"] = json!([root]);
+        c["accessTokens"]["appservices"] = json!([{ "id": "bridge", "asToken": "bridge-secret",
+            "senderUserId": "@bridge:hs1.test", "userNamespaces": [{ "regex": "@bridge_.*" }] }]);
         c["repo"]["freezeUnauthenticatedMedia"] = json!(false);
         c["rateLimit"] = json!({
             "enabled": true, "requestsPerSecond": 1, "burst": 5,
@@ -542,6 +780,29 @@ fn rate_limits_answer_429_per_client_and_stay_bounded_for_10000_addresses() {
     let wait = r.json()["retry_after_ms"].as_u64().unwrap();
     assert!((95_000..=100_000).contains(&wait), "{wait}");
     assert_eq!(from("203.0.113.8", &download(&big)).status, 200);
+
+    // Repo admins (once the homeserver said who they are) and appservices are not limited;
+    // an ordinary user from one address is.
+    let as_token = |ip: &str, token: &str| {
+        let auth = format!("Bearer {token}");
+        repo.get(
+            "/_matrix/client/v1/media/config",
+            &[
+                ("Host", HS),
+                ("X-Forwarded-For", ip),
+                ("Authorization", &auth),
+            ],
+        )
+        .status
+    };
+    let statuses = |ip: &str, token: &str| (0..8).map(|_| as_token(ip, token)).collect::<Vec<_>>();
+    assert_eq!(statuses("203.0.113.20", &root_token), [200; 8]);
+    let bridge = statuses("203.0.113.21", "bridge-secret");
+    assert!(bridge.iter().all(|s| *s != 429), "{bridge:?}");
+    assert_eq!(
+        statuses("203.0.113.22", &bob_token),
+        [200, 200, 200, 200, 200, 429, 429, 429]
+    );
 
     // 10,000 addresses, one request each: memory stays flat.
     let before = repo.peak_rss_kib();
@@ -667,7 +928,7 @@ fn mmrctl_archive(repo: &MediaRepo, args: &[&str]) -> (Option<i32>, String) {
 fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
     let archiving =
         |c: &mut Value| c["archiving"] = json!({ "enabled": true, "targetBytesPerPart": 150_000 });
-    let repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], archiving);
+    let mut repo = MediaRepo::start(&[(HS, "http://127.0.0.1:9")], archiving);
     let bodies: Vec<Vec<u8>> = (0..3).map(|i| sample(100_000, 40 + i)).collect();
     let ids: Vec<String> = bodies
         .iter()
@@ -956,6 +1217,25 @@ fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
     let (_, list) = mmrctl_archive(&repo, &["list"]);
     assert_eq!(list.lines().count(), 1, "{list}");
     check_clean(&repo.config_path(), FILE_ID);
+
+    // Exports expire after a week: the job, which runs at start, deletes the older one with its
+    // parts' objects.
+    repo.execute("UPDATE exports SET created_ts = 1000");
+    let parts = repo.count("SELECT COUNT(*) FROM export_parts");
+    assert!(parts >= 1);
+    let objects = repo.objects();
+    let config = repo.config_path();
+    repo.stop();
+    let repo =
+        MediaRepo::start_with_config_file(&repo.config_path(), repo.port, repo.db.take(), &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while repo.count("SELECT COUNT(*) FROM exports") > 0 {
+        assert!(Instant::now() < deadline, "{}", repo.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(repo.count("SELECT COUNT(*) FROM export_parts"), 0);
+    assert!(repo.objects() < objects, "the parts' files went");
+    check_clean(&config, FILE_ID);
 }
 
 #[test]

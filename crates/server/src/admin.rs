@@ -500,6 +500,14 @@ async fn room_media(
         .await
         .map_err(|e| room_failed(ctx, &e.to_string()))?;
     let status = response.status();
+    if status == StatusCode::FORBIDDEN {
+        // The listing is asked with the caller's own token, as matrix-media-repo does.
+        return Err(ApiError::forbidden(format!(
+            "A room's media are listed through {}'s admin API with your token, and it refused: \
+             room purges and quarantines need an administrator of that homeserver",
+            ctx.hs.name
+        )));
+    }
     if !status.is_success() {
         return Err(room_failed(ctx, &format!("HTTP {status}")));
     }

@@ -12,6 +12,8 @@ use moka::sync::Cache;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
+/// At most this many repo-admin tokens remembered for the rate limiter.
+const ADMIN_TOKENS_CAPACITY: u64 = 1024;
 /// At most this many cached tokens, whatever the traffic.
 const CACHE_CAPACITY: u64 = 100_000;
 
@@ -39,6 +41,9 @@ struct Backoff {
 pub(crate) struct Auth {
     http: outbound::Client,
     cache: RwLock<Option<Cache<CacheKey, User>>>,
+    /// Tokens the homeserver said are a repo admin's, cached as long as `cache`: what the rate
+    /// limiter, which runs before any authentication, knows of admins.
+    admin_tokens: RwLock<Option<Cache<String, ()>>>,
     backoff: Mutex<HashMap<String, Backoff>>,
 }
 
@@ -109,6 +114,7 @@ impl Auth {
         let auth = Auth {
             http,
             cache: RwLock::new(None),
+            admin_tokens: RwLock::new(None),
             backoff: Mutex::new(HashMap::new()),
         };
         auth.reconfigure(config);
@@ -131,6 +137,26 @@ impl Auth {
                 .build()
         });
         *self.cache.write().unwrap_or_else(|p| p.into_inner()) = cache;
+        let admin_tokens = (ttl > 0).then(|| {
+            Cache::builder()
+                .max_capacity(ADMIN_TOKENS_CAPACITY)
+                .time_to_live(Duration::from_secs(ttl))
+                .build()
+        });
+        *self.admin_tokens.write().unwrap_or_else(|p| p.into_inner()) = admin_tokens;
+    }
+
+    fn admin_tokens(&self) -> Option<Cache<String, ()>> {
+        self.admin_tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether `token` was recently found to be a repo admin's (`admins`).
+    pub(crate) fn is_known_admin(&self, token: &str) -> bool {
+        self.admin_tokens()
+            .is_some_and(|c| c.contains_key(&token_hash(token)))
     }
 
     fn cache(&self) -> Option<Cache<CacheKey, User>> {
@@ -230,6 +256,11 @@ impl Auth {
         };
         // Only answers the homeserver gave are cached; failures to reach it are not.
         if let Some(cache) = cache {
+            if user.is_admin
+                && let Some(admins) = self.admin_tokens()
+            {
+                admins.insert(token_hash(token), ());
+            }
             cache.insert(key, user.clone());
         }
         Ok(user)
@@ -371,6 +402,9 @@ impl Auth {
 
     /// Drops every cached token (logouts may have been missed).
     pub(crate) fn forget_all(&self) {
+        if let Some(admins) = self.admin_tokens() {
+            admins.invalidate_all();
+        }
         if let Some(cache) = self.cache() {
             cache.invalidate_all();
         }
@@ -379,6 +413,10 @@ impl Auth {
     /// Drops a logout from the cache: one token (named by [`token_hash`]) or every token of a
     /// user. What [`logout_message`] made, from any instance.
     pub(crate) fn forget(&self, message: &str) {
+        // Rare, and an admin's next request finds out again.
+        if let Some(admins) = self.admin_tokens() {
+            admins.invalidate_all();
+        }
         let Some(cache) = self.cache() else {
             return;
         };

@@ -128,12 +128,13 @@ fn download_rule(config: &Config, bytes: u64) -> Rule {
 }
 
 /// Whether the request carries a token the config itself grants (the shared secret, an
-/// appservice's): those callers are not limited.
-fn exempt(config: &Config, parts: &Parts) -> bool {
+/// appservice's) or one recently found to be a repo admin's: those callers are not limited.
+fn exempt(state: &SharedState, config: &Config, parts: &Parts) -> bool {
     let Ok(token) = crate::auth::token(&parts.headers, parts.uri.query()) else {
         return false;
     };
     (config.shared_secret_auth.enabled && token == config.shared_secret_auth.token)
+        || state.auth.is_known_admin(&token)
         || config
             .access_tokens
             .appservices
@@ -199,7 +200,7 @@ pub(crate) async fn rate_limit(
     let (parts, body) = request.into_parts();
     let key = client_key(&crate::extract::client_ip(&config, &parts));
     let key = match key {
-        Some(k) if !exempt(&config, &parts) => k,
+        Some(k) if !exempt(&state, &config, &parts) => k,
         _ => return next.run(Request::from_parts(parts, body)).await,
     };
     if let Err(wait) = charge(&state, Kind::Requests, key, request_rule(&config)).await {
