@@ -54,6 +54,34 @@ fn status_of(repo: &MediaRepo, id: &str) -> u16 {
     repo.download(HS, id, &[]).status
 }
 
+/// A new room of `token`'s user with an `m.image` event for each of `media_ids` (ours): what
+/// Synapse's room media listing then lists.
+fn room_with_images(synapse: &Synapse, token: &str, media_ids: &[&str]) -> String {
+    let room = synapse
+        .post_json("/_matrix/client/v3/createRoom", &json!({}), Some(token))
+        .json()["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (i, id) in media_ids.iter().enumerate() {
+        let event =
+            json!({ "msgtype": "m.image", "body": "x.png", "url": format!("mxc://{HS}/{id}") });
+        let sent = testkit::http::send(
+            "PUT",
+            &format!(
+                "{}/_matrix/client/v3/rooms/{}/send/m.room.message/t{i}",
+                synapse.base_url(),
+                encode(&room)
+            ),
+            &[("Authorization", &format!("Bearer {token}"))],
+            Some("application/json"),
+            event.to_string().as_bytes(),
+        );
+        assert_eq!(sent.status, 200, "{}", sent.text());
+    }
+    room
+}
+
 #[test]
 fn admin_api_with_synapse_admins_quarantine_purge_usage() {
     let synapse = Synapse::start(HS);
@@ -94,31 +122,8 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
     forbidden(&again);
 
     // --- A room's media through Synapse's room media listing (and Synapse's own alias path).
-    let room = synapse
-        .post_json(
-            "/_matrix/client/v3/createRoom",
-            &json!({}),
-            Some(&alice_token),
-        )
-        .json()["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let in_room = repo.upload(HS, &alice_token, "image/png", None, &sample(2_000, 2));
-    let event =
-        json!({ "msgtype": "m.image", "body": "x.png", "url": format!("mxc://{HS}/{in_room}") });
-    let sent = testkit::http::send(
-        "PUT",
-        &format!(
-            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
-            synapse.base_url(),
-            encode(&room)
-        ),
-        &[("Authorization", &format!("Bearer {alice_token}"))],
-        Some("application/json"),
-        event.to_string().as_bytes(),
-    );
-    assert_eq!(sent.status, 200, "{}", sent.text());
+    let room = room_with_images(&synapse, &alice_token, &[&in_room]);
     let alias = format!(
         "/_matrix/client/v3/admin/quarantine_media/{}",
         encode(&room)
@@ -447,34 +452,9 @@ fn room_user_and_export_operations_for_each_kind_of_caller() {
 
     // A room with two of alice's media, one of them pinned (by the attributes endpoint MMR
     // registers, without `/set`; repo admins only).
-    let room = synapse
-        .post_json(
-            "/_matrix/client/v3/createRoom",
-            &json!({}),
-            Some(&alice_token),
-        )
-        .json()["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let plain = repo.upload(HS, &alice_token, "image/png", None, &sample(4_000, 61));
     let pinned = repo.upload(HS, &alice_token, "image/png", None, &sample(4_000, 62));
-    for (i, id) in [&plain, &pinned].into_iter().enumerate() {
-        let event =
-            json!({ "msgtype": "m.image", "body": "x.png", "url": format!("mxc://{HS}/{id}") });
-        let sent = testkit::http::send(
-            "PUT",
-            &format!(
-                "{}/_matrix/client/v3/rooms/{}/send/m.room.message/t{i}",
-                synapse.base_url(),
-                encode(&room)
-            ),
-            &[("Authorization", &format!("Bearer {alice_token}"))],
-            Some("application/json"),
-            event.to_string().as_bytes(),
-        );
-        assert_eq!(sent.status, 200, "{}", sent.text());
-    }
+    let room = room_with_images(&synapse, &alice_token, &[&plain, &pinned]);
     let attributes = format!("{}/media/{HS}/{pinned}/attributes", PREFIXES[1]);
     let pin = br#"{"purpose":"pinned"}"#;
     forbidden(&call(
