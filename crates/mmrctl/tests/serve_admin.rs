@@ -347,12 +347,7 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
 
     // `mmrctl admin` on the same API, with the config's shared secret or a given token.
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
-            .args(["admin", "--config"])
-            .arg(repo.config_path())
-            .args(args)
-            .output()
-            .unwrap();
+        let out = mmrctl_on(&repo, "admin", args);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -417,9 +412,9 @@ fn admin_api_with_synapse_admins_quarantine_purge_usage() {
     check_clean(&repo.config_path(), FILE_ID);
 }
 
-/// A task's row once it has finished (failing the test after 30 s).
+/// A task's row once it has finished (failing the test after 60 s).
 fn finished_task(repo: &MediaRepo, task: i64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let t = ok(admin(repo, "GET", &format!("/tasks/{task}"), SHARED_SECRET));
         if t["is_finished"] == true {
@@ -593,12 +588,7 @@ fn room_user_and_export_operations_for_each_kind_of_caller() {
 
     // `mmrctl admin quarantine` and an allowed `tasks`, as a script would call them.
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
-            .args(["admin", "--config"])
-            .arg(repo.config_path())
-            .args(args)
-            .output()
-            .unwrap();
+        let out = mmrctl_on(&repo, "admin", args);
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
@@ -678,15 +668,7 @@ fn a_transfer_task_shows_progress_and_survives_a_restart() {
     first.signal("KILL");
     let _ = first.wait_exit(Duration::from_secs(10));
     let second = MediaRepo::start_with_config_file(&first.config_path(), first.port, None, &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let t = ok(admin(&second, "GET", &task_path, SHARED_SECRET));
-        if t["is_finished"] == true {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "not resumed: {t}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let done = finished_task(&second, task);
     assert_eq!(done["error_message"], "", "{done}");
     assert_eq!(done["progress"]["failed"], 0, "{done}");
     for (id, body) in ids.iter().zip(&bodies) {
@@ -890,13 +872,18 @@ fn tgz(files: &[(&str, &[u8])]) -> Vec<u8> {
     tar.into_inner().unwrap().finish().unwrap()
 }
 
-fn mmrctl_archive(repo: &MediaRepo, args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
-        .args(["archive", "--config"])
+/// `mmrctl COMMAND --config <the repo's config> ARGS...`.
+fn mmrctl_on(repo: &MediaRepo, command: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mmrctl"))
+        .args([command, "--config"])
         .arg(repo.config_path())
         .args(args)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn mmrctl_archive(repo: &MediaRepo, args: &[&str]) -> (Option<i32>, String) {
+    let out = mmrctl_on(repo, "archive", args);
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     (
         out.status.code(),
@@ -935,25 +922,12 @@ fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
         r["export_id"].as_str().unwrap().to_owned(),
         r["task_id"].as_i64().unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let t = ok(admin(
-            &repo,
-            "GET",
-            &format!("/tasks/{task}"),
-            SHARED_SECRET,
-        ));
-        if t["is_finished"] == true {
-            assert_eq!(
-                (t["task_name"].as_str(), t["error_message"].as_str()),
-                (Some("export_data"), Some("")),
-                "{t}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "{t}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let t = finished_task(&repo, task);
+    assert_eq!(
+        (t["task_name"].as_str(), t["error_message"].as_str()),
+        (Some("export_data"), Some("")),
+        "{t}"
+    );
     // The export id is the secret: no token needed.
     let anonymous = |path: &str| {
         repo.get(
@@ -1132,15 +1106,7 @@ fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
         SHARED_SECRET,
         b"",
     ));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let done = loop {
-        let t = task_state();
-        if t["is_finished"] == true {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "{t}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let done = finished_task(&other, task);
     assert_eq!(
         (done["task_name"].as_str(), done["error_message"].as_str()),
         (Some("import_data"), Some("")),
@@ -1206,8 +1172,7 @@ fn gdpr_exports_in_parts_import_back_byte_identical_and_mmr_archives_import() {
     let objects = repo.objects();
     let config = repo.config_path();
     repo.stop();
-    let repo =
-        MediaRepo::start_with_config_file(&repo.config_path(), repo.port, repo.db.take(), &[]);
+    let repo = MediaRepo::start_with_config_file(&config, repo.port, repo.db.take(), &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while repo.count("SELECT COUNT(*) FROM exports") > 0 {
         assert!(Instant::now() < deadline, "{}", repo.log());

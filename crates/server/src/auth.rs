@@ -38,12 +38,18 @@ struct Backoff {
     open_until: Option<Instant>,
 }
 
+/// What the homeserver said of tokens, for `accessTokens.maxCacheTimeSeconds`.
+#[derive(Clone)]
+struct Caches {
+    users: Cache<CacheKey, User>,
+    /// The tokens of repo admins among them: what the rate limiter, which runs before any
+    /// authentication, knows of admins.
+    admin_tokens: Cache<String, ()>,
+}
+
 pub(crate) struct Auth {
     http: outbound::Client,
-    cache: RwLock<Option<Cache<CacheKey, User>>>,
-    /// Tokens the homeserver said are a repo admin's, cached as long as `cache`: what the rate
-    /// limiter, which runs before any authentication, knows of admins.
-    admin_tokens: RwLock<Option<Cache<String, ()>>>,
+    cache: RwLock<Option<Caches>>,
     backoff: Mutex<HashMap<String, Backoff>>,
 }
 
@@ -114,7 +120,6 @@ impl Auth {
         let auth = Auth {
             http,
             cache: RwLock::new(None),
-            admin_tokens: RwLock::new(None),
             backoff: Mutex::new(HashMap::new()),
         };
         auth.reconfigure(config);
@@ -129,38 +134,28 @@ impl Auth {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         let ttl = config.access_tokens.max_cache_time_seconds;
-        let cache = (ttl > 0).then(|| {
-            Cache::builder()
+        let cache = (ttl > 0).then(|| Caches {
+            users: Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
                 .time_to_live(Duration::from_secs(ttl))
                 .support_invalidation_closures()
-                .build()
-        });
-        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = cache;
-        let admin_tokens = (ttl > 0).then(|| {
-            Cache::builder()
+                .build(),
+            admin_tokens: Cache::builder()
                 .max_capacity(ADMIN_TOKENS_CAPACITY)
                 .time_to_live(Duration::from_secs(ttl))
-                .build()
+                .build(),
         });
-        *self.admin_tokens.write().unwrap_or_else(|p| p.into_inner()) = admin_tokens;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = cache;
     }
 
-    fn admin_tokens(&self) -> Option<Cache<String, ()>> {
-        self.admin_tokens
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn cache(&self) -> Option<Caches> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether `token` was recently found to be a repo admin's (`admins`).
     pub(crate) fn is_known_admin(&self, token: &str) -> bool {
-        self.admin_tokens()
-            .is_some_and(|c| c.contains_key(&token_hash(token)))
-    }
-
-    fn cache(&self) -> Option<Cache<CacheKey, User>> {
-        self.cache.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cache()
+            .is_some_and(|c| c.admin_tokens.contains_key(token))
     }
 
     /// Authenticates a request for `hs`. Guests pass only where `allow_guests`. The user must be
@@ -241,7 +236,7 @@ impl Auth {
             as_user,
         };
         let cache = self.cache();
-        if let Some(user) = cache.as_ref().and_then(|c| c.get(&key)) {
+        if let Some(user) = cache.as_ref().and_then(|c| c.users.get(&key)) {
             metrics.token_cache(true);
             return Ok(user);
         }
@@ -256,12 +251,10 @@ impl Auth {
         };
         // Only answers the homeserver gave are cached; failures to reach it are not.
         if let Some(cache) = cache {
-            if user.is_admin
-                && let Some(admins) = self.admin_tokens()
-            {
-                admins.insert(token_hash(token), ());
+            if user.is_admin {
+                cache.admin_tokens.insert(token.to_owned(), ());
             }
-            cache.insert(key, user.clone());
+            cache.users.insert(key, user.clone());
         }
         Ok(user)
     }
@@ -402,24 +395,24 @@ impl Auth {
 
     /// Drops every cached token (logouts may have been missed).
     pub(crate) fn forget_all(&self) {
-        if let Some(admins) = self.admin_tokens() {
-            admins.invalidate_all();
-        }
         if let Some(cache) = self.cache() {
-            cache.invalidate_all();
+            cache.users.invalidate_all();
+            cache.admin_tokens.invalidate_all();
         }
     }
 
     /// Drops a logout from the cache: one token (named by [`token_hash`]) or every token of a
     /// user. What [`logout_message`] made, from any instance.
     pub(crate) fn forget(&self, message: &str) {
-        // Rare, and an admin's next request finds out again.
-        if let Some(admins) = self.admin_tokens() {
-            admins.invalidate_all();
-        }
-        let Some(cache) = self.cache() else {
+        let Some(Caches {
+            users: cache,
+            admin_tokens,
+        }) = self.cache()
+        else {
             return;
         };
+        // Rare, and an admin's next request finds out again.
+        admin_tokens.invalidate_all();
         if message == store::LOGOUTS_MISSED {
             cache.invalidate_all();
         } else if let Some(hash) = message.strip_prefix("token ") {
