@@ -2,9 +2,11 @@
 //! every instance on the database, and the clean-ups themselves.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::NoTls;
+use tokio_postgres::types::Type;
 
 use crate::{Error, Store, now_ms};
 
@@ -24,47 +26,92 @@ const TEMP_PREFIXES: [&str; 3] = [
 pub struct JobLock {
     /// Taken when released: dropping the client ends the session cleanly.
     client: Option<tokio_postgres::Client>,
-    connection: tokio::task::JoinHandle<()>,
-    key: String,
+    /// Taken when the session goes back to the idle ones.
+    connection: Option<tokio::task::JoinHandle<()>>,
     held: bool,
+    idle: LockSessions,
 }
 
+/// A session for locks, not holding any.
+pub(crate) struct LockSession {
+    client: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+/// Sessions released cleanly, kept for the next lock: a new session costs the database a new
+/// backend process (milliseconds), which every remote fetch and thumbnail would otherwise wait for.
+pub(crate) type LockSessions = Arc<Mutex<Vec<LockSession>>>;
+
+/// At most this many idle sessions are kept (the busy ones are bounded by the fetches, thumbnails
+/// and jobs that may run at once).
+const IDLE_LOCK_SESSIONS: usize = 8;
+
+/// Lock statements go typed (`query_typed`): one round trip, no statement left to close.
 const LOCK_KEY: &str = "hashtextextended('mmrctl job ' || $1, 2)";
 
 impl JobLock {
     /// Resolves when the lock's session has ended (the database went away, say): the lock is gone
     /// then, and the run holding it must stop.
     pub async fn lost(&mut self) {
-        let _ = (&mut self.connection).await;
+        match &mut self.connection {
+            Some(connection) => {
+                let _ = connection.await;
+            }
+            None => std::future::pending().await,
+        }
     }
 
-    /// Unlocks, and ends the session as a client should.
+    /// Unlocks; the session is kept for another lock, or ends as a client should.
     pub async fn release(mut self) {
-        if let Some(client) = self.client.take()
-            && self.held
-        {
-            let unlock = format!("SELECT pg_advisory_unlock({LOCK_KEY})");
-            let _ = client.execute(&unlock, &[&self.key]).await;
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        // Every session lock it has, so that no lock can outlive its holder in a kept session.
+        let clean = !self.held
+            || client
+                .query_typed("SELECT pg_advisory_unlock_all()", &[])
+                .await
+                .is_ok();
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        if clean && !client.is_closed() {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < IDLE_LOCK_SESSIONS {
+                idle.push(LockSession { client, connection });
+                return;
+            }
         }
-        // The client is gone: the connection says goodbye and ends (else `drop` aborts it).
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.connection).await;
+        drop(client);
+        // The client is gone: the connection says goodbye and ends (else it is aborted).
+        if tokio::time::timeout(Duration::from_secs(5), &mut connection)
+            .await
+            .is_err()
+        {
+            connection.abort();
+        }
     }
 }
 
 impl Drop for JobLock {
     fn drop(&mut self) {
         // Cancelled before `release`: ends the session, and with it the lock.
-        self.connection.abort();
+        if let Some(connection) = &self.connection {
+            connection.abort();
+        }
     }
 }
 
 impl Store {
     /// The lock of `name`, once whichever instance holds it has let it go (or died).
     pub async fn lock_job(&self, name: &str) -> Result<JobLock, Error> {
-        let mut lock = self.lock_session(name).await?;
+        let mut lock = self.lock_session().await?;
         if let Some(client) = &lock.client {
             client
-                .execute(&format!("SELECT pg_advisory_lock({LOCK_KEY})"), &[&name])
+                .query_typed(
+                    &format!("SELECT pg_advisory_lock({LOCK_KEY})"),
+                    &[(&name, Type::TEXT)],
+                )
                 .await?;
         }
         lock.held = true;
@@ -73,12 +120,12 @@ impl Store {
 
     /// The lock of job `name` if no instance holds it, else `None`.
     pub async fn try_lock_job(&self, name: &str) -> Result<Option<JobLock>, Error> {
-        let mut lock = self.lock_session(name).await?;
+        let mut lock = self.lock_session().await?;
         if let Some(client) = &lock.client {
             let row = client
-                .query_one(
+                .query_typed_one(
                     &format!("SELECT pg_try_advisory_lock({LOCK_KEY})"),
-                    &[&name],
+                    &[(&name, Type::TEXT)],
                 )
                 .await?;
             lock.held = row.get::<_, bool>(0);
@@ -91,17 +138,31 @@ impl Store {
         }
     }
 
-    /// A database session of its own for the lock of `name`, not yet taken.
-    async fn lock_session(&self, name: &str) -> Result<JobLock, Error> {
-        let (client, connection) = self.pg.connect(NoTls).await?;
-        let connection = tokio::spawn(async move {
-            let _ = connection.await;
-        });
+    /// A database session of its own for a lock, not yet taken: an idle one, or a new one.
+    async fn lock_session(&self) -> Result<JobLock, Error> {
+        let kept = {
+            let mut idle = self
+                .lock_sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // The most recently used first: the likeliest to be still open.
+            std::iter::from_fn(|| idle.pop()).find(|s| !s.client.is_closed())
+        };
+        let LockSession { client, connection } = match kept {
+            Some(session) => session,
+            None => {
+                let (client, connection) = self.pg.connect(NoTls).await?;
+                let connection = tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                LockSession { client, connection }
+            }
+        };
         Ok(JobLock {
             client: Some(client),
-            connection,
-            key: name.to_owned(),
+            connection: Some(connection),
             held: false,
+            idle: self.lock_sessions.clone(),
         })
     }
 

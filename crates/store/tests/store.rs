@@ -480,3 +480,65 @@ fn tasks_announced_by_one_instance_reach_the_others() {
         listener.abort();
     });
 }
+
+/// Job locks: a released lock's session is kept for the next lock (no new backend per remote
+/// fetch or thumbnail), never with a lock still in it; a lock dropped unreleased ends its session.
+#[test]
+fn job_lock_sessions_are_reused_and_never_keep_a_lock() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (a, b) = (
+            Store::open(&config).await.unwrap(),
+            Store::open(&config).await.unwrap(),
+        );
+        let (watch, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        // The sessions holding advisory locks in this database.
+        let holders = async || -> Vec<i32> {
+            let rows = watch
+                .query(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+                       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[],
+                )
+                .await
+                .unwrap();
+            rows.iter().map(|r| r.get(0)).collect()
+        };
+
+        let lock = a.lock_job("x").await.unwrap();
+        let first = holders().await;
+        assert_eq!(first.len(), 1, "one session holds x");
+        lock.release().await;
+        assert_eq!(holders().await, Vec::<i32>::new(), "a kept session holds nothing");
+        let theirs = b.try_lock_job("x").await.unwrap().expect("x was released");
+        assert!(a.try_lock_job("x").await.unwrap().is_none(), "b holds x");
+        theirs.release().await;
+
+        let lock = a.lock_job("y").await.unwrap();
+        assert_eq!(holders().await, first, "the released session was used again");
+        lock.release().await;
+
+        // Cancelled while held: the session ends, the lock with it, and it is not kept.
+        drop(a.lock_job("z").await.unwrap());
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let theirs = loop {
+            if let Some(lock) = b.try_lock_job("z").await.unwrap() {
+                break lock;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "z never freed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        theirs.release().await;
+        let lock = a.lock_job("w").await.unwrap();
+        let now = holders().await;
+        assert_eq!(now.len(), 1);
+        assert_ne!(now, first, "the cancelled lock's session was not kept");
+        lock.release().await;
+    });
+}
