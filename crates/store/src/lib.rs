@@ -306,6 +306,7 @@ pub struct Store {
     /// Background tasks asked for by any instance (see [`Store::announce_tasks`]).
     tasks: broadcast::Sender<String>,
     max_idle: usize,
+    lock_sessions: jobs::LockSessions,
     /// Where instances share buckets and failures when not in Postgres.
     redis: Option<Arc<shared::Redis>>,
 }
@@ -404,6 +405,7 @@ impl Store {
             logouts,
             tasks,
             max_idle: config.database.pool.max_idle_connections as usize,
+            lock_sessions: jobs::LockSessions::default(),
             redis,
         })
     }
@@ -477,16 +479,16 @@ impl Store {
     }
 
     pub async fn media(&self, origin: &str, media_id: &str) -> Result<Option<Media>, Error> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT {MEDIA_COLUMNS} FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
-                     WHERE m.origin = $1 AND m.media_id = $2"
-                ),
-                &[&origin, &media_id],
+        static SELECT_MEDIA: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {MEDIA_COLUMNS} FROM media m LEFT JOIN objects o ON o.sha256 = m.sha256
+                 WHERE m.origin = $1 AND m.media_id = $2"
             )
-            .await?;
+        });
+        let client = self.client().await?;
+        // Every download asks: prepared once per connection, one round trip after that.
+        let select = client.prepare_cached(&SELECT_MEDIA).await?;
+        let row = client.query_opt(&select, &[&origin, &media_id]).await?;
         row.map(|r| media_from_row(&r)).transpose()
     }
 

@@ -80,7 +80,7 @@ pub struct Limits {
     /// The SHA-256 the content must have (imports know it): a body that hashes otherwise is
     /// refused before it is placed.
     pub expected_sha256: Option<[u8; 32]>,
-    /// The content is read right after it is stored (remote media, served to whoever asked):
+    /// The content is read right after it is stored (a thumbnail, served to whoever asked):
     /// written through the page cache, so that serving it does not read it back from disk.
     pub read_soon: bool,
 }

@@ -290,13 +290,12 @@ impl Store {
                 })
                 .await;
         }
-        Ok(self
-            .client()
-            .await?
-            .query_opt(
-                "SELECT value FROM shared_notes WHERE key = $1 AND until_ts > $2",
-                &[&key, &now_ms()],
-            )
+        let client = self.client().await?;
+        let select = client
+            .prepare_cached("SELECT value FROM shared_notes WHERE key = $1 AND until_ts > $2")
+            .await?;
+        Ok(client
+            .query_opt(&select, &[&key, &now_ms()])
             .await?
             .map(|r| r.get(0)))
     }
