@@ -1,9 +1,10 @@
 //! `mmrctl-bench --federation`: remote media fetched over federation by `mmrctl serve` and by
 //! Synapse, from a static remote: nginx over TLS serving prebuilt `multipart/mixed` answers from
 //! disk, laid out exactly as Synapse writes them. Beside them the limit: the same answers fetched
-//! raw over the same loopback TLS by a rustls client (bytes discarded).
+//! raw over the same loopback TLS by a rustls client (bytes discarded), each just before mmrctl's
+//! cold fetch of it, so that the two see the same moments of the machine.
 //!
-//! mmrctl is measured first, alone; then it is stopped and two stock Synapses start
+//! mmrctl is measured first; then it is stopped and two stock Synapses start
 //! (`testkit::Federation`), homeserver B fetching. The remote is started again for Synapse with
 //! the harness's certificate (Synapse trusts only the harness's CA); its files are the same.
 
@@ -223,50 +224,77 @@ impl Series {
     }
 }
 
-/// Runs `fetch` on each file, one at a time, measuring CPU of `server` (when given), the remote
-/// and this process over the lot.
-async fn series<F, Fut>(
-    label: &str,
-    files: &[File],
-    raw: bool,
-    server: Option<u32>,
-    remote: &StaticRemote,
-    mut fetch: F,
-) -> Result<Series>
-where
-    F: FnMut(File) -> Fut,
-    Fut: std::future::Future<Output = Result<Timed>>,
-{
-    let me = std::process::id();
-    let remote_pids = remote.pids();
-    let server_pids: Vec<u32> = server.into_iter().collect();
-    let (s0, r0, c0) = (cpu_of(&server_pids), cpu_of(&remote_pids), cpu_of(&[me]));
-    let mut out = Series::default();
-    for file in files {
-        let timed = fetch(file.clone()).await?;
-        out.bytes = if raw { file.body_len } else { file.len };
+/// The processes whose CPU a series counts: the fetching server (none for the limit), the
+/// remote's nginx, this client.
+struct Pids {
+    server: Vec<u32>,
+    remote: Vec<u32>,
+    me: u32,
+}
+
+impl Pids {
+    fn new(server: Option<u32>, remote: &StaticRemote) -> Pids {
+        Pids {
+            server: server.into_iter().collect(),
+            remote: remote.pids(),
+            me: std::process::id(),
+        }
+    }
+
+    fn cpu(&self) -> [f64; 3] {
+        [
+            cpu_of(&self.server),
+            cpu_of(&self.remote),
+            cpu_of(&[self.me]),
+        ]
+    }
+}
+
+impl Series {
+    /// Times `fetch` of `file` (its whole answer when `raw`, else its file) and adds the CPU
+    /// each side spent on it.
+    async fn add(
+        &mut self,
+        label: &str,
+        file: &File,
+        raw: bool,
+        pids: &Pids,
+        fetch: impl std::future::Future<Output = Result<Timed>>,
+    ) -> Result<()> {
+        let before = pids.cpu();
+        let timed = fetch.await?;
+        let after = pids.cpu();
+        self.server_cpu += after[0] - before[0];
+        self.remote_cpu += after[1] - before[1];
+        self.client_cpu += after[2] - before[2];
+        self.bytes = if raw { file.body_len } else { file.len };
         progress!(
             "{label}: {} MiB: {:.0} MB/s (headers after {:.1} ms, last byte after {:.1} ms)",
             file.len / MIB,
-            mb_per_s(out.bytes, timed.last_byte),
+            mb_per_s(self.bytes, timed.last_byte),
             timed.headers.as_secs_f64() * 1000.0,
             timed.last_byte.as_secs_f64() * 1000.0,
         );
-        out.headers.push(timed.headers);
-        out.last_byte.push(timed.last_byte);
+        self.headers.push(timed.headers);
+        self.last_byte.push(timed.last_byte);
+        Ok(())
     }
-    let n = files.len().max(1) as f64;
-    out.server_cpu = (cpu_of(&server_pids) - s0) / n;
-    out.remote_cpu = (cpu_of(&remote_pids) - r0) / n;
-    out.client_cpu = (cpu_of(&[me]) - c0) / n;
-    progress!(
-        "{label}: p50 {:.0} MB/s; CPU per fetch: server {:.0} ms, remote {:.0} ms, client {:.0} ms",
-        out.p50_mb_s(),
-        1000.0 * out.server_cpu,
-        1000.0 * out.remote_cpu,
-        1000.0 * out.client_cpu,
-    );
-    Ok(out)
+
+    /// The CPU sums made per fetch; prints the series' summary.
+    fn finish(mut self, label: &str) -> Series {
+        let n = self.last_byte.len().max(1) as f64;
+        self.server_cpu /= n;
+        self.remote_cpu /= n;
+        self.client_cpu /= n;
+        progress!(
+            "{label}: p50 {:.0} MB/s; CPU per fetch: server {:.0} ms, remote {:.0} ms, client {:.0} ms",
+            self.p50_mb_s(),
+            1000.0 * self.server_cpu,
+            1000.0 * self.remote_cpu,
+            1000.0 * self.client_cpu,
+        );
+        self
+    }
 }
 
 /// A rustls client (as mmrctl's outbound one) trusting only `ca`, with `localhost` resolved to
@@ -354,30 +382,58 @@ async fn warm_up(client: &reqwest::Client, target: &Target, file: &File) -> Resu
 struct Fetched {
     small: Series,
     large: Series,
+    /// The raw fetches made beside the server's, when asked for: small, large.
+    limit: Option<(Series, Series)>,
     idle_rss: u64,
     hwm_small: u64,
     hwm_large: u64,
 }
 
 /// A warm-up fetch, then the cold fetches of each size through `target` (a server with nothing
-/// cached), with its peak RSS after each size.
+/// cached), with its peak RSS after each size. With `limit` (a client of the remote), each cold
+/// fetch follows a raw fetch of the same answer, so that the server and the limit see the same
+/// moments of the machine.
 async fn cold_fetches(
     client: &reqwest::Client,
     target: &Target,
     remote: &StaticRemote,
     files: &Files,
+    limit: Option<&reqwest::Client>,
 ) -> Result<Fetched> {
     let idle_rss = procfs::rss(target.pid).context("no RSS for the server")?;
     warm_up(client, target, &files.warm_up).await?;
+    if let Some(tls) = limit {
+        raw_fetch(tls, remote, files.warm_up.clone()).await?;
+    }
     let label = format!("{} cold", target.label);
-    let fetch = |file: File| async move {
-        load::download_timed(client, target, &file.id, file.len, Duration::from_secs(300)).await
-    };
+    let (ours, raw) = (Pids::new(Some(target.pid), remote), Pids::new(None, remote));
     let hwm = || procfs::status_bytes(target.pid, "VmHWM").unwrap_or(0);
-    let small = series(&label, &files.small, false, Some(target.pid), remote, fetch).await?;
-    let hwm_small = hwm();
-    let large = series(&label, &files.large, false, Some(target.pid), remote, fetch).await?;
-    let hwm_large = hwm();
+    let mut sizes = Vec::new();
+    for batch in [&files.small, &files.large] {
+        let (mut cold, mut limits) = (Series::default(), Series::default());
+        for file in batch {
+            if let Some(tls) = limit {
+                limits
+                    .add(
+                        "limit",
+                        file,
+                        true,
+                        &raw,
+                        raw_fetch(tls, remote, file.clone()),
+                    )
+                    .await?;
+            }
+            let fetch =
+                load::download_timed(client, target, &file.id, file.len, Duration::from_secs(300));
+            cold.add(&label, file, false, &ours, fetch).await?;
+        }
+        let limits = limit.map(|_| limits.finish("limit"));
+        sizes.push((cold.finish(&label), limits, hwm()));
+    }
+    let [
+        (small, limit_small, hwm_small),
+        (large, limit_large, hwm_large),
+    ] = <[_; 2]>::try_from(sizes).map_err(|_| anyhow::anyhow!("two sizes"))?;
     progress!(
         "{}: peak RSS {:.1} MiB after the small fetches, {:.1} MiB after the large ones",
         target.label,
@@ -387,6 +443,7 @@ async fn cold_fetches(
     Ok(Fetched {
         small,
         large,
+        limit: limit_small.zip(limit_large),
         idle_rss,
         hwm_small,
         hwm_large,
@@ -414,8 +471,11 @@ async fn cached_and_local(
         timeout,
     )
     .await?;
-    // One untimed download of it, as the remote ones were read once already.
+    // Each read once untimed: the large ones of both kinds were written around the page cache.
     load::download(client, &local, &local_id, size, timeout).await?;
+    for file in files {
+        load::download(client, &remote, &file.id, file.len, timeout).await?;
+    }
     let (mut cached, mut locals) = (Vec::new(), Vec::new());
     for file in files {
         let c = load::download(client, &remote, &file.id, file.len, timeout).await?;
@@ -463,14 +523,6 @@ pub(crate) fn run(mmrctl: &Path, sizes: Sizes, mmrctl_only: bool) -> Result<()> 
     let remote_name = remote.name();
     progress!("static remote {remote_name} (nginx)");
     let tls = tls_client(&certs.ca_path(), remote.port)?;
-    let (limit_small, limit_large) = runtime.block_on(async {
-        let fetch = |file: File| raw_fetch(&tls, &remote, file);
-        fetch(files.warm_up.clone()).await?;
-        let small = series("limit", &files.small, true, None, &remote, fetch).await?;
-        let large = series("limit", &files.large, true, None, &remote, fetch).await?;
-        Ok::<_, anyhow::Error>((small, large))
-    })?;
-    drop(tls);
 
     let dir = tempfile::Builder::new().prefix("mmrctl-bench-").tempdir()?;
     let key_path = dir.path().join("mmr.signing.key");
@@ -499,7 +551,7 @@ pub(crate) fn run(mmrctl: &Path, sizes: Sizes, mmrctl_only: bool) -> Result<()> 
     target.server_name.clone_from(&remote_name);
     let ours = runtime
         .block_on(async {
-            let fetched = cold_fetches(&http, &target, &remote, &files).await?;
+            let fetched = cold_fetches(&http, &target, &remote, &files, Some(&tls)).await?;
             let (cached, local) =
                 cached_and_local(&http, &repo, &remote_name, &files.large, sizes.large).await?;
             Ok::<_, anyhow::Error>((fetched, cached, local))
@@ -507,7 +559,8 @@ pub(crate) fn run(mmrctl: &Path, sizes: Sizes, mmrctl_only: bool) -> Result<()> 
         .map_err(|e| e.context(format!("mmrctl serve's log:\n{}", repo.log_tail())));
     drop(repo);
     drop(remote);
-    let (ours, cached, local) = ours?;
+    let (mut ours, cached, local) = ours?;
+    let (limit_small, limit_large) = ours.limit.take().context("no limit measured")?;
     if mmrctl_only {
         return Ok(());
     }
@@ -538,7 +591,7 @@ pub(crate) fn run(mmrctl: &Path, sizes: Sizes, mmrctl_only: bool) -> Result<()> 
     };
     std::thread::sleep(Duration::from_secs(2));
     crate::wait_until_quiet();
-    let theirs = runtime.block_on(cold_fetches(&http, &target, &remote, &files))?;
+    let theirs = runtime.block_on(cold_fetches(&http, &target, &remote, &files, None))?;
     drop(remote);
     drop(fed);
 
