@@ -478,13 +478,15 @@ fn federation_section(run: &Run, line: &str) -> Result<Section> {
          them, from files in the page cache; every file is distinct (pseudo-random) under its \
          own id, so nothing is de-duplicated. The limit is the raw transfer of the same answers \
          over the same TLS by a rustls client (reqwest, as mmrctl's outbound client), bytes \
-         discarded. `mmrctl serve` (release build, a file datastore, PostgreSQL) and then \
-         Synapse {synapse} (stock, its own media repo, SQLite; homeserver B of \
-         `testkit::Federation`, the other one idle) fetch the same files, each alone, after one \
-         untimed warm-up fetch that checks the bytes; the client asks each on its own \
+         discarded, each just before mmrctl's cold fetch of the same answer (so that the two see \
+         the same moments of the machine). `mmrctl serve` (release build, a file datastore, \
+         PostgreSQL) and then Synapse {synapse} (stock, its own media repo, SQLite; homeserver B \
+         of `testkit::Federation`, the other one idle) fetch the same files, one at a time, \
+         after one untimed warm-up fetch that checks the bytes; the client asks each on its own \
          plain-HTTP loopback listener and times from the request to the last byte. Cold: \
-         nothing cached; cached: the same URLs again, alternating with downloads of a local \
-         upload of the same size.\n\n\
+         nothing cached; cached: the same URLs again (each read once untimed first, as the \
+         local upload is: both were written around the page cache), alternating with downloads \
+         of a local upload of the same size.\n\n\
          Run on {} (UTC), {}. The bench starts once the machine is quiet (CPU {:.0}% busy \
          then); load average {:.2} at the start and {:.2} at the end.\n\n\
          | measure | limit (raw TLS) | mmrctl | Synapse | target | result |\n\
