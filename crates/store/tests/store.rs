@@ -24,6 +24,21 @@ fn config(db: &TestDb, dir: &Path) -> Config {
     Config::from_yaml(&yaml, "test").unwrap().config
 }
 
+/// Runs `test` on two stores (two instances) on one new database and the same datastores.
+fn with_two_instances(test: impl AsyncFnOnce(Store, Store, &TestDb)) {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&db, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (a, b) = (
+            Store::open(&config).await.unwrap(),
+            Store::open(&config).await.unwrap(),
+        );
+        test(a, b, &db).await;
+    });
+}
+
 /// Runs `test` on a store of its own (a new database and datastore directories).
 fn with_store(test: impl AsyncFnOnce(Store, &Path)) {
     let db = TestDb::new();
@@ -451,15 +466,7 @@ fn quarantined_content_is_not_stored_again() {
 
 #[test]
 fn tasks_announced_by_one_instance_reach_the_others() {
-    let db = TestDb::new();
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, dir.path());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (a, b) = (
-            Store::open(&config).await.unwrap(),
-            Store::open(&config).await.unwrap(),
-        );
+    with_two_instances(async |a, b, _| {
         let mut heard = b.subscribe_tasks();
         let listener = {
             let b = b.clone();
@@ -485,15 +492,7 @@ fn tasks_announced_by_one_instance_reach_the_others() {
 /// fetch or thumbnail), never with a lock still in it; a lock dropped unreleased ends its session.
 #[test]
 fn job_lock_sessions_are_reused_and_never_keep_a_lock() {
-    let db = TestDb::new();
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(&db, dir.path());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (a, b) = (
-            Store::open(&config).await.unwrap(),
-            Store::open(&config).await.unwrap(),
-        );
+    with_two_instances(async |a, b, db| {
         let (watch, connection) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
             .await
             .unwrap();
@@ -515,13 +514,21 @@ fn job_lock_sessions_are_reused_and_never_keep_a_lock() {
         let first = holders().await;
         assert_eq!(first.len(), 1, "one session holds x");
         lock.release().await;
-        assert_eq!(holders().await, Vec::<i32>::new(), "a kept session holds nothing");
+        assert_eq!(
+            holders().await,
+            Vec::<i32>::new(),
+            "a kept session holds nothing"
+        );
         let theirs = b.try_lock_job("x").await.unwrap().expect("x was released");
         assert!(a.try_lock_job("x").await.unwrap().is_none(), "b holds x");
         theirs.release().await;
 
         let lock = a.lock_job("y").await.unwrap();
-        assert_eq!(holders().await, first, "the released session was used again");
+        assert_eq!(
+            holders().await,
+            first,
+            "the released session was used again"
+        );
         lock.release().await;
 
         // Cancelled while held: the session ends, the lock with it, and it is not kept.
