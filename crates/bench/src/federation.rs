@@ -409,32 +409,25 @@ async fn cold_fetches(
     let label = format!("{} cold", target.label);
     let (ours, raw) = (Pids::new(Some(target.pid), remote), Pids::new(None, remote));
     let hwm = || procfs::status_bytes(target.pid, "VmHWM").unwrap_or(0);
-    let mut sizes = Vec::new();
-    for batch in [&files.small, &files.large] {
+    // One size: the server's series, and the limit's beside it when asked for.
+    let size = async |batch: &[File]| -> Result<(Series, Option<Series>)> {
         let (mut cold, mut limits) = (Series::default(), Series::default());
         for file in batch {
             if let Some(tls) = limit {
-                limits
-                    .add(
-                        "limit",
-                        file,
-                        true,
-                        &raw,
-                        raw_fetch(tls, remote, file.clone()),
-                    )
-                    .await?;
+                let fetch = raw_fetch(tls, remote, file.clone());
+                limits.add("limit", file, true, &raw, fetch).await?;
             }
             let fetch =
                 load::download_timed(client, target, &file.id, file.len, Duration::from_secs(300));
             cold.add(&label, file, false, &ours, fetch).await?;
         }
         let limits = limit.map(|_| limits.finish("limit"));
-        sizes.push((cold.finish(&label), limits, hwm()));
-    }
-    let [
-        (small, limit_small, hwm_small),
-        (large, limit_large, hwm_large),
-    ] = <[_; 2]>::try_from(sizes).map_err(|_| anyhow::anyhow!("two sizes"))?;
+        Ok((cold.finish(&label), limits))
+    };
+    let (small, limit_small) = size(&files.small).await?;
+    let hwm_small = hwm();
+    let (large, limit_large) = size(&files.large).await?;
+    let hwm_large = hwm();
     progress!(
         "{}: peak RSS {:.1} MiB after the small fetches, {:.1} MiB after the large ones",
         target.label,

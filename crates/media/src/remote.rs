@@ -229,10 +229,10 @@ impl Remote {
         let (failure_key, backoff_key) = (failure_key(origin, media_id), backoff_key(origin));
         let (failure, pause) = futures_util::join!(
             async {
-                match remember.is_zero() {
-                    true => None,
-                    false => store.recall_shared(&failure_key).await.ok()?,
+                if remember.is_zero() {
+                    return None;
                 }
+                store.recall_shared(&failure_key).await.ok()?
             },
             store.recall_shared(&backoff_key),
         );
